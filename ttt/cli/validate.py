@@ -1,0 +1,40 @@
+"""`ttt validate` and `ttt schema`: check a run spec, print the JSON Schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ttt.spec import SpecError, json_schema, load_spec
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        run = load_spec(args.file)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(run.model_dump(mode="json", by_alias=True), indent=2))
+    else:
+        print(run.to_yaml(), end="")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="validate a run spec and print it resolved (defaults and TTT_ overrides applied)",
+        epilog="example: TTT_TTT__LEARNING_RATE=1e-5 ttt validate examples/demo.yaml",
+    )
+    p.add_argument("file", help="TTTRun YAML file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(func=_validate)
+    s = sub.add_parser("schema", help="print the JSON Schema of a TTTRun document")
+    s.set_defaults(func=_schema)

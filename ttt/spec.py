@@ -1,0 +1,294 @@
+"""The TTTRun specification: one YAML document that drives every stage and entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "ttt.dev/v1alpha1"
+ENV_PREFIX = "TTT_"
+
+
+class SpecError(ValueError):
+    """A run spec that cannot be used; the message names the file and every bad field path."""
+
+
+class _Section(BaseModel):
+    # camelCase in YAML (the Kubernetes habit), snake_case in Python; unknown keys are errors
+    # so that a misspelt field never silently falls back to a default.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class CorpusSpec(_Section):
+    """Where the training corpus and the test documents live, and how to shard the corpus."""
+
+    train: list[str] = Field(default_factory=list, description="paths, globs or s3:// URIs")
+    test: list[str] = Field(default_factory=list, description="paths, globs or s3:// URIs")
+    shards: int = Field(1, ge=1, le=4096)
+    strict: bool = Field(False, description="fail on the first bad corpus line")
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EmbeddingSpec(_Section):
+    """The encoder that turns documents and queries into vectors (the paper: RoBERTa-large)."""
+
+    model: str = "roberta-large"
+    pooling: Literal["mean", "cls"] = "mean"
+    max_tokens: int = Field(512, ge=8, le=32768)
+    normalize: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_tokens: int = Field(16384, ge=64, description="token budget of one batch")
+
+
+class IndexSpec(_Section):
+    """The FAISS index of each shard and how many servers serve it."""
+
+    type: str = Field("flat", description="'flat' (exact L2) or a FAISS factory string")
+    replicas: int = Field(1, ge=1)
+    train_sample: int = Field(100_000, ge=1, description="vectors used to train IVF/PQ")
+    nprobe: int | None = Field(None, ge=1)
+    recall_queries: int = Field(200, ge=0, description="held-out queries for recall@k")
+    use_gpu: Literal["auto", "always", "never"] = "auto"
+
+
+class RetrievalSpec(_Section):
+    """How test documents find their neighbors across the shard servers."""
+
+    neighbors: int = Field(50, ge=0, le=10_000)
+    distance_threshold: float | None = Field(4.0, ge=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0)
+    servers: list[str] = Field(default_factory=list, description="static shard URLs")
+    service: str | None = Field(None, description="headless Service '<name>.<service>'")
+    exclude_identical: bool = Field(True, description="the leakage guard")
+    identical_distance: float = Field(1e-6, ge=0)
+
+
+class TTTSpec(_Section):
+    """The language model and the test-time training loop (paper defaults)."""
+
+    model: str = "gpt2-large"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    method: Literal["ttt-nn", "dynamic-eval", "in-context"] = "ttt-nn"
+    learning_rate: float = Field(2e-5, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_length: int = Field(1024, ge=2)
+    stride: int | None = Field(None, ge=1, description="defaults to maxLength")
+    steps_per_neighbor: int = Field(1, ge=1)
+    order: Literal["nearest-first", "farthest-first"] = "nearest-first"
+    reset_optimizer: bool = Field(True, description="false = the reference code's carry-over")
+    split_text: bool = Field(False, description="query with the first half, score the second")
+    eval_after: list[int] = Field(default_factory=lambda: [0, 50])
+
+    @field_validator("eval_after")
+    @classmethod
+    def _sorted_unique(cls, value: list[int]) -> list[int]:
+        if any(v < 0 for v in value):
+            raise ValueError("checkpoints must be >= 0")
+        return sorted(set(value))
+
+    @property
+    def chunk_stride(self) -> int:
+        return self.stride or self.max_length
+
+
+class EvalSpec(_Section):
+    """Which test documents are evaluated and how the work is split into ranks."""
+
+    tasks: Literal["all"] | list[str] = "all"
+    portion: float = Field(0.2, gt=0, le=1)
+    seed: int = 1216
+    max_documents_per_task: int | None = Field(None, ge=1)
+    workers: int = Field(1, ge=1, description="ranks (world size)")
+
+
+class StorageSpec(_Section):
+    """The artifact store: a local directory by default, or any S3-compatible endpoint."""
+
+    endpoint: str | None = Field(None, description="host:port of MinIO/S3; none = local")
+    bucket: str = "ttt"
+    secure: bool = False
+    region: str | None = None
+    root: str = Field("ttt-store", description="local store directory")
+    credentials_file: str | None = Field(None, description="mounted Secret (dir or file)")
+    cache_dir: str | None = None
+
+
+class MetricsSpec(_Section):
+    """Prometheus exposition and the optional Pushgateway for batch jobs."""
+
+    enabled: bool = True
+    port: int = Field(9090, ge=0, le=65535, description="0 = any free port")
+    pushgateway: str | None = None
+
+
+class RunSpec(_Section):
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
+    ttt: TTTSpec = Field(default_factory=TTTSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+
+
+class Metadata(_Section):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+
+# Which sections each stage's output depends on: a stage is redone when, and only when,
+# one of these changes (the hash goes into its manifest).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "corpus": ("corpus",),
+    "embed": ("corpus", "embedding"),
+    "index": ("corpus", "embedding", "index"),
+    "eval": ("corpus", "embedding", "index", "retrieval", "ttt", "eval"),
+    "report": ("corpus", "embedding", "index", "retrieval", "ttt", "eval"),
+}
+
+
+class TTTRun(_Section):
+    """A whole run: `apiVersion`, `kind`, `metadata` and `spec`, as a Kubernetes object."""
+
+    api_version: Literal["ttt.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["TTTRun"] = "TTTRun"
+    metadata: Metadata
+    spec: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TTTRun:
+        t = self.spec.ttt
+        if t.chunk_stride > t.max_length:
+            raise ValueError("spec.ttt.stride must not exceed spec.ttt.maxLength")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def prefix(self) -> str:
+        """The store prefix under which every artifact of this run lives."""
+        return f"runs/{self.metadata.name}"
+
+    def stage_hash(self, stage: str) -> str:
+        """A digest of the spec sections that a stage's output depends on."""
+        sections = {s: getattr(self.spec, s).model_dump(mode="json") for s in STAGE_INPUTS[stage]}
+        blob = json.dumps(sections, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _normalise(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    """Overlay TTT_<SECTION>__<FIELD>=value variables onto the raw spec; returns errors."""
+    errors: list[str] = []
+    sections = {_normalise(n): n for n in RunSpec.model_fields}
+    for var, value in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        parts = var[len(ENV_PREFIX) :].split("__")
+        head = _normalise(parts[0])
+        if head == "metadata":
+            target, model, path = raw.setdefault("metadata", {}), Metadata, ["metadata"]
+        elif head in sections:
+            spec = raw.setdefault("spec", {})
+            if not isinstance(spec, dict):
+                continue
+            section = sections[head]
+            alias = RunSpec.model_fields[section].alias or section
+            target = spec.setdefault(alias, {})
+            model = RunSpec.model_fields[section].annotation
+            path = ["spec", alias]
+        else:
+            continue  # other TTT_ variables (credentials, log level) are not spec fields
+        if len(parts) != 2 or not isinstance(target, dict):
+            errors.append(f"{var}: expected {ENV_PREFIX}<SECTION>__<FIELD>")
+            continue
+        fields = {_normalise(n): (f.alias or n) for n, f in model.model_fields.items()}
+        key = fields.get(_normalise(parts[1]))
+        if key is None:
+            errors.append(f"{var}: {'.'.join(path)} has no field '{parts[1]}'")
+            continue
+        target[key] = yaml.safe_load(value) if value != "" else None
+    return errors
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: {exc.error_count()} error(s) in the run spec"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(document)"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_spec(
+    raw: Any, source: str = "<spec>", environ: dict[str, str] | None = None
+) -> TTTRun:
+    """Validate a parsed YAML document, with TTT_ environment overrides applied first."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a run spec must be a mapping, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw))  # a deep copy that env overrides may change
+    env_errors = _apply_env(raw, dict(os.environ if environ is None else environ))
+    if env_errors:
+        raise SpecError(f"{source}: bad environment overrides\n  " + "\n  ".join(env_errors))
+    try:
+        return TTTRun.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(source, exc)) from None
+
+
+def load_spec(path: str | Path, environ: dict[str, str] | None = None) -> TTTRun:
+    """Read, override from the environment and validate a run spec YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read run spec: {exc.strerror}") from None
+    return loads_spec(text, str(path), environ)
+
+
+def loads_spec(text: str, source: str = "<spec>", environ: dict[str, str] | None = None) -> TTTRun:
+    """Like load_spec, from YAML text (the KFP components pass the spec as a string)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SpecError(f"{source}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_spec(raw, source, environ)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a TTTRun document (camelCase, as users write it)."""
+    schema = TTTRun.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "TTTRun"
+    return schema

@@ -1,0 +1,123 @@
+"""Prometheus metrics of servers and batch jobs: one place for every metric name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+)
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+log = logging.getLogger(__name__)
+
+# Names follow the Prometheus conventions: a `ttt_` namespace, base units (seconds, bytes),
+# `_total` on counters. docs/metrics.md lists them with their labels.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# --- shard servers -------------------------------------------------------------------------
+SEARCH_REQUESTS = Counter(
+    "ttt_index_requests_total", "k-NN search requests served", ["shard", "code"]
+)
+SEARCH_LATENCY = Histogram(
+    "ttt_index_request_duration_seconds", "k-NN search latency", ["shard"],
+    buckets=_LATENCY_BUCKETS,
+)
+VECTORS_SERVED = Counter("ttt_index_vectors_served_total", "neighbors returned", ["shard"])
+SHARD_READY = Gauge("ttt_index_shard_ready", "1 once the shard's index is loaded", ["shard"])
+SHARD_VECTORS = Gauge("ttt_index_shard_vectors", "vectors in the loaded shard index", ["shard"])
+
+# --- retrieval client ----------------------------------------------------------------------
+RETRIEVAL_LATENCY = Histogram(
+    "ttt_retrieval_duration_seconds", "fan-out query latency over all shards",
+    buckets=_LATENCY_BUCKETS,
+)
+RETRIEVAL_PARTIAL = Counter(
+    "ttt_retrieval_partial_total", "retrievals answered without every shard", ["shard"]
+)
+SHARD_FAILURES = Counter(
+    "ttt_retrieval_shard_failures_total", "failed shard requests (after retries)", ["shard"]
+)
+
+# --- batch stages --------------------------------------------------------------------------
+EMBED_TOKENS = Counter("ttt_embed_tokens_total", "tokens embedded", ["shard"])
+EMBED_DOCUMENTS = Counter("ttt_embed_documents_total", "documents embedded", ["shard"])
+EMBED_TOKENS_PER_SECOND = Gauge(
+    "ttt_embed_tokens_per_second", "embedding throughput of the last batch", ["shard"]
+)
+TRAIN_TOKENS = Counter("ttt_train_tokens_total", "tokens trained on at test time", ["rank"])
+TRAIN_STEPS = Counter("ttt_train_steps_total", "test-time optimizer steps", ["rank"])
+TRAIN_TOKENS_PER_SECOND = Gauge(
+    "ttt_train_tokens_per_second", "test-time training throughput of the last document",
+    ["rank"],
+)
+DOCUMENTS_DONE = Counter(
+    "ttt_eval_documents_total", "test documents evaluated", ["rank", "task"]
+)
+DOCUMENTS_PENDING = Gauge("ttt_eval_documents_pending", "test documents left", ["rank"])
+NEIGHBORS_EXCLUDED = Counter(
+    "ttt_eval_neighbors_excluded_total", "neighbors dropped by the leakage guard", ["rank"]
+)
+BITS_PER_BYTE = Gauge(
+    "ttt_eval_bits_per_byte", "running bits per byte per task", ["rank", "task", "phase"]
+)
+LAST_PROGRESS = Gauge(
+    "ttt_eval_last_progress_timestamp_seconds", "when a worker last finished a document",
+    ["rank"],
+)
+STAGE_SECONDS = Histogram(
+    "ttt_eval_stage_duration_seconds", "seconds per test document and phase", ["phase"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
+_server_lock = threading.Lock()
+_servers: dict[int, int] = {}
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:
+    """Expose the default registry on `port` (0 = a free port); returns the bound port.
+
+    Idempotent per requested port, so a library function may call it unconditionally.
+    """
+    with _server_lock:
+        if port in _servers:
+            return _servers[port]
+        server, _thread = start_http_server(port, addr=addr)
+        bound = server.server_address[1]
+        _servers[port] = bound
+        log.info("metrics on http://%s:%d/metrics", addr, bound)
+        return bound
+
+
+def push_final(gateway: str | None, job: str, grouping: dict[str, str], figures: dict) -> None:
+    """Push a batch job's final figures to a Pushgateway, when one is configured.
+
+    `figures` maps a gauge name (without the ttt_ prefix) to a value or to {labels: value}.
+    A push failure is logged, never fatal: the figures are also in the store.
+    """
+    if not gateway:
+        return
+    registry = CollectorRegistry()
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            keys = sorted({k for labels in value for k, _ in labels})
+            gauge = Gauge(f"ttt_{name}", f"final {name}", keys, registry=registry)
+            for labels, v in value.items():
+                gauge.labels(**dict(labels)).set(v)
+        else:
+            Gauge(f"ttt_{name}", f"final {name}", registry=registry).set(value)
+    try:
+        push_to_gateway(gateway, job=job, grouping_key=grouping, registry=registry)
+    except OSError as exc:
+        log.warning("could not push final figures to %s: %s", gateway, exc)
+
+
+__all__ = [name for name in dir() if name.isupper()] + [
+    "DEFAULT_REGISTRY", "push_final", "start_metrics_server",
+]
