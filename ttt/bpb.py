@@ -1,0 +1,225 @@
+"""Bits per byte, byte and word perplexity exactly as lm-evaluation-harness scores the Pile."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# The Pile's 22 components (`meta.pile_set_name`) and their effective sizes in GiB, i.e. raw
+# size times epochs (Gao et al. 2020, Table 1). The paper's Pile-wide figure weights each
+# task by these; the weights are relative, so only their ratios matter.
+PILE_WEIGHTS: dict[str, float] = {
+    "Pile-CC": 227.12,
+    "PubMed Central": 180.55,
+    "Books3": 151.44,
+    "OpenWebText2": 125.54,
+    "ArXiv": 112.42,
+    "Github": 95.16,
+    "FreeLaw": 76.73,
+    "StackExchange": 64.39,
+    "USPTO Backgrounds": 45.81,
+    "PubMed Abstracts": 38.53,
+    "Gutenberg (PG-19)": 27.19,
+    "OpenSubtitles": 19.47,
+    "Wikipedia (en)": 19.13,
+    "DM Mathematics": 15.49,
+    "Ubuntu IRC": 11.03,
+    "BookCorpus2": 9.45,
+    "EuroParl": 9.17,
+    "HackerNews": 7.80,
+    "YoutubeSubtitles": 7.47,
+    "PhilPapers": 4.76,
+    "NIH ExPorter": 3.79,
+    "Enron Emails": 1.76,
+}
+
+# How many scoring windows of max_length tokens go through the model at once.
+DEFAULT_BATCH_TOKENS = 8192
+
+
+def count_words(text: str) -> int:
+    """Words as the harness counts them for word_perplexity (note: "" counts as one)."""
+    return len(re.split(r"\s+", text))
+
+
+def count_bytes(text: str) -> int:
+    """UTF-8 bytes, the denominator of bits per byte."""
+    return len(text.encode("utf-8"))
+
+
+def rolling_windows(
+    token_ids: list[int], max_length: int, prefix_token: int
+) -> list[tuple[list[int], list[int]]]:
+    """The harness's get_rolling_token_windows(context_len=1) followed by make_disjoint_window.
+
+    Returns (context_ids, target_ids) pairs: the first window predicts up to max_length tokens
+    conditioned on `prefix_token` (the end-of-text token); every later window predicts the next
+    max_length tokens conditioned on the token before them, and the last (partial) window is
+    conditioned on as many preceding tokens as fill it up to max_length. Every token is a
+    target exactly once, and len(context + target) - 1 <= max_length for every window.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    windows: list[tuple[list[int], list[int]]] = []
+    if not token_ids:
+        return windows
+    n = len(token_ids)
+    first = min(max_length, n)
+    windows.append(([prefix_token], token_ids[:first]))  # disjoint form of [prefix]+t[:first-1]
+    predicted = first
+    while predicted < n:
+        length = min(n - predicted, max_length)
+        end = predicted + length
+        context = token_ids[end - max_length - 1 : end - 1]
+        # make_disjoint_window: drop the part of the context that the targets repeat
+        windows.append((context[: len(context) - (length - 1)], token_ids[end - length : end]))
+        predicted += length
+    return windows
+
+
+@dataclass(frozen=True)
+class DocScore:
+    """One document's score: natural-log likelihood of its tokens, and its size."""
+
+    loglik: float
+    tokens: int
+    bytes: int
+    words: int
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.loglik / self.bytes / math.log(2) if self.bytes else float("nan")
+
+
+def _window_logliks(
+    model: PreTrainedModel, windows: list[tuple[list[int], list[int]]], batch_tokens: int
+) -> float:
+    """Sum of log p(target | context) over windows; windows of equal input length share a batch."""
+    device = next(model.parameters()).device
+    # The harness feeds (context + target)[-(max_length + 1):][:-1] and reads the last
+    # len(target) positions; with disjoint windows that is simply context + target[:-1].
+    by_length: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for context, target in windows:
+        by_length.setdefault(len(context) + len(target) - 1, []).append((context, target))
+    total = 0.0
+    with torch.no_grad():
+        for length, group in by_length.items():
+            per_batch = max(1, batch_tokens // length)
+            for start in range(0, len(group), per_batch):
+                batch = group[start : start + per_batch]
+                inputs = torch.tensor([(c + t)[:-1] for c, t in batch], device=device)
+                logits = model(input_ids=inputs).logits
+                for row, (_context, target) in enumerate(batch):
+                    # log-softmax in float32: bf16 logits would cost the metric ~3 digits
+                    scores = logits[row, -len(target) :].float().log_softmax(dim=-1)
+                    idx = torch.tensor(target, device=device).unsqueeze(-1)
+                    total += scores.gather(-1, idx).sum().item()
+    return total
+
+
+def score_document(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    max_length: int,
+    *,
+    context_prefix_ids: list[int] | None = None,
+    eot_id: int | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> DocScore:
+    """loglikelihood_rolling of `text`: the sum of log p over its tokens, in rolling windows.
+
+    `context_prefix_ids` (the in-context baseline) are prepended to every window's context;
+    the document is then rolled in windows of max_length - len(prefix) tokens so that prefix
+    and window together fit the model's max_length. Without a prefix this is the harness.
+    """
+    from ttt.lm import eot_token_id  # lm.py imports nothing from here; keep the edge one-way
+
+    prefix = list(context_prefix_ids or [])
+    if len(prefix) >= max_length:
+        raise ValueError(f"context prefix of {len(prefix)} tokens leaves no room in {max_length}")
+    eot = eot_token_id(tokenizer) if eot_id is None else eot_id
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    windows = rolling_windows(ids, max_length - len(prefix), eot)
+    if prefix:
+        windows = [(prefix + context, target) for context, target in windows]
+    was_training = model.training
+    model.eval()
+    try:
+        loglik = _window_logliks(model, windows, batch_tokens) if windows else 0.0
+    finally:
+        model.train(was_training)
+    return DocScore(
+        loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text)
+    )
+
+
+@dataclass
+class TaskTotals:
+    """Sums over a task's documents, from which the harness's three perplexity metrics come."""
+
+    loglik: float = 0.0
+    bytes: int = 0
+    words: int = 0
+    tokens: int = 0
+    documents: int = 0
+
+    def add(self, score: DocScore) -> None:
+        self.loglik += score.loglik
+        self.bytes += score.bytes
+        self.words += score.words
+        self.tokens += score.tokens
+        self.documents += 1
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.loglik / self.bytes / math.log(2) if self.bytes else float("nan")
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(-self.loglik / self.bytes) if self.bytes else float("nan")
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(-self.loglik / self.words) if self.words else float("nan")
+
+
+def task_weights(tasks: list[str], test_bytes: dict[str, int] | None = None) -> dict[str, float]:
+    """Each task's share of the Pile-wide mean (shares sum to 1).
+
+    Only Pile names: the Pile's weights. Only other names: their test bytes. Both kinds: the
+    Pile tasks together count as much as their test bytes, shared among them by the Pile's
+    weights, and every other task counts its test bytes.
+    """
+    if not tasks:
+        raise ValueError("no tasks to average")
+    pile = [t for t in tasks if t in PILE_WEIGHTS]
+    other = [t for t in tasks if t not in PILE_WEIGHTS]
+    if other:
+        missing = [t for t in tasks if test_bytes is None or t not in test_bytes]
+        if missing:
+            raise ValueError(f"test bytes needed for task(s) {missing} (not Pile set names)")
+    if not other:
+        raw = {t: PILE_WEIGHTS[t] for t in pile}
+    else:
+        assert test_bytes is not None
+        pile_bytes = sum(test_bytes[t] for t in pile)
+        pile_sum = sum(PILE_WEIGHTS[t] for t in pile)
+        raw = {t: pile_bytes * PILE_WEIGHTS[t] / pile_sum for t in pile}
+        raw.update({t: float(test_bytes[t]) for t in other})
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("task weights sum to zero (no test bytes)")
+    return {t: w / total for t, w in raw.items()}
+
+
+def pile_weighted_mean(
+    per_task: dict[str, float], test_bytes: dict[str, int] | None = None
+) -> float:
+    """The Pile-wide figure: the mean of a per-task metric weighted as task_weights says."""
+    weights = task_weights(list(per_task), test_bytes)
+    return sum(weights[t] * value for t, value in per_task.items())

@@ -1,0 +1,375 @@
+"""Test-time training on nearest neighbors (Hardt & Sun, ICLR 2024, section 2) and baselines.
+
+For each test document: score it, then train on its neighbors (nearest first) one optimizer
+step per chunk of maxLength tokens, scoring again at every checkpoint of `evalAfter`; then
+restore the weights exactly before the next document. The baselines share the loop: the base
+model is checkpoint 0, dynamic evaluation trains on the document itself, and in-context
+conditions on the neighbors' text instead of training on it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ttt import telemetry
+from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, score_document
+from ttt.lm import eot_token_id
+
+_WHITESPACE = re.compile(r"\s")
+
+
+# --- which neighbors a document trains on ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeighborSelection:
+    """Neighbors that survive the distance threshold and the leakage guard, nearest first."""
+
+    texts: list[str]
+    distances: list[float] | None
+    excluded_identical: int = 0  # the leakage guard: the test document itself, retrieved
+    dropped_distance: int = 0  # farther than the distance threshold
+
+
+def select_neighbors(
+    text: str,
+    neighbors: list[str],
+    distances: list[float] | None = None,
+    *,
+    distance_threshold: float | None = None,
+    exclude_identical: bool = True,
+    identical_distance: float = 1e-6,
+) -> NeighborSelection:
+    """Sort by distance, drop neighbors beyond the threshold, and exclude the document itself.
+
+    A neighbor is the document itself when its text equals the document's (ignoring leading
+    and trailing whitespace) or its distance is at most `identical_distance`: training on the
+    test document would leak it. Excluded and dropped neighbors are counted, not silent.
+    """
+    if distances is not None and len(distances) != len(neighbors):
+        raise ValueError(f"{len(neighbors)} neighbors but {len(distances)} distances")
+    pairs = list(zip(neighbors, distances if distances is not None else [None] * len(neighbors)))
+    if distances is not None:
+        pairs.sort(key=lambda p: p[1])  # stable: equal distances keep the retriever's order
+    target = text.strip()
+    kept: list[tuple[str, float | None]] = []
+    identical = far = 0
+    for neighbor, distance in pairs:
+        if (
+            distance is not None
+            and distance_threshold is not None
+            and distance > distance_threshold
+        ):
+            far += 1
+        elif exclude_identical and (
+            neighbor.strip() == target or (distance is not None and distance <= identical_distance)
+        ):
+            identical += 1
+        else:
+            kept.append((neighbor, distance))
+    return NeighborSelection(
+        texts=[n for n, _ in kept],
+        distances=None if distances is None else [float(d) for _, d in kept],
+        excluded_identical=identical,
+        dropped_distance=far,
+    )
+
+
+def split_document(text: str) -> tuple[str, str]:
+    """Cut a document in two at the whitespace nearest its middle byte: (query, scored).
+
+    The two halves partition the document exactly (their bytes add up); with no whitespace
+    the cut is at the middle character.
+    """
+    if not text:
+        return "", ""
+    middle_byte = len(text.encode("utf-8")) // 2
+    # the character index at which the UTF-8 prefix reaches half the bytes
+    middle, seen = 0, 0
+    while middle < len(text) and seen < middle_byte:
+        seen += len(text[middle].encode("utf-8"))
+        middle += 1
+    spaces = [m.start() for m in _WHITESPACE.finditer(text)]
+    cut = min(spaces, key=lambda i: (abs(i - middle), i)) if spaces else middle
+    return text[:cut], text[cut:]
+
+
+def chunk_tokens(token_ids: list[int], max_length: int, stride: int) -> list[list[int]]:
+    """Training chunks as the reference code cuts them: windows of max_length every stride.
+
+    A chunk of one token has no next token to predict and is left out.
+    """
+    chunks = [token_ids[i : i + max_length] for i in range(0, len(token_ids), stride)]
+    return [c for c in chunks if len(c) >= 2]
+
+
+# --- what one document gives ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The scored text's likelihood after training on `neighbors` neighbors (`after` asked)."""
+
+    after: int  # the evalAfter entry
+    neighbors: int  # neighbors actually used (fewer than `after` when fewer were retrieved)
+    loglik: float  # natural log, summed over the scored text's tokens
+    tokens: int
+    bytes: int
+    words: int
+    train_steps: int  # cumulative optimizer steps when scored
+    train_tokens: int
+    seconds_scoring: float
+
+    @property
+    def bits_per_byte(self) -> float:
+        return DocScore(self.loglik, self.tokens, self.bytes, self.words).bits_per_byte
+
+
+@dataclass
+class DocOutcome:
+    """Everything one test document gives: a score per checkpoint and what it cost."""
+
+    method: str
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    neighbors_used: int = 0
+    train_steps: int = 0
+    train_tokens: int = 0
+    seconds_training: float = 0.0
+    seconds_scoring: float = 0.0
+
+    def at(self, after: int) -> Checkpoint:
+        """The checkpoint recorded for evalAfter entry `after`."""
+        for cp in self.checkpoints:
+            if cp.after == after:
+                return cp
+        raise KeyError(f"no checkpoint after {after} neighbors (have {self.afters})")
+
+    @property
+    def afters(self) -> list[int]:
+        return [cp.after for cp in self.checkpoints]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DocOutcome:
+        data = dict(data)
+        data["checkpoints"] = [Checkpoint(**cp) for cp in data.get("checkpoints", [])]
+        return cls(**data)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+class TTTNN:
+    """Test-time training on nearest neighbors for one model, document after document.
+
+    `ttt_spec` is the run spec's `spec.ttt` section (ttt.spec.TTTSpec). The model's weights are
+    copied once here and copied back after every document, so the model is bit-identical
+    between documents. The optimizer's state is cleared after every document unless
+    `reset_optimizer` is false (the reference code's behaviour, kept for parity).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ttt_spec: Any,
+        *,
+        rank: str = "0",
+        seed: int = 0,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        context_budget: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = ttt_spec
+        self.rank = str(rank)
+        self.seed = seed
+        self.batch_tokens = batch_tokens
+        self.max_length = int(ttt_spec.max_length)
+        self.stride = int(ttt_spec.stride or ttt_spec.max_length)
+        # in-context: at most half the window goes to the neighbors, the rest to the document
+        self.context_budget = context_budget if context_budget is not None else self.max_length // 2
+        self.eot = eot_token_id(tokenizer)
+        self.device = next(model.parameters()).device
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._saved = {
+            name: t.detach().clone()
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+        }
+        optimizer = torch.optim.AdamW if ttt_spec.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(
+            self._params,
+            lr=ttt_spec.learning_rate,
+            eps=ttt_spec.eps,
+            weight_decay=ttt_spec.weight_decay,
+        )
+
+    # -- texts --
+
+    def query_text(self, text: str) -> str:
+        """What retrieves the neighbors: the document, or its first half in split-text mode."""
+        return split_document(text)[0] if self.spec.split_text else text
+
+    def scored_text(self, text: str) -> str:
+        """What is scored: the document, or its second half in split-text mode."""
+        return split_document(text)[1] if self.spec.split_text else text
+
+    # -- the method --
+
+    def evaluate(
+        self, text: str, neighbors: list[str], *, distances: list[float] | None = None
+    ) -> DocOutcome:
+        """Score `text` at every checkpoint of evalAfter while training on `neighbors`.
+
+        `neighbors` are ordered nearest first (or sorted by `distances` when given); filter them
+        with select_neighbors first. Checkpoint n is scored after the first n neighbors of the
+        training order; with fewer neighbors it is scored after the last one and records how
+        many were used. The weights are restored before this returns, even on error.
+        """
+        if distances is not None:
+            if len(distances) != len(neighbors):
+                raise ValueError(f"{len(neighbors)} neighbors but {len(distances)} distances")
+            order = sorted(range(len(neighbors)), key=lambda i: distances[i])
+            neighbors = [neighbors[i] for i in order]
+        if self.spec.order == "farthest-first":
+            neighbors = neighbors[::-1]
+        method = self.spec.method
+        scored = self.scored_text(text)
+        if method == "in-context":
+            return self._in_context(scored, neighbors)
+        if method == "dynamic-eval":
+            # the reference code's dynamic evaluation: the query text in place of every neighbor
+            passes = max(self.spec.eval_after, default=0) or 1
+            neighbors = [self.query_text(text)] * passes
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(self.seed)  # the same dropout masks however documents are split
+                outcome = self._train_and_score(scored, neighbors, method)
+        finally:
+            self.reset()
+        seconds = outcome.seconds_training
+        telemetry.TRAIN_TOKENS.labels(self.rank).inc(outcome.train_tokens)
+        telemetry.TRAIN_STEPS.labels(self.rank).inc(outcome.train_steps)
+        if seconds > 0:
+            telemetry.TRAIN_TOKENS_PER_SECOND.labels(self.rank).set(outcome.train_tokens / seconds)
+        return outcome
+
+    def _train_and_score(self, scored: str, neighbors: list[str], method: str) -> DocOutcome:
+        outcome = DocOutcome(method=method)
+        checkpoints = self.spec.eval_after
+        last = min(max(checkpoints, default=0), len(neighbors))
+        self._score_due(outcome, scored, 0, checkpoints, last)
+        for n, neighbor in enumerate(neighbors[:last], start=1):
+            start = time.perf_counter()
+            ids = self.tokenizer.encode(neighbor, add_special_tokens=False)
+            for _ in range(self.spec.steps_per_neighbor):
+                for chunk in chunk_tokens(ids, self.max_length, self.stride):
+                    self._step(chunk)
+                    outcome.train_steps += 1
+                    outcome.train_tokens += len(chunk)
+            outcome.seconds_training += time.perf_counter() - start
+            outcome.neighbors_used = n
+            self._score_due(outcome, scored, n, checkpoints, last)
+        return outcome
+
+    def _step(self, chunk: list[int]) -> None:
+        """One optimizer step on one chunk: next-token loss, clipped gradient, Adam(W)."""
+        self.model.train()  # as the reference code: dropout on while training, if configured
+        inputs = torch.tensor([chunk], device=self.device)
+        loss = self.model(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        if self.spec.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.spec.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+
+    def _score_due(
+        self, outcome: DocOutcome, scored: str, n: int, checkpoints: list[int], last: int
+    ) -> None:
+        """Score once if any checkpoint falls due after n neighbors (those past the end: at last)."""
+        due = [c for c in checkpoints if c == n or (n == last and c > last)]
+        if not due:
+            return
+        start = time.perf_counter()
+        score = score_document(
+            self.model,
+            self.tokenizer,
+            scored,
+            self.max_length,
+            eot_id=self.eot,
+            batch_tokens=self.batch_tokens,
+        )
+        seconds = time.perf_counter() - start
+        outcome.seconds_scoring += seconds
+        for c in due:
+            outcome.checkpoints.append(self._checkpoint(c, n, score, outcome, seconds))
+
+    @staticmethod
+    def _checkpoint(
+        after: int, n: int, score: DocScore, outcome: DocOutcome, seconds: float
+    ) -> Checkpoint:
+        return Checkpoint(
+            after=after,
+            neighbors=n,
+            loglik=score.loglik,
+            tokens=score.tokens,
+            bytes=score.bytes,
+            words=score.words,
+            train_steps=outcome.train_steps,
+            train_tokens=outcome.train_tokens,
+            seconds_scoring=seconds,
+        )
+
+    def _in_context(self, scored: str, neighbors: list[str]) -> DocOutcome:
+        """The in-context baseline: checkpoint n conditions on the first n neighbors' text."""
+        outcome = DocOutcome(method="in-context")
+        encoded: list[list[int]] = []
+        for after in self.spec.eval_after:
+            n = min(after, len(neighbors))
+            while len(encoded) < n:
+                encoded.append(
+                    self.tokenizer.encode(neighbors[len(encoded)], add_special_tokens=False)
+                )
+            prefix: list[int] = []
+            for ids in reversed(encoded[:n]):  # nearest last, right before the document
+                prefix = prefix + [self.eot] + ids if prefix else list(ids)
+            prefix = prefix[-self.context_budget :] if self.context_budget > 0 else []
+            start = time.perf_counter()
+            score = score_document(
+                self.model,
+                self.tokenizer,
+                scored,
+                self.max_length,
+                eot_id=self.eot,
+                context_prefix_ids=prefix or None,
+                batch_tokens=self.batch_tokens,
+            )
+            seconds = time.perf_counter() - start
+            outcome.seconds_scoring += seconds
+            outcome.neighbors_used = max(outcome.neighbors_used, n)
+            outcome.checkpoints.append(self._checkpoint(after, n, score, outcome, seconds))
+        return outcome
+
+    # -- reset --
+
+    def reset(self) -> None:
+        """Copy the saved weights back in place (bit-identical) and, by default, clear Adam."""
+        with torch.no_grad():
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                t.copy_(self._saved[name])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.spec.reset_optimizer:
+            self.optimizer.state.clear()
+        self.model.eval()
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
