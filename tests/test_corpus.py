@@ -126,6 +126,40 @@ def test_corrupt_zstd_names_the_file(tmp_path: Path) -> None:
         list(iter_documents([str(path)]))
 
 
+class DirBucket:
+    """The two Store methods the reader uses, over a directory named as a bucket."""
+
+    def __init__(self, root: Path, bucket: str) -> None:
+        self.root, self.bucket = root, bucket
+        self.fetched: list[str] = []
+
+    def list(self, prefix: str) -> list[str]:
+        keys = (str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+        return [k for k in keys if k.startswith(prefix)]
+
+    def fetch(self, key: str, sha256: str | None = None) -> Path:
+        self.fetched.append(key)
+        return self.root / key
+
+
+def test_s3_uris_resolve_through_the_store(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    files = corpus_files(tmp_path / "train", n_files=3, per_file=10)
+    store = DirBucket(tmp_path, "pile")
+    local = list(iter_documents([str(f) for f in files]))
+    stats = CorpusStats()
+    remote = list(iter_documents(["s3://pile/train/part-*"], store=store, stats=stats))
+    assert [(d.id, d.text, d.domain) for d in remote] == [(d.id, d.text, d.domain) for d in local]
+    assert stats.files == [f"s3://pile/train/{f.name}" for f in files]
+    assert remote[0].source == "s3://pile/train/part-00.jsonl"
+    one = list(iter_documents(["s3://pile/train/part-01.jsonl.zst"], store=store))
+    assert [d.id for d in one] == [f"part-01:{i}" for i in range(1, 11)]
+    with pytest.raises(CorpusError, match="bucket 'other' is not the store's bucket"):
+        list(iter_documents(["s3://other/train/part-00.jsonl"], store=store))
+    with pytest.raises(CorpusError, match="no objects match in bucket 'pile'"):
+        list(iter_documents(["s3://pile/test/*.jsonl"], store=store))
+
+
 # ---------------------------------------------------------------- bad lines
 
 BAD_LINES = [

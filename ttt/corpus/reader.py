@@ -25,7 +25,9 @@ GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
+    """One input file: a local path, or an object of the store's bucket."""
+
     name: str  # what messages and Document.source show: a path or an s3:// URI
     stem: str
     key: str | None = None  # the store key of an s3:// source
@@ -39,7 +41,7 @@ def _stem(name: str) -> str:
     raise CorpusError(f"{name}: not a Pile-format file (expected one of {', '.join(SUFFIXES)})")
 
 
-def _resolve_s3(uri: str, store: Any) -> list[_Source]:
+def _resolve_s3(uri: str, store: Any) -> list[Source]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or not key:
         raise CorpusError(f"{uri}: expected s3://bucket/key")
@@ -51,15 +53,15 @@ def _resolve_s3(uri: str, store: Any) -> list[_Source]:
             f"{uri}: bucket {bucket!r} is not the store's bucket ({store_bucket!r}, {store!r})"
         )
     if not any(c in key for c in GLOB_CHARS):
-        return [_Source(uri, _stem(key), key)]
+        return [Source(uri, _stem(key), key)]
     cut = min(key.index(c) for c in GLOB_CHARS if c in key)
     keys = sorted(k for k in store.list(key[:cut]) if fnmatch.fnmatchcase(k, key))
     if not keys:
         raise CorpusError(f"{uri}: no objects match in bucket {bucket!r}")
-    return [_Source(f"s3://{bucket}/{k}", _stem(k), k) for k in keys]
+    return [Source(f"s3://{bucket}/{k}", _stem(k), k) for k in keys]
 
 
-def _resolve_local(pattern: str) -> list[_Source]:
+def _resolve_local(pattern: str) -> list[Source]:
     if any(c in pattern for c in GLOB_CHARS):
         names = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not names:
@@ -74,14 +76,14 @@ def _resolve_local(pattern: str) -> list[_Source]:
         names = [pattern]
     else:
         raise CorpusError(f"{pattern}: no such file")
-    return [_Source(n, _stem(n)) for n in names]
+    return [Source(n, _stem(n)) for n in names]
 
 
-def resolve_sources(paths: Sequence[str], store: Any = None) -> list[_Source]:
+def resolve_sources(paths: Sequence[str], store: Any = None) -> list[Source]:
     """Expand paths, globs (sorted) and s3:// URIs into files; ids must not collide."""
     if isinstance(paths, str):
         paths = [paths]
-    sources: dict[str, _Source] = {}
+    sources: dict[str, Source] = {}
     for p in paths:
         found = _resolve_s3(p, store) if p.startswith("s3://") else _resolve_local(p)
         for s in found:
@@ -112,7 +114,7 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "number")
 
 
-def _parse(raw: bytes, src: _Source, line: int) -> Document | BadLine:
+def _parse(raw: bytes, src: Source, line: int) -> Document | BadLine:
     def bad(reason: str, detail: str) -> BadLine:
         return BadLine(src.name, line, reason, detail)
 
@@ -148,7 +150,7 @@ def _parse(raw: bytes, src: _Source, line: int) -> Document | BadLine:
     return Document(f"{src.stem}:{line}", domain, text, nbytes, src.name, line)
 
 
-def _documents_of(src: _Source, path: Path, strict: bool, stats: CorpusStats) -> Iterator[Document]:
+def _documents_of(src: Source, path: Path, strict: bool, stats: CorpusStats) -> Iterator[Document]:
     line = 0
     try:
         for line, raw in enumerate(_iter_lines(path), start=1):
