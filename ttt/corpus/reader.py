@@ -99,10 +99,10 @@ def resolve_sources(paths: Sequence[str], store: Any = None) -> list[Source]:
     return list(sources.values())
 
 
-def _iter_lines(path: Path) -> Iterator[bytes]:
+def _iter_lines(path: Path, compressed: bool) -> Iterator[bytes]:
     """Lines as bytes, decompressing .zst as a stream (all frames), never the whole file."""
     with open(path, "rb") as fh:
-        if path.name.endswith(".zst"):
+        if compressed:
             raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
             yield from io.BufferedReader(raw, buffer_size=1 << 20)
         else:
@@ -153,7 +153,7 @@ def _parse(raw: bytes, src: Source, line: int) -> Document | BadLine:
 def _documents_of(src: Source, path: Path, strict: bool, stats: CorpusStats) -> Iterator[Document]:
     line = 0
     try:
-        for line, raw in enumerate(_iter_lines(path), start=1):
+        for line, raw in enumerate(_iter_lines(path, src.name.endswith(".zst")), start=1):
             item = _parse(raw, src, line)
             if isinstance(item, Document):
                 stats.add_document(item)
