@@ -74,6 +74,9 @@ class RetrievalSpec(_Section):
     retries: int = Field(2, ge=0)
     servers: list[str] = Field(default_factory=list, description="static shard URLs")
     service: str | None = Field(None, description="headless Service '<name>.<service>'")
+    in_process: bool = Field(
+        False, description="search the published indexes inside the worker (no servers)"
+    )
     exclude_identical: bool = Field(True, description="the leakage guard")
     identical_distance: float = Field(1e-6, ge=0)
 
@@ -284,6 +287,29 @@ def loads_spec(text: str, source: str = "<spec>", environ: dict[str, str] | None
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise SpecError(f"{source}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     return parse_spec(raw, source, environ)
+
+
+def resolve_spec(value: str, environ: dict[str, str] | None = None) -> TTTRun:
+    """A spec given as YAML text, a file path, or an s3:// URI (how pipelines pass it).
+
+    For an s3:// URI the store's endpoint and credentials come from the environment
+    (TTT_STORAGE__ENDPOINT, TTT_STORAGE__SECURE, TTT_S3_ACCESS_KEY, ...), as in a pod.
+    """
+    text = value.strip()
+    if "\n" in text or text.startswith(("apiVersion", "{")):
+        return loads_spec(text, "<spec parameter>", environ)
+    if text.startswith("s3://"):
+        from ttt.store import open_store
+
+        bucket, _, key = text[len("s3://") :].partition("/")
+        raw: dict[str, Any] = {"metadata": {"name": "spec-fetch"}}
+        _apply_env(raw, dict(os.environ if environ is None else environ))
+        storage = StorageSpec.model_validate({**raw.get("spec", {}).get("storage", {}), "bucket": bucket})
+        if not storage.endpoint:
+            raise SpecError(f"{text}: set TTT_STORAGE__ENDPOINT to read a spec from S3")
+        data = open_store(storage).get_bytes(key)
+        return loads_spec(data.decode("utf-8"), text, environ)
+    return load_spec(text, environ)
 
 
 def json_schema() -> dict[str, Any]:

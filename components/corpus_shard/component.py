@@ -1,0 +1,28 @@
+"""corpus-shard: split the training corpus into the run's shards (text stores in the store)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def corpus_shard(
+    spec: str, manifest: dsl.Output[dsl.Artifact]
+) -> NamedTuple("Plan", shards=list, ranks=list, world_size=int):
+    """Publish every shard's text store; returns the shard and rank lists to fan out over."""
+    import json
+    from collections import namedtuple
+
+    from ttt.spec import resolve_spec
+    from ttt.stages import publish_corpus
+    from ttt.store import open_store
+
+    run = resolve_spec(spec)
+    manifests = publish_corpus(run, open_store(run.spec.storage), progress=False)
+    with open(manifest.path, "w") as f:
+        json.dump(manifests, f)
+    plan = namedtuple("Plan", ["shards", "ranks", "world_size"])
+    world = run.spec.eval.workers
+    return plan(list(range(run.spec.corpus.shards)), list(range(world)), world)

@@ -1,0 +1,27 @@
+"""deploy-index: scale the index StatefulSet to the run's shards and wait until all are ready."""
+
+from kfp import dsl
+
+from components import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def deploy_index(
+    spec: str,
+    indexes: dsl.Input[list[dsl.Artifact]],
+    namespace: str,
+    statefulset: str,
+    deployment: dsl.Output[dsl.Artifact],
+    timeout_s: float = 1800.0,
+) -> None:
+    """Point `statefulset` at this run's indexes (their manifests in `indexes`) and wait."""
+    import json
+
+    from ttt.deploy import deploy_index as deploy
+    from ttt.spec import resolve_spec
+
+    run = resolve_spec(spec)
+    result = deploy(run, namespace=namespace, statefulset=statefulset, timeout_s=timeout_s)
+    result["indexes"] = len(indexes)
+    with open(deployment.path, "w") as f:
+        json.dump(result, f)

@@ -1,0 +1,20 @@
+"""shard-embed: one corpus shard to float16 embeddings (GPU)."""
+
+from kfp import dsl
+
+from components import EMBED_IMAGE
+
+
+@dsl.component(base_image=EMBED_IMAGE, install_kfp_package=False)
+def shard_embed(spec: str, shard: int, manifest: dsl.Output[dsl.Artifact]) -> None:
+    """Embed every document of `shard`; resumable part by part."""
+    import json
+
+    from ttt.embed import embed_shard
+    from ttt.spec import resolve_spec
+    from ttt.store import open_store
+
+    run = resolve_spec(spec)
+    result = embed_shard(run, open_store(run.spec.storage), shard, progress=False)
+    with open(manifest.path, "w") as f:
+        json.dump(result, f)

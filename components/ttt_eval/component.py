@@ -1,0 +1,22 @@
+"""ttt-eval: one rank of the evaluation: retrieve, train on neighbors, score, reset (GPU)."""
+
+from kfp import dsl
+
+from components import EVAL_IMAGE
+
+
+@dsl.component(base_image=EVAL_IMAGE, install_kfp_package=False)
+def ttt_eval(
+    spec: str, rank: int, world_size: int, results: dsl.Output[dsl.Artifact]
+) -> None:
+    """Evaluate rank `rank` of `world_size`; a retried pod skips the documents it finished."""
+    import json
+
+    from ttt.eval import evaluate_rank
+    from ttt.spec import resolve_spec
+    from ttt.store import open_store
+
+    run = resolve_spec(spec)
+    result = evaluate_rank(run, open_store(run.spec.storage), rank, world_size)
+    with open(results.path, "w") as f:
+        json.dump(result, f)

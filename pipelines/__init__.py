@@ -1,0 +1,1 @@
+"""Pipeline definitions; `python -m pipelines.compile` writes full.yaml and smoke.yaml."""
