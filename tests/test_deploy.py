@@ -55,7 +55,7 @@ class _AppsApi:
 
     def read_namespaced_stateful_set_status(self, name, namespace):
         self.polls += 1
-        ready = min(self.polls, self.ready_after) if self.polls < self.ready_after else 6
+        ready = 6 if self.polls >= self.ready_after else min(self.polls, 5)
         return SimpleNamespace(status=SimpleNamespace(
             observed_generation=2, replicas=6, updated_replicas=6, ready_replicas=ready))
 
