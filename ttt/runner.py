@@ -1,0 +1,249 @@
+"""The whole pipeline on one machine: corpus, embed, index, serve, evaluate, report."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ttt.spec import TTTRun
+from ttt.stages import is_done, publish_corpus, shard_prefix
+from ttt.store import open_store
+from ttt.telemetry import start_metrics_server
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0
+
+
+class RunError(RuntimeError):
+    """A stage of the local run failed; the message names the stage and its log."""
+
+
+def _die_with_parent() -> None:
+    # A child that outlives `ttt run` (killed with SIGKILL, say) would hold a port and a
+    # model in memory; PR_SET_PDEATHSIG makes the kernel send it SIGTERM instead.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    url: str = ""
+
+
+@dataclass
+class LocalCluster:
+    """The processes a local run starts: one shard server per shard, one worker per rank."""
+
+    run: TTTRun
+    spec_path: Path
+    workdir: Path
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    children: list[_Child] = field(default_factory=list)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["TTT_AUTH_TOKEN"] = self.token
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _start(self, name: str, args: list[str]) -> _Child:
+        log_path = self.workdir / f"{name}.log"
+        out = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        cmd = [sys.executable, "-m", "ttt", *args]
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
+            preexec_fn=_die_with_parent,
+        )
+        out.close()
+        child = _Child(name, proc, log_path)
+        self.children.append(child)
+        log.info("started %s (pid %d): %s; log %s", name, proc.pid, " ".join(args), log_path)
+        return child
+
+    def start_servers(self, store: Any) -> list[_Child]:
+        """One authenticated shard server per shard on loopback ports; registered in the store."""
+        servers = []
+        for shard in range(self.run.spec.corpus.shards):
+            port = _free_port()
+            child = self._start(
+                f"server-{shard}",
+                ["serve", "--spec", str(self.spec_path), "--shard", str(shard),
+                 "--host", "127.0.0.1", "--port", str(port)],
+            )
+            child.url = f"http://127.0.0.1:{port}"
+            servers.append(child)
+        self._wait_ready(servers)
+        for shard, child in enumerate(servers):
+            store.put_json(f"{self.run.prefix}/registry/shard-{shard:05d}.json", {"url": child.url})
+        return servers
+
+    def _wait_ready(self, servers: list[_Child]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = list(servers)
+        with httpx.Client(timeout=2.0) as http:
+            while pending:
+                for child in list(pending):
+                    if child.proc.poll() is not None:
+                        raise RunError(
+                            f"{child.name} exited with code {child.proc.returncode} before it was "
+                            f"ready; log {child.log_path}:\n{_tail(child.log_path)}"
+                        )
+                    try:
+                        if http.get(f"{child.url}/readyz").status_code == 200:
+                            pending.remove(child)
+                            log.info("%s ready at %s", child.name, child.url)
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    raise RunError(f"{pending[0].name} not ready after {READY_TIMEOUT_S:.0f} s")
+                if pending:
+                    time.sleep(0.5)
+
+    def run_workers(self, world_size: int) -> None:
+        """N evaluation workers by rank; each resumes from its own results in the store."""
+        workers = [
+            self._start(
+                f"eval-{rank}",
+                ["eval", "--spec", str(self.spec_path), "--rank", str(rank),
+                 "--world-size", str(world_size)],
+            )
+            for rank in range(world_size)
+        ]
+        failed = []
+        for child in workers:
+            if child.proc.wait() != 0:
+                failed.append(child)
+        if failed:
+            child = failed[0]
+            raise RunError(
+                f"{len(failed)} evaluation worker(s) failed; {child.name} exited with code "
+                f"{child.proc.returncode}; log {child.log_path}:\n{_tail(child.log_path)}"
+            )
+
+    def stop(self) -> None:
+        """SIGTERM every child (servers drain), then SIGKILL what is left after a grace period."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + 15
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        self.children.clear()
+
+
+@contextmanager
+def _terminate_raises() -> Iterator[None]:
+    # SIGTERM (a pod's eviction, `kill`) must unwind like Ctrl-C so that `finally` stops the
+    # servers and workers this run started.
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stage(name: str) -> None:
+    log.info("=== %s ===", name)
+
+
+def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool = True) -> dict:
+    """Run every stage of `run` on this machine, skipping the stages already published.
+
+    Returns the report's summary. A re-run after a crash or Ctrl-C resumes: finished shards
+    and ranks are skipped, and unfinished workers skip the documents they have done.
+    """
+    from ttt.embed import embed_shard
+    from ttt.index.build import build_shard_index
+    from ttt.report import build_report
+
+    store = open_store(run.spec.storage)
+    if run.spec.metrics.enabled:
+        start_metrics_server(run.spec.metrics.port)
+    work = Path(workdir or tempfile.mkdtemp(prefix=f"ttt-run-{run.name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # Children read the resolved spec, so every process sees exactly what this one saw.
+    spec_path = work / "spec.yaml"
+    spec_path.write_text(run.to_yaml())
+    shards, world = run.spec.corpus.shards, run.spec.eval.workers
+    started = time.monotonic()
+
+    _stage(f"corpus: {shards} shard(s) into {store.describe()}")
+    publish_corpus(run, store, progress=progress)
+    for stage, build in (("embed", embed_shard), ("index", build_shard_index)):
+        for shard in range(shards):
+            _stage(f"{stage}: shard {shard + 1}/{shards}")
+            build(run, store, shard)
+
+    eval_done = all(
+        is_done(run, store, f"{run.prefix}/eval/rank-{r:05d}", "eval") for r in range(world)
+    )
+    if eval_done:
+        log.info("eval: all %d rank(s) already finished, skipping", world)
+    else:
+        cluster = LocalCluster(run, spec_path, work)
+        try:
+            with _terminate_raises():
+                _stage(f"serve: {shards} shard server(s)")
+                cluster.start_servers(store)
+                _stage(f"eval: {world} worker(s)")
+                cluster.run_workers(world)
+        finally:
+            cluster.stop()
+            store.delete(f"{run.prefix}/registry/")
+
+    _stage("report")
+    summary = build_report(run, store)
+    summary.setdefault("wall_seconds", round(time.monotonic() - started, 1))
+    log.info("run %s finished in %.0f s; logs in %s", run.name, time.monotonic() - started, work)
+    return summary
+
+
+def describe_result(run: TTTRun, summary: dict, store_description: str) -> str:
+    """The end of a run as a user sees it: the per-domain table and where the report is."""
+    table = summary.get("table_markdown") or json.dumps(summary.get("tasks", {}), indent=2)
+    return f"{table}\n\nreport: {store_description} {run.prefix}/report/\n"
+
+
+__all__ = ["LocalCluster", "RunError", "describe_result", "run_local", "shard_prefix"]
