@@ -1,0 +1,162 @@
+"""Tiny published runs and loopback shard servers for the index server and client tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import httpx
+import numpy as np
+import uvicorn
+
+from ttt.corpus import TextStore
+from ttt.spec import TTTRun, load_spec
+from ttt.stages import publish_corpus, shard_prefix
+from ttt.store import open_store
+
+DOMAINS = ["Github", "ArXiv", "Pile-CC", "Wikipedia (en)"]
+
+
+def write_corpus(path: Path, n_docs: int) -> list[str]:
+    texts = [
+        f"document {i}: " + " ".join(f"word{(i * 7 + j) % 23}" for j in range(i % 9 + 3))
+        for i in range(n_docs)
+    ]
+    with path.open("w", encoding="utf-8") as fh:
+        for i, text in enumerate(texts):
+            meta = {"pile_set_name": DOMAINS[i % len(DOMAINS)]}
+            fh.write(json.dumps({"text": text, "meta": meta}) + "\n")
+    return texts
+
+
+def write_spec(directory: Path, corpus: Path, shards: int, extra: str = "") -> Path:
+    spec = directory / "run.yaml"
+    spec.write_text(
+        "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: shards-test}\n"
+        f"spec:\n  corpus: {{train: ['{corpus}'], shards: {shards}}}\n"
+        f"  storage: {{root: '{directory / 'store'}'}}\n{extra}"
+    )
+    return spec
+
+
+def publish_index(run: TTTRun, store, shard: int, vectors: np.ndarray) -> None:
+    """Publish a flat index over `vectors` as the index stage would (embeddings bypassed)."""
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.faiss"
+        faiss.write_index(index, str(path))
+        manifest = {
+            "stage": "index",
+            "shard": shard,
+            "spec_hash": run.stage_hash("index"),
+            "created": datetime.now(UTC).isoformat(),
+            "type": "flat",
+        }
+        store.publish(shard_prefix(run, "index", shard), {"index.faiss": path}, manifest)
+
+
+def make_run(
+    directory: Path,
+    shards: int = 3,
+    n_docs: int = 90,
+    dim: int = 16,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+    extra: str = "",
+):
+    """A published run: corpus shards, and per shard a flat index of random (or embedded)
+    vectors. Returns (spec path, run, store, per-shard vectors, per-shard text stores)."""
+    corpus = directory / "train.jsonl"
+    write_corpus(corpus, n_docs)
+    spec = write_spec(directory, corpus, shards, extra)
+    run = load_spec(spec)
+    store = open_store(run.spec.storage)
+    publish_corpus(run, store, progress=False)
+    rng = np.random.default_rng(0)
+    vectors, stores = [], []
+    for s in range(shards):
+        texts = TextStore(directory / "store" / shard_prefix(run, "corpus", s))
+        docs = [texts.text(r) for r in range(len(texts))]
+        v = embed(docs) if embed else rng.standard_normal((len(texts), dim)).astype(np.float32)
+        publish_index(run, store, s, v)
+        vectors.append(v)
+        stores.append(texts)
+    return spec, run, store, vectors, stores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout} s")
+
+
+@contextlib.contextmanager
+def app_server(app, ready: bool = True) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if ready:
+            wait_ready(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def start_server(
+    spec: Path, shard: int, port: int, token: str = "s3cret", *extra: str
+) -> subprocess.Popen:
+    """`python -m ttt serve` as a subprocess (a real process to kill and SIGTERM)."""
+    env = {**os.environ, "TTT_AUTH_TOKEN": token, "TTT_LOG_LEVEL": "WARNING"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ttt",
+        "serve",
+        "--spec",
+        str(spec),
+        "--shard",
+        str(shard),
+        "--port",
+        str(port),
+        *extra,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()

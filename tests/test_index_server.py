@@ -1,0 +1,255 @@
+"""The shard server over real HTTP: search, auth, limits, readiness, metrics and SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from index_shards import app_server, free_port, make_run, start_server, stop, wait_ready
+
+from ttt.index.server import Limits, create_app
+from ttt.index.shard import ShardError, load_shard, ordinal_from_hostname, shard_of_ordinal
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"), shards=3, n_docs=60, dim=8)
+
+
+@pytest.fixture(scope="module")
+def shard0(published):
+    _, run, store, vectors, texts = published
+    limits = Limits(max_k=30, max_batch=4, max_body=4096)
+    app = create_app(lambda: load_shard(run, store, 0), 0, token=TOKEN, limits=limits)
+    with app_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        yield http, vectors[0], texts[0]
+
+
+def test_search_returns_the_shards_exact_neighbors(shard0):
+    http, vectors, texts = shard0
+    queries = vectors[:3] + 0.01
+    r = http.post("/v1/search", json={"vectors": queries.tolist(), "k": 5}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["shard"] == 0 and len(body["results"]) == 3
+    for q, hits in zip(queries, body["results"], strict=True):
+        exact = ((vectors - q) ** 2).sum(1)
+        order = np.argsort(exact, kind="stable")[:5]
+        assert hits["rows"] == order.tolist()
+        np.testing.assert_allclose(hits["distances"], exact[order], rtol=1e-4, atol=1e-5)
+        assert hits["ids"] == [texts.meta(r)[0] for r in order]
+        assert hits["domains"] == [texts.meta(r)[1] for r in order]
+        assert "texts" not in hits and "vectors" not in hits
+
+
+def test_search_includes_texts_and_vectors_on_request(shard0):
+    http, vectors, texts = shard0
+    body = {"vectors": [vectors[7].tolist()], "k": 2, "include_text": True, "include_vectors": True}
+    hits = http.post("/v1/search", json=body, headers=AUTH).json()["results"][0]
+    assert hits["rows"][0] == 7 and hits["distances"][0] == pytest.approx(0, abs=1e-5)
+    assert hits["texts"] == [texts.text(r) for r in hits["rows"]]
+    np.testing.assert_allclose(hits["vectors"], vectors[hits["rows"]], rtol=1e-6)
+
+
+def test_k_larger_than_the_shard_returns_every_row(shard0):
+    http, vectors, _ = shard0
+    hits = http.post("/v1/search", json={"vectors": [[0.0] * 8], "k": 30}, headers=AUTH).json()
+    assert len(hits["results"][0]["rows"]) == len(vectors) < 30  # no -1 padding leaks out
+
+
+def test_documents_returns_texts_of_rows(shard0):
+    http, _, texts = shard0
+    r = http.post("/v1/documents", json={"rows": [2, 0]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["texts"] == [texts.text(2), texts.text(0)]
+    assert r.json()["ids"] == [texts.meta(2)[0], texts.meta(0)[0]]
+    bad = http.post("/v1/documents", json={"rows": [len(texts)]}, headers=AUTH)
+    assert bad.status_code == 422 and "out of range" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing 'Authorization: Bearer"),
+        ({"Authorization": "Bearer nope"}, "invalid"),
+        ({"Authorization": TOKEN}, "invalid"),
+    ],
+)
+def test_search_needs_the_bearer_token(shard0, headers, message):
+    http, _, _ = shard0
+    r = http.post("/v1/search", json={"vectors": [[0.0] * 8]}, headers=headers)
+    assert r.status_code == 401
+    assert message in r.json()["error"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"vectors": [[0.0] * 8], "k": 31}, 422, "k: 31 is out of range; 1 <= k <= 30"),
+        ({"vectors": [[0.0] * 8], "k": 0}, 422, "k: 0 is out of range"),
+        ({"vectors": [[0.0] * 8] * 5}, 422, "5 queries in one request; at most 4"),
+        (
+            {"vectors": [[0.0] * 8, [0.0] * 7]},
+            422,
+            "vectors[1] has 7 numbers; this shard's index has dimension 8",
+        ),
+        ({"vectors": []}, 422, "at least one query vector"),
+        ({"vectors": [[1e39] + [0.0] * 7]}, 422, "vectors[0] holds a number too large"),
+        ({"vectors": [["a"] + [0.0] * 7]}, 422, "vectors[0][0]: Input should be a valid number"),
+        ({"vectors": [[0.0] * 8], "k": "5"}, 422, "k: Input should be a valid integer"),
+        ({"vectors": [[0.0] * 8], "top": 5}, 422, "top: unknown field"),
+        ({"k": 5}, 422, "vectors: Field required"),
+        ({"vectors": [[0.0] * 8] * 4, "pad": "x" * 5000}, 413, "at most 4096 bytes"),
+    ],
+)
+def test_limits_and_bad_bodies_are_4xx_that_say_what_was_wrong(shard0, body, status, message):
+    http, _, _ = shard0
+    r = http.post("/v1/search", json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (b'{"vectors": [[NaN, 0, 0, 0, 0, 0, 0, 0]]}', 422, "finite number"),
+        (b'{"vectors": [[0, 0, 0, 0, 0, 0, 0, 0]], ', 400, "malformed JSON"),
+        (b"", 400, "empty request body"),
+        (b"[1, 2]", 422, "body: Input should be an object"),
+    ],
+)
+def test_malformed_json_is_refused(shard0, raw, status, message):
+    http, _, _ = shard0
+    r = http.post("/v1/search", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_body_limit_holds_without_content_length(shard0):
+    http, _, _ = shard0
+
+    def chunks():
+        yield b'{"vectors": ['
+        for _ in range(400):
+            yield b"[0,0,0,0,0,0,0,0],"
+        yield b"[0,0,0,0,0,0,0,0]]}"
+
+    r = http.post("/v1/search", content=chunks(), headers=AUTH)  # chunked: no Content-Length
+    assert r.status_code == 413 and "exceeds 4096 bytes" in r.json()["error"]
+
+
+def test_health_metrics_and_openapi(shard0):
+    http, vectors, _ = shard0
+    assert http.get("/healthz").json()["status"] == "alive"
+    ready = http.get("/readyz").json()
+    assert ready == {"status": "ready", "shard": 0, "vectors": len(vectors), "dimension": 8}
+    http.post("/v1/search", json={"vectors": [[0.0] * 8], "k": 3}, headers=AUTH)
+    metrics = http.get("/metrics").text
+    assert 'ttt_index_requests_total{code="200",shard="0"}' in metrics
+    assert 'ttt_index_requests_total{code="401",shard="0"}' in metrics
+    assert 'ttt_index_request_duration_seconds_bucket{le="0.001",shard="0"}' in metrics
+    assert f'ttt_index_shard_vectors{{shard="0"}} {float(len(vectors))}' in metrics
+    assert 'ttt_index_shard_ready{shard="0"} 1.0' in metrics
+    assert 'ttt_index_vectors_served_total{shard="0"}' in metrics
+    spec = http.get("/openapi.json").json()
+    search = spec["paths"]["/v1/search"]["post"]
+    schema = search["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == {"vectors", "k", "include_text", "include_vectors"}
+    assert {"401", "413", "422"} <= set(search["responses"])
+
+
+def test_readyz_is_503_until_the_index_is_loaded(published):
+    _, run, store, _, _ = published
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(10)
+        return load_shard(run, store, 1)
+
+    app = create_app(slow_loader, 1, token=TOKEN)
+    with app_server(app, ready=False) as url, httpx.Client(base_url=url) as http:
+        assert http.get("/healthz").status_code == 200  # alive while loading
+        loading = http.get("/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        early = http.post("/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH)
+        assert early.status_code == 503 and "still loading" in early.json()["error"]
+        release.set()
+        wait_ready(url)
+        assert http.post("/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH).is_success
+
+
+def test_a_failed_load_stays_unready_and_says_why(published):
+    _, run, store, _, _ = published
+    app = create_app(lambda: load_shard(run, store, 7), 7, token=TOKEN)
+    with app_server(app, ready=False) as url:
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "no index at runs/shards-test/index/shard-00007" in r.json()["error"]
+
+
+def test_no_token_refuses_to_start_unless_auth_is_disabled(published):
+    _, run, store, _, _ = published
+    with pytest.raises(ShardError, match="refusing to serve without an auth token"):
+        create_app(lambda: load_shard(run, store, 0), 0, token=None)
+    app = create_app(lambda: load_shard(run, store, 0), 0, token=None, auth_disabled=True)
+    with app_server(app) as url:
+        assert httpx.post(f"{url}/v1/search", json={"vectors": [[0.0] * 8]}).is_success
+
+
+def test_cli_without_token_exits_with_a_message(published):
+    spec = published[0]
+    env = {k: v for k, v in os.environ.items() if k != "TTT_AUTH_TOKEN"}
+    cmd = [sys.executable, "-m", "ttt", "serve", "--spec", str(spec), "--shard", "0", "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "refusing to serve without an auth token" in done.stderr
+
+
+def test_statefulset_ordinal_maps_to_shard_and_replica():
+    assert ordinal_from_hostname("ttt-index-12") == 12
+    assert ordinal_from_hostname("ttt-index-3.ttt-index.default.svc") == 3
+    assert shard_of_ordinal(4, 3) == (1, 1)
+    with pytest.raises(ShardError, match="does not end in -N"):
+        ordinal_from_hostname("laptop")
+
+
+@pytest.mark.integration
+def test_sigterm_drains_then_exits_cleanly(published):
+    spec, run, store, vectors, _ = published
+    port = free_port()
+    proc = start_server(spec, 2, port, TOKEN, "--drain-seconds", "1.5")
+    url = f"http://127.0.0.1:{port}"
+    key = f"{run.prefix}/registry/shard-00002.json"
+    try:
+        wait_ready(url)
+        assert store.get_json(key)["url"] == url  # a local run registers its server
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while httpx.get(f"{url}/readyz").status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert httpx.get(f"{url}/readyz").json()["status"] == "draining"
+        # Still answering while load balancers take it out of rotation.
+        r = httpx.post(f"{url}/v1/search", json={"vectors": [vectors[2][0].tolist()]}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["results"][0]["rows"][0] == 0
+        assert proc.wait(15) == 0
+        assert not store.exists(key)
+    finally:
+        stop(proc)
+    output = proc.stdout.read().decode() if proc.stdout and not proc.stdout.closed else ""
+    assert "Traceback" not in output, json.dumps(output)

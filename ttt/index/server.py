@@ -1,0 +1,516 @@
+"""One shard's k-NN server: loads its index and text store, answers batched searches over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ttt import telemetry
+from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+# A loader returns (index, text store); the text store needs meta(row), text(row), len().
+Loader = Callable[[], tuple[faiss.Index, Any]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything beyond is a 4xx that says which limit."""
+
+    max_k: int = 1024
+    max_batch: int = 256
+    max_body: int = 16 * 2**20
+    max_rows: int = 4096
+
+
+class SearchRequest(BaseModel):
+    """POST /v1/search: k nearest rows of this shard for each query vector."""
+
+    # strict: "1.5" is not a number and true is not an int; NaN and inf are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    vectors: list[list[float]] = Field(description="query vectors, one list per query")
+    k: int = Field(10, description="neighbors per query")
+    include_text: bool = Field(False, description="return each neighbor's text")
+    include_vectors: bool = Field(False, description="return each neighbor's stored vector")
+
+
+class QueryHits(BaseModel):
+    ids: list[str]
+    rows: list[int]
+    domains: list[str]
+    distances: list[float] = Field(description="squared L2, ascending")
+    texts: list[str] | None = None
+    vectors: list[list[float]] | None = None
+
+
+class SearchResponse(BaseModel):
+    shard: int
+    results: list[QueryHits]
+
+
+class DocumentsRequest(BaseModel):
+    """POST /v1/documents: ids, domains and texts of rows (the second phase of a fan-out)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    rows: list[int]
+
+
+class DocumentsResponse(BaseModel):
+    shard: int
+    ids: list[str]
+    domains: list[str]
+    texts: list[str]
+
+
+class ApiError(Exception):
+    """A request this server refuses: an HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ShardState:
+    """What a server holds: its index and text store once loaded, and where it is in its life."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.label = str(shard)
+        self.index: faiss.Index | None = None
+        self.texts: Any = None
+        self.error: str | None = None
+        self.draining = False
+        self.loaded = threading.Event()
+        self.can_reconstruct = False
+
+    def load(self, loader: Loader, on_ready: Callable[[], None] | None = None) -> None:
+        start = time.perf_counter()
+        try:
+            index, texts = loader()
+            if len(texts) != index.ntotal:
+                raise ShardError(
+                    f"shard {self.shard}: {index.ntotal} vectors but {len(texts)} documents"
+                )
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.make_direct_map()  # lets include_vectors reconstruct rows of IVF indexes
+            self.can_reconstruct = _can_reconstruct(index)
+            self.index, self.texts = index, texts
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported by /readyz
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("shard %d: loading failed: %s", self.shard, self.error)
+            return
+        finally:
+            self.loaded.set()
+        telemetry.SHARD_VECTORS.labels(self.label).set(index.ntotal)
+        telemetry.SHARD_READY.labels(self.label).set(1)
+        log.info(
+            "shard %d: %d vectors of dimension %d ready in %.1f s",
+            self.shard,
+            index.ntotal,
+            index.d,
+            time.perf_counter() - start,
+        )
+        if on_ready is not None:
+            on_ready()
+
+    @property
+    def ready(self) -> bool:
+        return self.index is not None and not self.draining
+
+    def require_ready(self) -> faiss.Index:
+        if self.error is not None:
+            raise ApiError(503, f"shard {self.shard} failed to load: {self.error}")
+        if self.index is None:
+            raise ApiError(503, f"shard {self.shard} is still loading its index")
+        return self.index
+
+
+def _can_reconstruct(index: faiss.Index) -> bool:
+    try:
+        index.reconstruct(0) if index.ntotal else None
+    except RuntimeError:
+        return False
+    return True
+
+
+def _describe(exc: ValidationError, limit: int = 5) -> str:
+    """Pydantic errors as 'vectors[0][2]: Input should be a finite number; ...'."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc.lstrip('.') or 'body'}: {msg}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more errors)" if more > 0 else "")
+
+
+async def _read_json(request: Request, model: type[BaseModel], max_body: int) -> Any:
+    declared = request.headers.get("content-length")
+    too_big = f"this server accepts at most {max_body} bytes; send fewer vectors per request"
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"request body is {declared} bytes; {too_big}")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # bounded even when no Content-Length is sent
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"request body exceeds {max_body} bytes; {too_big}")
+        chunks.append(chunk)
+    if size == 0:
+        raise ApiError(400, "empty request body; send a JSON object")
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise ApiError(400, f"malformed JSON: {exc.errors()[0]['msg']}") from None
+        raise ApiError(422, _describe(exc)) from None
+
+
+def _query_matrix(req: SearchRequest, dim: int, limits: Limits) -> np.ndarray:
+    if not req.vectors:
+        raise ApiError(422, "vectors: at least one query vector is required")
+    if len(req.vectors) > limits.max_batch:
+        raise ApiError(
+            422, f"vectors: {len(req.vectors)} queries in one request; at most {limits.max_batch}"
+        )
+    if not 1 <= req.k <= limits.max_k:
+        raise ApiError(422, f"k: {req.k} is out of range; 1 <= k <= {limits.max_k}")
+    for i, v in enumerate(req.vectors):
+        if len(v) != dim:
+            raise ApiError(
+                422, f"vectors[{i}] has {len(v)} numbers; this shard's index has dimension {dim}"
+            )
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        x = np.asarray(req.vectors, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise ApiError(422, f"vectors[{bad}] holds a number too large for float32")
+    return x
+
+
+def _search(state: ShardState, req: SearchRequest, limits: Limits) -> dict:
+    index = state.require_ready()
+    x = _query_matrix(req, index.d, limits)
+    if req.include_vectors and not state.can_reconstruct:
+        raise ApiError(422, "include_vectors: this shard's index type cannot return vectors")
+    distances, labels = index.search(x, req.k)
+    results, served = [], 0
+    for d, rows in zip(distances, labels, strict=True):
+        keep = rows >= 0  # FAISS pads with -1 when the shard holds fewer than k vectors
+        rows, d = rows[keep], d[keep]
+        metas = [state.texts.meta(int(r)) for r in rows]
+        hits: dict[str, Any] = {
+            "ids": [m[0] for m in metas],
+            "rows": rows.tolist(),
+            "domains": [m[1] for m in metas],
+            "distances": d.tolist(),
+        }
+        if req.include_text:
+            hits["texts"] = [state.texts.text(int(r)) for r in rows]
+        if req.include_vectors:
+            hits["vectors"] = index.reconstruct_batch(rows).tolist() if len(rows) else []
+        results.append(hits)
+        served += len(rows)
+    telemetry.VECTORS_SERVED.labels(state.label).inc(served)
+    return {"shard": state.shard, "results": results}
+
+
+def _documents(state: ShardState, req: DocumentsRequest, limits: Limits) -> dict:
+    state.require_ready()
+    if len(req.rows) > limits.max_rows:
+        raise ApiError(422, f"rows: {len(req.rows)} rows in one request; at most {limits.max_rows}")
+    n = len(state.texts)
+    for i, r in enumerate(req.rows):
+        if not 0 <= r < n:
+            raise ApiError(422, f"rows[{i}]: row {r} is out of range; this shard has {n} rows")
+    metas = [state.texts.meta(r) for r in req.rows]
+    return {
+        "shard": state.shard,
+        "ids": [m[0] for m in metas],
+        "domains": [m[1] for m in metas],
+        "texts": [state.texts.text(r) for r in req.rows],
+    }
+
+
+def create_app(
+    loader: Loader,
+    shard: int,
+    *,
+    token: str | None,
+    auth_disabled: bool = False,
+    limits: Limits = Limits(),
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The shard's ASGI app; the index loads in a background thread once the app starts."""
+    if not token and not auth_disabled:
+        raise ShardError(
+            f"shard {shard}: refusing to serve without an auth token; set $TTT_AUTH_TOKEN, "
+            "pass --token-file FILE, or disable auth explicitly with --no-auth"
+        )
+    state = ShardState(shard)
+    expected = f"Bearer {token}".encode() if token else b""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        telemetry.SHARD_READY.labels(state.label).set(0)
+        thread = threading.Thread(
+            target=state.load, args=(loader, on_ready), name=f"load-shard-{shard}", daemon=True
+        )
+        thread.start()
+        yield
+
+    app = FastAPI(
+        title=f"ttt shard {shard} k-NN server",
+        version="1",
+        summary="Exact or approximate k-NN search over one corpus shard (squared L2).",
+        lifespan=lifespan,
+    )
+    app.state.shard = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    def authorize(request: Request) -> None:
+        if auth_disabled:
+            return
+        given = request.headers.get("authorization")
+        if given is None:
+            raise ApiError(401, "missing 'Authorization: Bearer <token>' header")
+        if not hmac.compare_digest(given.encode(), expected):  # constant time
+            raise ApiError(401, "invalid bearer token")
+
+    async def counted(request: Request, model: type[BaseModel], work: Callable) -> JSONResponse:
+        start, code = time.perf_counter(), 500
+        try:
+            authorize(request)
+            body = await _read_json(request, model, limits.max_body)
+            result = await run_in_threadpool(work, state, body, limits)
+            code = 200
+            return JSONResponse(result)
+        except ApiError as exc:
+            code = exc.status
+            raise
+        finally:
+            telemetry.SEARCH_REQUESTS.labels(state.label, str(code)).inc()
+            if code == 200:
+                telemetry.SEARCH_LATENCY.labels(state.label).observe(time.perf_counter() - start)
+
+    def body_doc(model: type[BaseModel]) -> dict:
+        schema = {"content": {"application/json": {"schema": model.model_json_schema()}}}
+        return {"requestBody": {**schema, "required": True}}
+
+    errors = {
+        code: {"description": why}
+        for code, why in [
+            (400, "malformed JSON"),
+            (401, "missing or invalid bearer token"),
+            (413, "body too large"),
+            (422, "a limit or field violated"),
+            (503, "not ready"),
+        ]
+    }
+
+    @app.post(
+        "/v1/search",
+        response_model=SearchResponse,
+        openapi_extra=body_doc(SearchRequest),
+        responses=errors,
+    )
+    async def search(request: Request) -> JSONResponse:
+        """k nearest rows of this shard per query vector, with ids, domains and distances."""
+        return await counted(request, SearchRequest, _search)
+
+    @app.post(
+        "/v1/documents",
+        response_model=DocumentsResponse,
+        openapi_extra=body_doc(DocumentsRequest),
+        responses=errors,
+    )
+    async def documents(request: Request) -> JSONResponse:
+        """Ids, domains and texts of rows of this shard."""
+        return await counted(request, DocumentsRequest, _documents)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Alive (answers while the index loads)."""
+        return {"status": "alive", "shard": shard}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """200 once the index is loaded; 503 while loading, after a failed load and draining."""
+        if state.ready:
+            body = {
+                "status": "ready",
+                "shard": shard,
+                "vectors": int(state.index.ntotal),
+                "dimension": int(state.index.d),
+            }
+            return JSONResponse(body)
+        status = "draining" if state.draining else "failed" if state.error else "loading"
+        return JSONResponse({"status": status, "shard": shard, "error": state.error}, 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus exposition of this process."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn with a Kubernetes-friendly SIGTERM: not ready first, then finish and exit."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: ShardState,
+        drain_seconds: float,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.shard_state, self.drain_seconds, self.on_drain = state, drain_seconds, on_drain
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own handler re-raises the signal after shutdown (exit status 143);
+        # a drained shard exits 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handlers = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.shard_state.draining or sig == signal.SIGINT and self.should_exit:
+            self.force_exit = True  # a second signal: stop now
+            self.should_exit = True
+            return
+        self.drain()
+
+    def drain(self) -> None:
+        """Go unready, keep answering for drain_seconds, then stop after in-flight requests."""
+        state = self.shard_state
+        state.draining = True
+        telemetry.SHARD_READY.labels(state.label).set(0)
+        log.info(
+            "shard %d: draining for %.1f s, then shutting down", state.shard, self.drain_seconds
+        )
+        if self.on_drain is not None:
+            self.on_drain()
+        timer = threading.Timer(self.drain_seconds, lambda: setattr(self, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on the same port
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    run: Any,
+    shard: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    *,
+    token_file: str | None = None,
+    auth_disabled: bool = False,
+    ordinal: int | None = None,
+    store: Any = None,
+    limits: Limits = Limits(),
+    drain_seconds: float = 5.0,
+    register: bool | None = None,
+) -> int:
+    """Serve one shard of `run` until SIGTERM; returns the exit status (1 if loading failed).
+
+    The shard comes from `shard`, or from a StatefulSet `ordinal` (shard = ordinal % shards).
+    `register` (default: when the store is a local directory) writes
+    runs/<name>/registry/shard-NNNNN.json with this server's URL once it is ready.
+    """
+    shards = run.spec.corpus.shards
+    replica = 0
+    if shard is None:
+        if ordinal is None:
+            raise ShardError("serve: give a shard or a StatefulSet ordinal")
+        shard, replica = shard_of_ordinal(ordinal, shards)
+    if not 0 <= shard < shards:
+        raise ShardError(f"shard {shard} is out of range: spec.corpus.shards is {shards}")
+    if store is None:
+        from ttt.store import open_store
+
+        store = open_store(run.spec.storage)
+    token = read_token(token, token_file)
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{'[' + advertised + ']' if ':' in advertised else advertised}:{bound}"
+    name = f"shard-{shard:05d}" + (f".{replica}" if replica else "")
+    key = f"{run.prefix}/registry/{name}.json"
+    if register is None:
+        register = run.spec.storage.endpoint is None
+
+    def on_ready() -> None:
+        if register:
+            store.put_json(key, {"url": url, "shard": shard, "replica": replica})
+            log.info("shard %d: registered %s at %s", shard, url, key)
+
+    def on_drain() -> None:
+        if register:
+            with contextlib.suppress(Exception):  # the registry is a hint, never fatal
+                store.delete(key)
+
+    app = create_app(
+        lambda: load_shard(run, store, shard),
+        shard,
+        token=token,
+        auth_disabled=auth_disabled,
+        limits=limits,
+        on_ready=on_ready,
+    )
+    state: ShardState = app.state.shard
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=30, access_log=False, lifespan="on"
+    )
+    server = _DrainingServer(config, state, drain_seconds, on_drain)
+
+    def exit_if_failed() -> None:
+        state.loaded.wait()
+        if state.error is not None:
+            server.should_exit = True
+
+    threading.Thread(target=exit_if_failed, daemon=True).start()
+    log.info("shard %d (replica %d) of %s: serving on %s", shard, replica, run.name, url)
+    server.run(sockets=[sock])
+    on_drain()
+    return 1 if state.error else 0

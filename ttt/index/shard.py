@@ -1,0 +1,83 @@
+"""One shard as a server or a local retriever holds it: its FAISS index and its text store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "TTT_AUTH_TOKEN"
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be loaded or addressed; the message names the shard and the key."""
+
+
+def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
+    """The published index of `shard` and its text store, checked to belong together."""
+    from ttt.embed import open_text_store
+    from ttt.index.build import INDEX, load_shard_index
+    from ttt.stages import shard_prefix
+
+    prefix = shard_prefix(run, "index", shard)
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        raise ShardError(
+            f"shard {shard}: no index at {prefix}/manifest.json; "
+            f"run `ttt index build --spec FILE --shard {shard}` first"
+        )
+    if manifest.get("spec_hash") != run.stage_hash("index"):
+        # A stale index would silently answer for another corpus or encoder.
+        raise ShardError(
+            f"shard {shard}: the index at {prefix} was built from another spec "
+            f"(spec_hash {manifest.get('spec_hash')}, this spec {run.stage_hash('index')}); "
+            "rebuild it with `ttt index build`"
+        )
+    sha = manifest.get("files", {}).get(INDEX, {}).get("sha256")
+    index = load_shard_index(store.fetch(f"{prefix}/{INDEX}", sha256=sha), run.spec.index.nprobe)
+    texts = open_text_store(run, store, shard)
+    if len(texts) != index.ntotal:
+        raise ShardError(
+            f"shard {shard}: the index holds {index.ntotal} vectors but the text store "
+            f"{len(texts)} documents; rebuild the index"
+        )
+    return index, texts
+
+
+def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
+    """The bearer token: given, else read from `token_file`, else $TTT_AUTH_TOKEN."""
+    if token:
+        return token
+    if token_file:
+        try:
+            # A mounted Secret may end in a newline; the token never does.
+            value = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ShardError(f"{token_file}: cannot read the auth token: {exc.strerror}") from None
+        if not value:
+            raise ShardError(f"{token_file}: the auth token file is empty")
+        return value
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def ordinal_from_hostname(hostname: str | None = None) -> int:
+    """The StatefulSet ordinal N of a pod named `<name>-N`."""
+    name = hostname or os.environ.get("HOSTNAME") or socket.gethostname()
+    match = re.search(r"-(\d+)$", name.split(".")[0])
+    if match is None:
+        raise ShardError(
+            f"hostname {name!r} does not end in -N (a StatefulSet ordinal); pass --shard I"
+        )
+    return int(match.group(1))
+
+
+def shard_of_ordinal(ordinal: int, shards: int) -> tuple[int, int]:
+    """(shard, replica) of server `ordinal`: pods 0..S-1 are replica 0, S..2S-1 replica 1..."""
+    return ordinal % shards, ordinal // shards
