@@ -164,6 +164,32 @@ def test_s3_uris_resolve_through_the_store(tmp_path: Path) -> None:
         list(iter_documents(["s3://pile/test/*.jsonl"], store=store))
 
 
+def test_s3_corpus_on_a_real_s3_server(tmp_path: Path, s3_server: str, s3_bucket: str) -> None:
+    from ttt.store import LocalStore, open_store
+
+    store = open_store(endpoint=s3_server, bucket=s3_bucket, cache_dir=str(tmp_path / "cache"))
+    files = corpus_files(tmp_path, n_files=3, per_file=20)
+    for f in files:
+        store.put_file(f, f"pile/train/{f.name}")
+    store.put_bytes("pile/train/notes.txt", b"not matched by the glob")
+    local = list(iter_documents([str(f) for f in files]))
+    stats = CorpusStats()
+    uri = f"s3://{s3_bucket}/pile/train/*.jsonl*"
+    remote = list(iter_documents([uri], store=store, stats=stats))
+    assert [(d.id, d.text, d.nbytes) for d in remote] == [(d.id, d.text, d.nbytes) for d in local]
+    assert stats.files == [f"s3://{s3_bucket}/pile/train/{f.name}" for f in files]
+    # Shards written from S3 equal those written from the local copies.
+    write_text_shards([uri], 2, tmp_path / "from-s3", store=store, progress=False)
+    write_text_shards([str(f) for f in files], 2, tmp_path / "from-disk", progress=False)
+    assert shard_bytes(tmp_path / "from-s3") == shard_bytes(tmp_path / "from-disk")
+    with pytest.raises(CorpusError, match="is not the store's bucket"):
+        list(
+            iter_documents(
+                [f"s3://{s3_bucket}/pile/train/part-00.jsonl"], store=LocalStore(tmp_path)
+            )
+        )
+
+
 # ---------------------------------------------------------------- bad lines
 
 BAD_LINES = [
@@ -438,3 +464,25 @@ def test_cli_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["corpus", "shard", str(path), "--shards", "3", "--out", str(tmp_path / "o")]) == 0
     assert "shard     2:" in capsys.readouterr().out
     assert sum(len(TextStore(tmp_path / "o" / f"shard-{s:05d}")) for s in range(3)) == 20
+
+
+def test_cli_stats_reads_s3_through_the_spec_store(
+    tmp_path: Path, s3_server: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ttt.cli import main
+    from ttt.store import open_store
+
+    path = write(tmp_path / "e.jsonl.zst", lines_of([record(i) for i in range(6)]))
+    open_store(endpoint=s3_server, bucket=s3_bucket).put_file(path, "corpus/e.jsonl.zst")
+    spec = tmp_path / "run.yaml"
+    spec.write_text(
+        "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: t}\n"
+        f"spec:\n  storage: {{endpoint: '{s3_server}', bucket: {s3_bucket}, "
+        f"cacheDir: '{tmp_path / 'cache'}'}}\n"
+    )
+    uri = f"s3://{s3_bucket}/corpus/*.zst"
+    assert main(["corpus", "stats", "--json", "--spec", str(spec), uri]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documents"] == 6 and report["files"] == [f"s3://{s3_bucket}/corpus/e.jsonl.zst"]
+    assert main(["corpus", "stats", uri]) == 1
+    assert "needs a store" in capsys.readouterr().err

@@ -47,11 +47,9 @@ def _resolve_s3(uri: str, store: Any) -> list[Source]:
         raise CorpusError(f"{uri}: expected s3://bucket/key")
     if store is None:
         raise CorpusError(f"{uri}: reading s3:// needs a store for bucket {bucket!r}")
-    store_bucket = getattr(store, "bucket", None)
-    if store_bucket != bucket:
-        raise CorpusError(
-            f"{uri}: bucket {bucket!r} is not the store's bucket ({store_bucket!r}, {store!r})"
-        )
+    if getattr(store, "bucket", None) != bucket:
+        where = store.describe() if hasattr(store, "describe") else repr(store)
+        raise CorpusError(f"{uri}: bucket {bucket!r} is not the store's bucket ({where})")
     if not any(c in key for c in GLOB_CHARS):
         return [Source(uri, _stem(key), key)]
     cut = min(key.index(c) for c in GLOB_CHARS if c in key)
