@@ -8,7 +8,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -182,16 +181,12 @@ class Encoder:
 # --- the embedding stage ---------------------------------------------------------------------
 
 
-def stage_prefix(run: Any, stage: str, shard: int) -> str:
-    """Where a per-shard stage publishes: runs/<name>/<stage>/shard-NNNNN."""
-    return f"{run.prefix}/{stage}/shard-{shard:05d}"
-
-
 def open_text_store(run: Any, store: Any, shard: int) -> Any:
     """The published text store of a shard, as a local `TextStore` (fetched when remote)."""
     from ttt.corpus import TextStore, text_store_files
+    from ttt.stages import shard_prefix
 
-    prefix = stage_prefix(run, "corpus", shard)
+    prefix = shard_prefix(run, "corpus", shard)
     manifest = store.read_manifest(prefix)
     if manifest is None:
         raise EmbedError(
@@ -226,14 +221,21 @@ def embed_shard(
     """Embed every document of a shard into embeddings.npy (float16) and publish it.
 
     Work is saved part by part under `<prefix>/parts/<spec hash>/`, so a crashed run resumes
-    at the first unfinished part. `on_part(i)` is called after part i is saved.
+    at the first unfinished part. `on_part(i)` is called after part i is saved. When the
+    corpus stage has not been published for this spec, it is run first.
     """
-    prefix = stage_prefix(run, "embed", shard)
+    from ttt.stages import is_done, publish_corpus, shard_prefix
+
+    prefix = shard_prefix(run, "embed", shard)
     spec_hash = run.stage_hash("embed")
     done = store.read_manifest(prefix)
     if done is not None and done.get("spec_hash") == spec_hash:
         log.info("embed shard %d: already published (%s), skipping", shard, spec_hash)
         return done
+    if not 0 <= shard < run.spec.corpus.shards:
+        raise EmbedError(f"shard {shard}: the spec has {run.spec.corpus.shards} shard(s)")
+    if not is_done(run, store, shard_prefix(run, "corpus", shard), "corpus"):
+        publish_corpus(run, store, progress=progress)
     texts = open_text_store(run, store, shard)
     encoder = encoder or Encoder.from_spec(run.spec.embedding)
     n = len(texts)
@@ -265,7 +267,6 @@ def embed_shard(
             "stage": "embed",
             "shard": shard,
             "spec_hash": spec_hash,
-            "created": datetime.now(UTC).isoformat(),
             "encoder": encoder.name,
             "pooling": encoder.pooling,
             "max_tokens": encoder.max_tokens,
@@ -274,7 +275,7 @@ def embed_shard(
             "dim": encoder.dim,
             "count": n,
             "ids": IDS,
-            "corpus": stage_prefix(run, "corpus", shard),
+            "corpus": shard_prefix(run, "corpus", shard),
             "tokens": totals["tokens"],
             "seconds": round(totals["seconds"], 3),
             "tokens_per_second": round(totals["tokens"] / seconds, 1),

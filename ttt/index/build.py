@@ -34,13 +34,20 @@ def make_index(dim: int, index_type: str) -> faiss.Index:
     if index_type == "flat":
         return faiss.IndexFlatL2(dim)
     try:
-        return faiss.index_factory(dim, index_type, faiss.METRIC_L2)
+        index = faiss.index_factory(dim, index_type, faiss.METRIC_L2)
     except RuntimeError as exc:
         reason = _faiss_reason(exc)
         raise IndexBuildError(
             f"spec.index.type: {index_type!r} is not a FAISS factory string that builds a "
             f"{dim}-d index ({reason}); use 'flat' or e.g. 'IVF256,PQ16', 'IVF64,Flat', 'HNSW32'"
         ) from None
+    # The factory turns on polysemous training for PQ codes: minutes of simulated annealing
+    # that only a Hamming-distance filter uses, which L2 search never does.
+    ivf = faiss.try_extract_index_ivf(index)
+    for part in (faiss.downcast_index(ivf) if ivf else None, faiss.downcast_index(index)):
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    return index
 
 
 def _faiss_reason(exc: Exception) -> str:
@@ -184,15 +191,16 @@ def load_shard_index(path: str | Path, nprobe: int | None = None) -> faiss.Index
 
 def build_shard_index(run: Any, store: Any, shard: int) -> dict:
     """Build, measure and publish a shard's index.faiss from its published embeddings."""
-    from ttt.embed import EMBEDDINGS, stage_prefix
+    from ttt.embed import EMBEDDINGS
+    from ttt.stages import shard_prefix
 
-    prefix = stage_prefix(run, "index", shard)
+    prefix = shard_prefix(run, "index", shard)
     spec_hash = run.stage_hash("index")
     done = store.read_manifest(prefix)
     if done is not None and done.get("spec_hash") == spec_hash:
         log.info("index shard %d: already published (%s), skipping", shard, spec_hash)
         return done
-    embed_prefix = stage_prefix(run, "embed", shard)
+    embed_prefix = shard_prefix(run, "embed", shard)
     embedded = store.read_manifest(embed_prefix)
     if embedded is None or embedded.get("spec_hash") != run.stage_hash("embed"):
         state = "missing" if embedded is None else "from another spec"
@@ -234,7 +242,7 @@ def build_shard_index(run: Any, store: Any, shard: int) -> dict:
             "recall_queries": min(spec.recall_queries, n),
             "recall": None if recall is None else round(recall, 4),
             "embed": embed_prefix,
-            "corpus": stage_prefix(run, "corpus", shard),
+            "corpus": shard_prefix(run, "corpus", shard),
         }
         result = store.publish(prefix, {INDEX: path}, manifest)
     log.info(
