@@ -185,8 +185,15 @@ def test_crash_resumes_part_by_part_with_identical_vectors(
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        embed_shard(run, store, 0, encoder=encoder, part_size=4, on_part=crash_after_second_part,
-                    progress=False)
+        embed_shard(
+            run,
+            store,
+            0,
+            encoder=encoder,
+            part_size=4,
+            on_part=crash_after_second_part,
+            progress=False,
+        )
     assert store.read_manifest(shard_prefix(run, "embed", 0)) is None  # not published
     before = documents_embedded()
     seen: list[int] = []
