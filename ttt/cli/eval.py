@@ -1,0 +1,64 @@
+"""`ttt eval`: one evaluation rank (a worker of a Kubernetes Indexed Job, or a local process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ttt.spec import SpecError, load_spec
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ttt.eval import EvalError, evaluate_rank, resolve_rank
+    from ttt.store import open_store
+
+    try:
+        run = load_spec(args.spec)
+        rank, world_size = resolve_rank(
+            args.rank, args.world_size, os.environ, run.spec.eval.workers
+        )
+    except (SpecError, EvalError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    manifest = evaluate_rank(
+        run,
+        open_store(run.spec.storage),
+        rank,
+        world_size,
+        flush_seconds=args.flush_seconds,
+        progress=not args.no_progress,
+        local_index=args.local_index,
+    )
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, sort_keys=True))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one rank's test documents (resumable; results go to the store)",
+        description=(
+            "Rank and world size come from --rank/--world-size, else the environment: "
+            "RANK or JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), and WORLD_SIZE; "
+            "the world size defaults to spec.eval.workers."
+        ),
+        epilog="example: ttt eval --spec examples/demo.yaml --rank 0 --world-size 2",
+    )
+    p.add_argument("--spec", required=True, help="TTTRun YAML file")
+    p.add_argument("--rank", type=int, default=None, help="this worker's rank (0-based)")
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks")
+    p.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=5.0,
+        help="upload the results file at most this often (0 = after every document)",
+    )
+    p.add_argument(
+        "--local-index",
+        action="store_true",
+        help="load the shard indexes into this process instead of querying shard servers",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)

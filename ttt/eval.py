@@ -1,0 +1,456 @@
+"""Evaluation ranks: test-document selection, partitioning, and resumable per-document results."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ttt import telemetry
+from ttt.bpb import DocScore, TaskTotals
+from ttt.corpus import Document, iter_documents
+from ttt.train import TTTNN, select_neighbors
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+# Every record carries these; a line without them is not a finished document.
+RECORD_KEYS = ("doc", "task", "bytes", "words", "tokens", "loglik", "spec_hash")
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot proceed; the message names the run, rank, file or variable."""
+
+
+# --- which documents, and whose ------------------------------------------------------------
+
+
+def select_test_documents(run: Any, store: Any = None) -> list[Document]:
+    """The evaluation set: per task, the spec's portion of its test documents, seeded-shuffled.
+
+    Deterministic: the same spec and test files give the same documents in the same order
+    (tasks sorted by name, each task in its shuffled order). Each task is shuffled with its
+    own generator seeded by (seed, task), so adding a task never changes another's selection.
+    """
+    spec = run.spec
+    if not spec.corpus.test:
+        raise EvalError(f"run {run.name}: spec.corpus.test names no test files")
+    docs = iter_documents(spec.corpus.test, store=store, strict=spec.corpus.strict)
+    by_task: dict[str, list[Document]] = {}
+    for doc in docs:
+        by_task.setdefault(doc.domain, []).append(doc)
+    if spec.eval.tasks == "all":
+        tasks = sorted(by_task)
+    else:
+        missing = [t for t in spec.eval.tasks if t not in by_task]
+        if missing:
+            raise EvalError(
+                f"run {run.name}: spec.eval.tasks names {missing}, absent from the test files "
+                f"(tasks there: {sorted(by_task)})"
+            )
+        tasks = sorted(set(spec.eval.tasks))
+    selected: list[Document] = []
+    for task in tasks:
+        pool = sorted(by_task[task], key=lambda d: d.id)  # file order must not matter
+        random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
+        count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
+        if spec.eval.max_documents_per_task is not None:
+            count = min(count, spec.eval.max_documents_per_task)
+        selected.extend(pool[:count])
+    return selected
+
+
+def partition(docs: Sequence[Document], rank: int, world_size: int) -> list[Document]:
+    """The documents of one rank: every document in exactly one rank, balanced by bytes.
+
+    Longest-first greedy assignment to the lightest rank (ties: the lower rank), so the
+    slowest rank finishes soon after the others; each rank keeps the input order.
+    """
+    if world_size < 1:
+        raise EvalError(f"world size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise EvalError(f"rank {rank} is outside 0..{world_size - 1}")
+    heap = [(0, r) for r in range(world_size)]
+    owner: dict[int, int] = {}
+    order = sorted(range(len(docs)), key=lambda i: (-docs[i].nbytes, docs[i].id))
+    for i in order:
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + docs[i].nbytes, r))
+    return [doc for i, doc in enumerate(docs) if owner[i] == rank]
+
+
+def resolve_rank(
+    rank: int | None, world_size: int | None, environ: Mapping[str, str], default_world: int
+) -> tuple[int, int]:
+    """Rank and world size from arguments, else RANK / JOB_COMPLETION_INDEX and WORLD_SIZE."""
+
+    def from_env(var: str) -> int | None:
+        value = environ.get(var, "")
+        if value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise EvalError(f"environment variable {var}={value!r} is not an integer") from None
+
+    if rank is None:
+        # RANK: torchrun and hand-made Jobs; JOB_COMPLETION_INDEX: a Kubernetes Indexed Job
+        rank = from_env("RANK")
+        if rank is None:
+            rank = from_env("JOB_COMPLETION_INDEX")
+    if world_size is None:
+        world_size = from_env("WORLD_SIZE")
+    rank = 0 if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise EvalError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
+    return rank, world_size
+
+
+# --- the results file ----------------------------------------------------------------------
+
+
+def rank_prefix(run: Any, rank: int) -> str:
+    return f"{run.prefix}/eval/rank-{rank:05d}"
+
+
+def parse_results(data: bytes, source: str) -> list[dict[str, Any]]:
+    """The records of a results.jsonl, in file order; a torn last line (a crash) is dropped.
+
+    A bad line anywhere else is corruption, not a crash, and raises naming the line.
+    """
+    lines = data.split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        last = number == len(lines)  # no newline after it: the write may have been cut
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or any(k not in record for k in RECORD_KEYS):
+                raise ValueError("not a complete result record")
+        except ValueError as exc:
+            if last:
+                log.warning("%s:%d: dropped a torn last line (%d bytes)", source, number, len(raw))
+                continue
+            raise EvalError(f"{source}:{number}: corrupt result record: {exc}") from None
+        records.append(record)
+    return records
+
+
+def checkpoint_score(record: dict[str, Any], n: int) -> DocScore:
+    """A document's score after n neighbors.
+
+    A document with fewer neighbors than n stopped training at its last one, so its score at
+    n is the one at its largest recorded checkpoint <= n.
+    """
+    loglik = record["loglik"]
+    reached = [int(c) for c in loglik if int(c) <= n]
+    if not reached:
+        raise EvalError(f"document {record['doc']}: no checkpoint <= {n} in {sorted(loglik)}")
+    return DocScore(
+        loglik=float(loglik[str(max(reached))]),
+        tokens=int(record["tokens"]),
+        bytes=int(record["bytes"]),
+        words=int(record["words"]),
+    )
+
+
+def merge_records(
+    groups: Sequence[Sequence[dict[str, Any]]], spec_hash: str | None = None
+) -> list[dict[str, Any]]:
+    """Records deduplicated by document id (first wins), optionally of one spec only."""
+    seen: dict[str, dict[str, Any]] = {}
+    for records in groups:
+        for record in records:
+            if spec_hash is not None and record.get("spec_hash") != spec_hash:
+                continue
+            seen.setdefault(record["doc"], record)
+    return list(seen.values())
+
+
+def _load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dict[str, Any]]:
+    """What an earlier attempt of this rank finished: the store's copy and any local file."""
+    groups = []
+    if local.exists():
+        groups.append(parse_results(local.read_bytes(), str(local)))
+    if store.exists(key):
+        groups.append(parse_results(store.get_bytes(key), key))
+    records = merge_records(groups)
+    stale = [r for r in records if r["spec_hash"] != spec_hash]
+    if stale:
+        log.warning("%s: ignoring %d record(s) of another spec", key, len(stale))
+    return [r for r in records if r["spec_hash"] == spec_hash]
+
+
+def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --- the rank worker -----------------------------------------------------------------------
+
+
+def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tuple[list, list]:
+    """(kept, excluded) neighbors, nearest first: the distance threshold, then the leakage guard.
+
+    The rule is train.select_neighbors' (one definition); it is applied neighbor by neighbor
+    here so that the record can name which neighbors were used and which were excluded.
+    """
+    kept, excluded = [], []
+    for n in sorted(neighbors, key=lambda n: n.distance):
+        verdict = select_neighbors(
+            text,
+            [n.text or ""],
+            [n.distance],
+            distance_threshold=retrieval.distance_threshold,
+            exclude_identical=retrieval.exclude_identical,
+            identical_distance=retrieval.identical_distance,
+        )
+        if verdict.texts:
+            kept.append(n)
+        elif verdict.excluded_identical:
+            excluded.append(n)
+    return kept, excluded
+
+
+def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
+    """The run's shard servers (found by discover_endpoints), or its shards loaded here."""
+    from ttt.index.client import LocalRetriever, ShardedRetriever
+
+    if local_index:
+        return LocalRetriever.from_run(run, store=store)
+    return ShardedRetriever.from_run(run, store=store)
+
+
+def _default_lm(run: Any) -> tuple[Any, Any]:
+    from ttt.lm import load_lm
+
+    t = run.spec.ttt
+    return load_lm(t.model, dtype=t.dtype, device=t.device)
+
+
+def _needs_neighbors(run: Any) -> bool:
+    t = run.spec.ttt
+    return run.spec.retrieval.neighbors > 0 and t.method != "dynamic-eval"
+
+
+def result_record(doc: Document, outcome: Any, **fields: Any) -> dict[str, Any]:
+    """One document's line of results.jsonl, from TTTNN's DocOutcome and the retrieval facts."""
+    if not outcome.checkpoints:
+        raise EvalError(f"document {doc.id}: the evaluation gave no checkpoint")
+    first = outcome.checkpoints[0]
+    return {
+        "doc": doc.id,
+        "task": doc.domain,
+        # in split-text mode these are the scored half's, the same at every checkpoint
+        "bytes": int(first.bytes),
+        "words": int(first.words),
+        "tokens": int(first.tokens),
+        "loglik": {str(cp.after): float(cp.loglik) for cp in outcome.checkpoints},
+        "checkpoint_neighbors": {str(cp.after): int(cp.neighbors) for cp in outcome.checkpoints},
+        "train_steps": int(outcome.train_steps),
+        "train_tokens": int(outcome.train_tokens),
+        **fields,
+    }
+
+
+def _totals(records: Sequence[dict[str, Any]], checkpoint: str) -> dict[str, TaskTotals]:
+    totals: dict[str, TaskTotals] = {}
+    for r in records:
+        totals.setdefault(r["task"], TaskTotals()).add(checkpoint_score(r, int(checkpoint)))
+    return totals
+
+
+def _update_gauges(rank: int, records: Sequence[dict[str, Any]], checkpoints: list[int]) -> None:
+    for phase, n in (("before", checkpoints[0]), ("after", checkpoints[-1])):
+        for task, totals in _totals(records, str(n)).items():
+            telemetry.BITS_PER_BYTE.labels(str(rank), task, phase).set(totals.bits_per_byte)
+
+
+def evaluate_rank(
+    run: Any,
+    store: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    retriever: Any = None,
+    lm: tuple[Any, Any] | None = None,
+    work_dir: str | Path | None = None,
+    flush_seconds: float = 5.0,
+    progress: bool = True,
+    local_index: bool = False,
+) -> dict[str, Any]:
+    """Evaluate one rank's test documents; resumable, one record per document; the manifest.
+
+    Records go to a local results.jsonl and to `runs/<name>/eval/rank-NNNNN/results.jsonl`
+    in the store at most every `flush_seconds` (and at the end); a restarted worker reads
+    both back, skips finished documents and never counts one twice. Without a `retriever`,
+    the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
+    """
+    spec_hash = run.stage_hash("eval")
+    prefix = rank_prefix(run, rank)
+    key = f"{prefix}/{RESULTS}"
+    mine = partition(select_test_documents(run, store), rank, world_size)
+    manifest = store.read_manifest(prefix)
+    if (
+        manifest
+        and manifest.get("spec_hash") == spec_hash
+        and manifest.get("world_size") == world_size
+        and manifest.get("count") == len(mine)
+    ):
+        log.info("eval rank %d: finished already (%d documents)", rank, len(mine))
+        return manifest
+
+    # Work to do: a manifest of another world size or count must not say "finished" meanwhile.
+    if manifest is not None:
+        store.delete(f"{prefix}/manifest.json")
+    work = Path(work_dir or Path(tempfile.gettempdir()) / f"ttt-eval-{run.name}")
+    work.mkdir(parents=True, exist_ok=True)
+    local = work / f"rank-{rank:05d}-{RESULTS}"
+    wanted = {d.id for d in mine}
+    records = [r for r in _load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
+    _write_records(local, records)  # a clean file: a torn line must not precede new ones
+    done = {r["doc"] for r in records}
+    todo = [d for d in mine if d.id not in done]
+    log.info(
+        "eval rank %d/%d: %d documents, %d done before, %d to go",
+        rank,
+        world_size,
+        len(mine),
+        len(done),
+        len(todo),
+    )
+    checkpoints = sorted(run.spec.ttt.eval_after) or [0]
+    labels = str(rank)
+    telemetry.DOCUMENTS_PENDING.labels(labels).set(len(todo))
+    if run.spec.metrics.enabled:
+        try:
+            telemetry.start_metrics_server(run.spec.metrics.port)
+        except OSError as exc:
+            log.warning("metrics port %d unavailable: %s", run.spec.metrics.port, exc)
+
+    if todo:
+        if _needs_neighbors(run) and retriever is None:
+            retriever = _default_retriever(run, store, local_index)
+        model, tokenizer = lm or _default_lm(run)
+        ttt = TTTNN(model, tokenizer, run.spec.ttt, rank=str(rank))
+        k = run.spec.retrieval.neighbors
+        last_flush = time.monotonic()
+        bar = tqdm(
+            todo,
+            desc=f"eval rank {rank}",
+            unit="doc",
+            initial=len(done),
+            total=len(mine),
+            disable=None if progress else True,
+        )
+        with local.open("a", encoding="utf-8") as out:
+            for i, doc in enumerate(bar):
+                record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
+                out.write(json.dumps(record, sort_keys=True) + "\n")
+                out.flush()
+                records.append(record)
+                telemetry.DOCUMENTS_DONE.labels(labels, doc.domain).inc()
+                telemetry.DOCUMENTS_PENDING.labels(labels).set(len(todo) - i - 1)
+                telemetry.NEIGHBORS_EXCLUDED.labels(labels).inc(record["excluded"])
+                for phase, seconds in record["seconds"].items():
+                    telemetry.STAGE_SECONDS.labels(phase).observe(seconds)
+                telemetry.LAST_PROGRESS.labels(labels).set_to_current_time()
+                _update_gauges(rank, records, checkpoints)
+                if time.monotonic() - last_flush >= flush_seconds:
+                    store.put_file(local, key)
+                    last_flush = time.monotonic()
+        bar.close()
+
+    _write_records(local, records)
+    manifest = store.publish(
+        prefix,
+        {RESULTS: local},
+        {
+            "stage": "eval",
+            "rank": rank,
+            "world_size": world_size,
+            "count": len(records),
+            "spec_hash": spec_hash,
+            "neighbors_excluded": sum(r.get("excluded", 0) for r in records),
+            "partial_retrievals": sum(bool(r.get("partial")) for r in records),
+        },
+    )
+    _push_final(run, rank, records, checkpoints)
+    log.info("eval rank %d: published %d records to %s", rank, len(records), key)
+    return manifest
+
+
+def _evaluate_document(
+    run: Any, ttt: Any, retriever: Any, doc: Document, k: int, spec_hash: str, rank: int
+) -> dict[str, Any]:
+    """Retrieve, guard, train and score one test document; its result record."""
+    retrieval_spec = run.spec.retrieval
+    kept: list[Any] = []
+    excluded: list[Any] = []
+    retriever_excluded = 0
+    partial, failed = False, []
+    start = time.perf_counter()
+    if retriever is not None and _needs_neighbors(run):
+        query = ttt.query_text(doc.text)
+        (result,) = retriever.search([query], k=k, with_text=True)
+        # The retriever guards against the query; in split-text mode that is half the
+        # document, so the whole document is checked here too.
+        kept, excluded = guard_neighbors(doc.text, result.neighbors, retrieval_spec)
+        retriever_excluded = int(getattr(result, "excluded", 0))
+        partial, failed = bool(result.partial), sorted(result.failed_shards)
+    retrieve_seconds = time.perf_counter() - start
+    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=[n.distance for n in kept])
+    return result_record(
+        doc,
+        outcome,
+        spec_hash=spec_hash,
+        rank=rank,
+        neighbors=len(kept),
+        excluded=len(excluded) + retriever_excluded,
+        neighbor_ids=[n.id for n in kept],
+        excluded_ids=[n.id for n in excluded],
+        distances=[float(n.distance) for n in kept],
+        partial=partial,
+        failed_shards=failed,
+        seconds={
+            "retrieve": retrieve_seconds,
+            "train": float(outcome.seconds_training),
+            "score": float(outcome.seconds_scoring),
+        },
+    )
+
+
+def _push_final(run: Any, rank: int, records: list[dict[str, Any]], checkpoints: list[int]) -> None:
+    gateway = run.spec.metrics.pushgateway
+    if not gateway:
+        return
+    bpb: dict[tuple, float] = {}
+    for phase, n in (("before", checkpoints[0]), ("after", checkpoints[-1])):
+        for task, totals in _totals(records, str(n)).items():
+            bpb[(("phase", phase), ("task", task))] = totals.bits_per_byte
+    telemetry.push_final(
+        gateway,
+        job="ttt-eval",
+        grouping={"run": run.name, "rank": str(rank)},
+        figures={
+            "eval_final_bits_per_byte": bpb,
+            "eval_final_documents": len(records),
+            "eval_final_neighbors_excluded": sum(r.get("excluded", 0) for r in records),
+        },
+    )

@@ -1,0 +1,224 @@
+"""The run's report: ranks merged into per-task bits per byte, the paper's table, and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ttt.bpb import TaskTotals, pile_weighted_mean
+from ttt.eval import RESULTS, EvalError, checkpoint_score, merge_records, parse_results
+
+log = logging.getLogger(__name__)
+
+REPORT_FILES = ("summary.json", "table.md", "bpb_vs_neighbors.png", "before_after.png")
+PHASES = ("retrieve", "train", "score")
+
+
+def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> dict[str, Any]:
+    """Every figure of the report, from deduplicated result records (the one place they come from).
+
+    Per task and checkpoint: bits per byte, byte and word perplexity over summed logliks,
+    bytes and words (lm-evaluation-harness); before = the first checkpoint, after = the last;
+    the Pile-weighted mean over tasks; retrieval facts; seconds spent per phase.
+    """
+    if not records:
+        raise EvalError("no result records to summarize")
+    checkpoints = sorted({int(c) for c in checkpoints})
+    first, last = checkpoints[0], checkpoints[-1]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    tasks: dict[str, Any] = {}
+    for task in sorted(by_task):
+        rows = by_task[task]
+        curve = {}
+        for n in checkpoints:
+            totals = TaskTotals()
+            for r in rows:
+                totals.add(checkpoint_score(r, n))
+            curve[str(n)] = {
+                "bits_per_byte": totals.bits_per_byte,
+                "byte_perplexity": totals.byte_perplexity,
+                "word_perplexity": totals.word_perplexity,
+                "loglik": totals.loglik,
+            }
+        seconds = {p: sum(r.get("seconds", {}).get(p, 0.0) for r in rows) for p in PHASES}
+        tasks[task] = {
+            "documents": len(rows),
+            "bytes": sum(int(r["bytes"]) for r in rows),
+            "words": sum(int(r["words"]) for r in rows),
+            "tokens": sum(int(r["tokens"]) for r in rows),
+            "checkpoints": curve,
+            "before": curve[str(first)]["bits_per_byte"],
+            "after": curve[str(last)]["bits_per_byte"],
+            "difference": curve[str(last)]["bits_per_byte"] - curve[str(first)]["bits_per_byte"],
+            "neighbors_used": sum(int(r.get("neighbors", 0)) for r in rows),
+            "neighbors_excluded": sum(int(r.get("excluded", 0)) for r in rows),
+            "partial_retrievals": sum(bool(r.get("partial")) for r in rows),
+            "seconds": seconds,
+        }
+    test_bytes = {t: v["bytes"] for t, v in tasks.items()}
+    mean_curve = {
+        str(n): pile_weighted_mean(
+            {t: v["checkpoints"][str(n)]["bits_per_byte"] for t, v in tasks.items()}, test_bytes
+        )
+        for n in checkpoints
+    }
+    n_docs = len(records)
+    total_seconds = {p: sum(v["seconds"][p] for v in tasks.values()) for p in PHASES}
+    return {
+        "checkpoints": checkpoints,
+        "documents": n_docs,
+        "tasks": tasks,
+        "mean": {
+            "bits_per_byte": mean_curve,
+            "before": mean_curve[str(first)],
+            "after": mean_curve[str(last)],
+            "difference": mean_curve[str(last)] - mean_curve[str(first)],
+        },
+        "neighbors_excluded": sum(v["neighbors_excluded"] for v in tasks.values()),
+        "partial_retrievals": sum(v["partial_retrievals"] for v in tasks.values()),
+        "cost": {
+            "seconds": total_seconds,
+            "seconds_per_document": {p: s / n_docs for p, s in total_seconds.items()},
+        },
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The paper's table in Markdown: bits per byte per task before and after, and the mean."""
+    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
+    lines = [
+        f"| task | docs | before (k={first}) | after (k={last}) | difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for task, v in summary["tasks"].items():
+        lines.append(
+            f"| {task} | {v['documents']} | {v['before']:.3f} | {v['after']:.3f} "
+            f"| {v['difference']:+.3f} |"
+        )
+    m = summary["mean"]
+    lines.append(
+        f"| **Pile-weighted mean** | {summary['documents']} | {m['before']:.3f} "
+        f"| {m['after']:.3f} | {m['difference']:+.3f} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float, height: float) -> Any:
+    # A Figure with an Agg canvas, not pyplot: no global backend state, safe in any process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_bpb_vs_neighbors(summary: dict[str, Any], path: str | Path) -> Path:
+    """Bits per byte against the number of neighbors trained on, one line per task."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    xs = summary["checkpoints"]
+    for task, v in summary["tasks"].items():
+        ax.plot(xs, [v["checkpoints"][str(n)]["bits_per_byte"] for n in xs], marker="o", label=task)
+    ax.plot(
+        xs,
+        [summary["mean"]["bits_per_byte"][str(n)] for n in xs],
+        color="black",
+        linestyle="--",
+        linewidth=2,
+        label="weighted mean",
+    )
+    ax.set_xlabel("neighbors trained on")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("TTT-NN: bits per byte vs neighbors")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_before_after(summary: dict[str, Any], path: str | Path) -> Path:
+    """Bits per byte per task before and after test-time training, as paired bars."""
+    tasks = list(summary["tasks"]) + ["mean"]
+    before = [v["before"] for v in summary["tasks"].values()] + [summary["mean"]["before"]]
+    after = [v["after"] for v in summary["tasks"].values()] + [summary["mean"]["after"]]
+    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
+    fig = _figure(max(6, 0.7 * len(tasks) + 2), 4.5)
+    ax = fig.add_subplot()
+    xs = range(len(tasks))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label=f"before (k={first})")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"after (k={last})")
+    ax.set_xticks(list(xs), tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("bits per byte")
+    ax.set_title("bits per byte before and after TTT-NN")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def read_results(run: Any, store: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every rank's records of this spec, a document seen twice counted once; and rank facts."""
+    spec_hash = run.stage_hash("eval")
+    keys = sorted(k for k in store.list(f"{run.prefix}/eval/") if k.endswith(f"/{RESULTS}"))
+    groups = [parse_results(store.get_bytes(k), k) for k in keys]
+    records = merge_records(groups, spec_hash)
+    ranks: dict[str, Any] = {}
+    for k, group in zip(keys, groups, strict=True):
+        prefix = k.rsplit("/", 1)[0]
+        manifest = store.read_manifest(prefix)
+        ranks[prefix.rsplit("/", 1)[-1]] = {
+            "records": len(group),
+            "finished": bool(manifest and manifest.get("spec_hash") == spec_hash),
+            "world_size": (manifest or {}).get("world_size"),
+        }
+    raw = sum(len(g) for g in groups)
+    return records, {"ranks": ranks, "duplicates_or_stale": raw - len(records)}
+
+
+def build_report(run: Any, store: Any, *, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Merge the ranks, write summary.json, table.md and the two plots to `report/`."""
+    records, facts = read_results(run, store)
+    if not records:
+        raise EvalError(
+            f"run {run.name}: no eval results of this spec under {run.prefix}/eval/ "
+            "(run `ttt eval` first)"
+        )
+    unfinished = [r for r, v in facts["ranks"].items() if not v["finished"]]
+    if unfinished:
+        log.warning("report over unfinished rank(s) %s: figures are partial", unfinished)
+    summary = summarize(records, run.spec.ttt.eval_after or [0])
+    summary.update(run=run.name, spec_hash=run.stage_hash("eval"), **facts)
+    out = Path(out_dir or tempfile.mkdtemp(prefix=f"ttt-report-{run.name}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, sort_keys=True))
+    (out / "table.md").write_text(format_table(summary))
+    plot_bpb_vs_neighbors(summary, out / "bpb_vs_neighbors.png")
+    plot_before_after(summary, out / "before_after.png")
+    store.publish(
+        f"{run.prefix}/report",
+        {name: out / name for name in REPORT_FILES},
+        {"stage": "report", "spec_hash": run.stage_hash("report"), "documents": len(records)},
+    )
+    summary["local_dir"] = str(out)
+    summary["table_markdown"] = format_table(summary)
+    return summary
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a task without bytes or words reports null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
