@@ -1,0 +1,109 @@
+{{/* Names: <fullname> is the release name unless fullnameOverride is set. */}}
+{{- define "ttt.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ttt.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The index StatefulSet and its headless Service share a name, so that pod i is
+     <fullname>-index-i.<fullname>-index (what spec.retrieval.service points at). */}}
+{{- define "ttt.index.name" -}}{{ include "ttt.fullname" . }}-index{{- end -}}
+
+{{- define "ttt.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "ttt.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ttt
+{{- end -}}
+
+{{- define "ttt.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ttt.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ttt.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ttt.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ttt.image" -}}
+{{- $tag := default .root.Chart.AppVersion .image.tag -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+
+{{/* Shards and replicas come from the run spec (the same numbers the pipelines use). */}}
+{{- define "ttt.shards" -}}{{ int (default 1 .Values.run.spec.corpus.shards) }}{{- end -}}
+{{- define "ttt.indexReplicas" -}}
+{{- $index := default dict .Values.run.spec.index -}}
+{{- int (default 1 $index.replicas) -}}
+{{- end -}}
+{{- define "ttt.evalWorkers" -}}
+{{- $eval := default dict .Values.run.spec.eval -}}
+{{- int (default 1 $eval.workers) -}}
+{{- end -}}
+{{- define "ttt.metricsPort" -}}
+{{- $metrics := default dict .Values.run.spec.metrics -}}
+{{- int (default 9090 $metrics.port) -}}
+{{- end -}}
+
+{{/* Environment shared by index servers and eval workers: secrets are files, and the
+     spec overrides point the run at those files and at this release's index pods. */}}
+{{- define "ttt.commonEnv" -}}
+- name: TTT_STORAGE__CREDENTIALSFILE
+  value: /var/run/ttt/store
+- name: TTT_STORAGE__CACHEDIR
+  value: /var/cache/ttt
+- name: TTT_RETRIEVAL__SERVICE
+  value: {{ printf "%s.%s:%d" (include "ttt.index.name" .) (include "ttt.index.name" .) (int .Values.index.port) | quote }}
+{{- end -}}
+
+{{- define "ttt.commonVolumeMounts" -}}
+- name: run-spec
+  mountPath: /etc/ttt
+  readOnly: true
+- name: auth-token
+  mountPath: /var/run/ttt/token
+  readOnly: true
+- name: store-credentials
+  mountPath: /var/run/ttt/store
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: home-cache
+  mountPath: /home/ttt/.cache
+{{- end -}}
+
+{{- define "ttt.commonVolumes" -}}
+- name: run-spec
+  configMap:
+    name: {{ include "ttt.fullname" . }}-run
+- name: auth-token
+  secret:
+    secretName: {{ .Values.secrets.auth.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.secrets.auth.tokenKey }}
+        path: token
+- name: store-credentials
+  secret:
+    secretName: {{ .Values.secrets.store.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.secrets.store.accessKeyKey }}
+        path: accesskey
+      - key: {{ .Values.secrets.store.secretKeyKey }}
+        path: secretkey
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+- name: home-cache
+  emptyDir:
+    sizeLimit: 2Gi
+{{- end -}}
