@@ -114,10 +114,12 @@ def _window_logliks(
                 inputs = torch.tensor([(c + t)[:-1] for c, t in batch], device=device)
                 logits = model(input_ids=inputs).logits
                 for row, (_context, target) in enumerate(batch):
-                    # log-softmax in float32: bf16 logits would cost the metric ~3 digits
-                    scores = logits[row, -len(target) :].float().log_softmax(dim=-1)
+                    scores = logits[row, -len(target) :]
+                    if scores.dtype in (torch.float16, torch.bfloat16):
+                        scores = scores.float()  # bf16 log-softmax would cost the metric digits
                     idx = torch.tensor(target, device=device).unsqueeze(-1)
-                    total += scores.gather(-1, idx).sum().item()
+                    logp = scores.log_softmax(dim=-1).gather(-1, idx)
+                    total += logp.double().sum().item()
     return total
 
 

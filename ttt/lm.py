@@ -16,7 +16,7 @@ from ttt.device import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
-# Tried, in order, when a tokenizer names no eos token: GPT-2's and the common chat markers.
+# End-of-text markers: GPT-2's first (preferred), then those tried when there is no eos token.
 _EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
@@ -51,10 +51,12 @@ def load_lm(
         where = source
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch_dtype, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise OSError(f"cannot load causal LM {model!r} from {source}: {exc}") from None
-    lm.to(torch_device)
+    # cast after loading: GGUF weights are dequantized to float32 anyway, and the keyword for
+    # a load-time dtype changed name across transformers releases
+    lm.to(device=torch_device, dtype=torch_dtype)
     lm.eval()
     eot_token_id(tokenizer)  # fail at load time, not in the middle of a run
     log.info(
@@ -68,15 +70,18 @@ def load_lm(
 
 
 def eot_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The end-of-text token that conditions the first scoring window (the harness's eot).
+    """The end-of-text token that separates documents and conditions the first scoring window.
 
-    The tokenizer's eos token, as lm-evaluation-harness uses it; failing that, a known
-    end-of-text marker in the vocabulary.
+    `<|endoftext|>` when the vocabulary has it (GPT-2, GPT-Neo, the paper's models, where it is
+    the eos token the harness uses; SmolLM2, whose GGUF tokenizer reports the chat marker
+    `<|im_start|>` as eos), else the tokenizer's eos token, else another known marker.
     """
+    vocab = tokenizer.get_vocab()
+    if _EOT_CANDIDATES[0] in vocab:
+        return int(vocab[_EOT_CANDIDATES[0]])
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    for token in _EOT_CANDIDATES:
+    for token in _EOT_CANDIDATES[1:]:
         if token in vocab:
             return int(vocab[token])
     raise ValueError(

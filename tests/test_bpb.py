@@ -1,0 +1,201 @@
+"""Bits per byte pinned against hand-computed values, and the harness's rolling windows."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ttt.bpb import (
+    PILE_WEIGHTS,
+    DocScore,
+    TaskTotals,
+    count_words,
+    pile_weighted_mean,
+    rolling_windows,
+    score_document,
+    task_weights,
+)
+
+EOT = 256  # the byte tokenizer's end-of-text id
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte, plus an end-of-text token: log-probs we can work out by hand."""
+
+    eos_token_id = EOT
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"<eot>": EOT}
+
+
+class BigramModel(torch.nn.Module):
+    """Logits of the next token depend only on the current one: log p(b | a) = table[a, b]."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table.log_softmax(-1))
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def bigram_with(probs: dict[tuple[int, int], float]) -> BigramModel:
+    """A bigram model with the given p(b | a); the rest of each row shares what is left."""
+    table = torch.full((257, 257), 1.0, dtype=torch.float64)
+    for a in {a for a, _ in probs}:
+        row = {b: p for (a2, b), p in probs.items() if a2 == a}
+        rest = (1 - sum(row.values())) / (257 - len(row))
+        table[a] = rest
+        for b, p in row.items():
+            table[a, b] = p
+    return BigramModel(table.log())
+
+
+# --- the windows ---------------------------------------------------------------------------
+
+
+def test_windows_match_the_harness_by_hand():
+    # get_rolling_token_windows(t, prefix=-1, max_seq_len=4, context_len=1), made disjoint
+    assert rolling_windows(list(range(10)), 4, -1) == [
+        ([-1], [0, 1, 2, 3]),
+        ([3], [4, 5, 6, 7]),
+        ([5, 6, 7], [8, 9]),  # the last window is topped up with context to 4 inputs
+    ]
+    assert rolling_windows([7, 8], 4, -1) == [([-1], [7, 8])]
+    assert rolling_windows([], 4, -1) == []
+    assert rolling_windows(list(range(8)), 4, -1)[-1] == ([3], [4, 5, 6, 7])
+
+
+@pytest.mark.parametrize("n,max_length", [(1, 1), (5, 1), (10, 3), (17, 4), (64, 16), (65, 16)])
+def test_every_token_is_scored_once_and_windows_fit(n, max_length):
+    tokens = list(range(100, 100 + n))
+    windows = rolling_windows(tokens, max_length, -1)
+    assert [t for _, target in windows for t in target] == tokens
+    assert windows[0][0] == [-1]  # the first window is conditioned on the end-of-text token
+    assert len(windows) == math.ceil(n / max_length)
+    sequence = [-1, *tokens]
+    for context, target in windows:
+        assert 1 <= len(target) <= max_length
+        assert len(context) + len(target) - 1 <= max_length
+        # the context is exactly what precedes the targets in the document
+        start = sequence.index(target[0])
+        assert sequence[start - len(context) : start] == context
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def test_bits_per_byte_by_hand():
+    # p('a' | eot) = 1/2 and p('b' | 'a') = 1/4: log2 p = -3 bits over 2 bytes
+    model = bigram_with({(EOT, ord("a")): 0.5, (ord("a"), ord("b")): 0.25})
+    score = score_document(model, ByteTokenizer(), "ab", max_length=8)
+    assert score == DocScore(loglik=pytest.approx(math.log(1 / 8)), tokens=2, bytes=2, words=1)
+    assert score.bits_per_byte == pytest.approx(1.5)
+
+
+def test_uniform_model_gives_log2_vocab_bits_per_token():
+    model = BigramModel(torch.zeros(257, 257))
+    text = "héllo wörld"  # 13 bytes, 2 words
+    score = score_document(model, ByteTokenizer(), text, max_length=4)
+    assert (score.tokens, score.bytes, score.words) == (13, 13, 2)
+    assert score.loglik == pytest.approx(-13 * math.log(257), rel=1e-6)
+    assert score.bits_per_byte == pytest.approx(math.log2(257), rel=1e-6)
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 3, 7, 100])
+def test_window_size_does_not_change_a_bigram_score(max_length):
+    # a bigram model needs only the previous token, so any correct windowing gives the same
+    torch.manual_seed(0)
+    model = BigramModel(torch.randn(257, 257, dtype=torch.float64))
+    text = "the cat sat on the mat, the end"
+    ids = [EOT, *text.encode()]
+    expected = sum(model.table[a, b].item() for a, b in itertools.pairwise(ids))
+    score = score_document(model, ByteTokenizer(), text, max_length=max_length, batch_tokens=5)
+    assert score.loglik == pytest.approx(expected, rel=1e-9)
+
+
+class FirstTokenModel(BigramModel):
+    """Every position predicts from the window's first input token: shows what leads a window."""
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids[:, :1]].expand(*input_ids.shape, -1))
+
+
+def test_context_prefix_leads_every_window_and_is_not_scored():
+    probs = {(EOT, ord("x")): 0.01, (ord("p"), ord("x")): 0.9}
+    model = FirstTokenModel(bigram_with(probs).table.detach())
+    plain = score_document(model, ByteTokenizer(), "xxxxx", max_length=3)
+    # windows [eot x x] and [x x x]: the first is led by eot (p = 0.01), the second by 'x'
+    # (a uniform row: p = 1/257)
+    assert plain.loglik == pytest.approx(3 * math.log(0.01) + 2 * math.log(1 / 257))
+    # windows of 3 - 1 = 2 tokens, each led by the prefix: every token sees 'p' first
+    prefixed = score_document(model, ByteTokenizer(), "xxxxx", 3, context_prefix_ids=[ord("p")])
+    assert (prefixed.tokens, prefixed.bytes) == (5, 5)
+    assert prefixed.loglik == pytest.approx(5 * math.log(0.9))
+    with pytest.raises(ValueError, match="no room"):
+        score_document(model, ByteTokenizer(), "xx", 4, context_prefix_ids=[1, 2, 3, 4])
+
+
+def test_empty_document_scores_zero():
+    score = score_document(BigramModel(torch.zeros(257, 257)), ByteTokenizer(), "", 4)
+    assert (score.loglik, score.tokens, score.bytes, score.words) == (0.0, 0, 0, 1)
+
+
+# --- totals and the Pile-wide mean ---------------------------------------------------------
+
+
+def test_task_totals_are_sums_over_documents():
+    totals = TaskTotals()
+    totals.add(DocScore(loglik=-math.log(2) * 10, tokens=5, bytes=10, words=2))
+    totals.add(DocScore(loglik=-math.log(2) * 20, tokens=9, bytes=10, words=3))
+    assert (totals.documents, totals.bytes, totals.words, totals.tokens) == (2, 20, 5, 14)
+    assert totals.bits_per_byte == pytest.approx(1.5)  # 30 bits over 20 bytes
+    assert totals.byte_perplexity == pytest.approx(2**1.5)
+    assert totals.word_perplexity == pytest.approx(2**6)  # 30 bits over 5 words
+    assert math.isnan(TaskTotals().bits_per_byte)
+
+
+def test_word_count_is_the_harness_split():
+    assert count_words("a b\n\tc") == 3
+    assert count_words(" a ") == 3  # re.split keeps the empty ends, as the harness does
+
+
+def test_pile_weights_are_the_papers():
+    assert len(PILE_WEIGHTS) == 22
+    assert sum(PILE_WEIGHTS.values()) == pytest.approx(1254.20, abs=0.05)
+    assert max(PILE_WEIGHTS, key=PILE_WEIGHTS.get) == "Pile-CC"
+
+
+def test_pile_weighted_mean_uses_pile_weights_for_pile_tasks():
+    per_task = {"Github": 1.0, "Enron Emails": 2.0}
+    w = PILE_WEIGHTS["Github"], PILE_WEIGHTS["Enron Emails"]
+    expected = (w[0] * 1.0 + w[1] * 2.0) / sum(w)
+    # test bytes play no part when every task is a Pile set
+    assert pile_weighted_mean(per_task) == pytest.approx(expected)
+    assert pile_weighted_mean(per_task, {"Github": 1, "Enron Emails": 10**9}) == pytest.approx(
+        expected
+    )
+
+
+def test_other_tasks_are_weighted_by_test_bytes():
+    assert pile_weighted_mean({"mine": 1.0, "yours": 4.0}, {"mine": 300, "yours": 100}) == (
+        pytest.approx(1.75)
+    )
+    with pytest.raises(ValueError, match="test bytes needed"):
+        pile_weighted_mean({"mine": 1.0})
+
+
+def test_mixed_tasks_pile_share_equals_its_test_bytes():
+    weights = task_weights(
+        ["Github", "Enron Emails", "mine"], {"Github": 50, "Enron Emails": 50, "mine": 100}
+    )
+    assert weights["mine"] == pytest.approx(0.5)
+    assert weights["Github"] + weights["Enron Emails"] == pytest.approx(0.5)
+    assert weights["Github"] / weights["Enron Emails"] == pytest.approx(95.16 / 1.76)
