@@ -1,0 +1,346 @@
+"""The artifact store: one interface over a local directory and an S3/MinIO bucket."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20  # 1 MiB: hashing and copying granularity; never a whole file in memory
+# Temporary files are hidden siblings of their destination so os.replace stays on one
+# filesystem (atomic); list() never shows them.
+_TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
+class StoreError(Exception):
+    """Any failure of the artifact store; the message names the store and the key."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's endpoint cannot be reached."""
+
+
+class StoreAccessDenied(StoreError):
+    """The store rejected the credentials (or they lack a permission)."""
+
+
+class ObjectNotFound(StoreError):
+    """No object under the key."""
+
+
+class IntegrityError(StoreError):
+    """An object's content does not match its recorded sha256."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+def check_key(key: str) -> str:
+    """Reject keys that are not plain relative `/`-separated paths (both backends agree)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(f"invalid store key {key!r}: expected a relative path like 'a/b.json'")
+    return key
+
+
+def check_prefix(prefix: str, allow_empty: bool = True) -> str:
+    """A listing prefix: a key, a key with a trailing `/`, or (when allowed) empty for all."""
+    if prefix or not allow_empty:
+        check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def copy_hashing(src: BinaryIO, dst: BinaryIO, digest: Any) -> int:
+    """Copy a stream chunk by chunk, updating `digest`; returns the bytes copied."""
+    size = 0
+    while chunk := src.read(CHUNK):
+        dst.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return size
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Store(abc.ABC):
+    """Keys are `/`-separated strings relative to the bucket (S3) or root directory (local).
+
+    `list` and `delete` take S3-style string prefixes: end one with `/` to mean a directory
+    (`runs/a/` does not match `runs/ab/x`, `runs/a` does).
+    """
+
+    bucket: str | None = None
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the store lives, for logs and error messages."""
+
+    @abc.abstractmethod
+    def put_file(self, local_path: str | Path, key: str) -> ObjectInfo:
+        """Upload a file, streaming; its sha256 is computed on the way."""
+
+    @abc.abstractmethod
+    def get_file(self, key: str, local_path: str | Path, sha256: str | None = None) -> Path:
+        """Download to `local_path` (atomically); with `sha256`, a mismatch is an error."""
+
+    @abc.abstractmethod
+    def fetch(self, key: str, sha256: str | None = None) -> Path:
+        """A local path holding the object: the file itself (local) or a cached download."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys starting with `prefix`."""
+
+    @abc.abstractmethod
+    def delete(self, prefix: str) -> int:
+        """Delete every key starting with `prefix`; returns how many were deleted."""
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket (S3) or the root directory (local) if it is missing."""
+
+    def put_json(self, key: str, obj: Any) -> ObjectInfo:
+        return self.put_bytes(key, (json.dumps(obj, indent=2) + "\n").encode())
+
+    def get_json(self, key: str) -> Any:
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StoreError(f"{key} in {self.describe()}: not valid JSON: {e}") from e
+
+    def publish(self, prefix: str, files: dict[str, Path], manifest: dict) -> dict:
+        """Upload `files` under `prefix/`, then write `prefix/manifest.json` last.
+
+        Readers take a stage as finished only when its manifest exists, so the old
+        manifest is removed first and the new one written after every file is in place.
+        """
+        prefix = check_key(prefix.rstrip("/"))
+        if MANIFEST in files:
+            raise StoreError(f"publish {prefix}: '{MANIFEST}' is reserved for the manifest")
+        manifest_key = f"{prefix}/{MANIFEST}"
+        if self.exists(manifest_key):
+            self.delete(manifest_key)
+        recorded = {}
+        for name, path in files.items():
+            info = self.put_file(path, check_key(f"{prefix}/{name}"))
+            recorded[name] = {"size": info.size, "sha256": info.sha256}
+        body = {
+            **manifest,
+            "files": recorded,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.put_json(manifest_key, body)
+        log.debug("published %s (%d files) to %s", prefix, len(files), self.describe())
+        return body
+
+    def read_manifest(self, prefix: str) -> dict | None:
+        """The manifest under `prefix`, or None when the stage has not finished."""
+        try:
+            return self.get_json(f"{check_key(prefix.rstrip('/'))}/{MANIFEST}")
+        except ObjectNotFound:
+            return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+class LocalStore(Store):
+    """A directory on this machine; every write lands by atomic rename."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+
+    def describe(self) -> str:
+        return f"local dir {self.root}"
+
+    def ensure_bucket(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _missing(self, key: str) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {key!r} in {self.describe()}")
+
+    def _write(self, key: str, src: BinaryIO) -> ObjectInfo:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_sibling(dest)
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                size = copy_hashing(src, out, digest)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return ObjectInfo(key, size, digest.hexdigest())
+
+    def put_file(self, local_path: str | Path, key: str) -> ObjectInfo:
+        local_path = Path(local_path)
+        dest = self._path(key)
+        if dest.exists() and dest.samefile(local_path):  # written in place already
+            return ObjectInfo(key, dest.stat().st_size, sha256_file(dest))
+        with open(local_path, "rb") as src:
+            return self._write(key, src)
+
+    def get_file(self, key: str, local_path: str | Path, sha256: str | None = None) -> Path:
+        src_path = self._path(key)
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_sibling(dest)
+        digest = hashlib.sha256()
+        try:
+            with open(src_path, "rb") as src, open(tmp, "wb") as out:
+                copy_hashing(src, out, digest)
+            verify(key, self, digest.hexdigest(), sha256)
+            os.replace(tmp, dest)
+        except FileNotFoundError as e:
+            tmp.unlink(missing_ok=True)
+            if not src_path.is_file():
+                raise self._missing(key) from e
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
+
+    def fetch(self, key: str, sha256: str | None = None) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise self._missing(key)
+        if sha256 is not None:
+            verify(key, self, sha256_file(path), sha256)
+        return path
+
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        return self._write(key, io.BytesIO(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            raise self._missing(key) from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _walk(self, prefix: str) -> Iterator[str]:
+        # Walk only the deepest directory the prefix names, then filter by string prefix.
+        base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if _TMP.match(name):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._walk(check_prefix(prefix)))
+
+    def delete(self, prefix: str) -> int:
+        keys = self.list(check_prefix(prefix, allow_empty=False))
+        dirs = set()
+        for key in keys:
+            path = self.root / key
+            path.unlink(missing_ok=True)
+            dirs.update(path.parents)
+        # Prune directories left empty, deepest first, never the root itself.
+        for d in sorted((d for d in dirs if self.root in d.parents), key=lambda p: -len(p.parts)):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        return len(keys)
+
+
+def verify(key: str, store: Store, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise IntegrityError(
+            f"{key} in {store.describe()}: sha256 mismatch (expected {expected}, got {actual})"
+        )
+
+
+def open_store(storage: Any = None, **overrides: Any) -> Store:
+    """The store a spec's `storage` section names: S3 when it has an endpoint, else local.
+
+    `storage` is any object with the StorageSpec attributes (endpoint, bucket, secure,
+    region, root, credentials_file, cache_dir); keyword arguments override them.
+    """
+    fields = {
+        "endpoint": None,
+        "bucket": "ttt",
+        "secure": False,
+        "region": None,
+        "root": "ttt-store",
+        "credentials_file": None,
+        "cache_dir": None,
+    }
+    for name in fields:
+        if storage is not None and hasattr(storage, name):
+            fields[name] = getattr(storage, name)
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise TypeError(f"open_store: unknown storage fields {sorted(unknown)}")
+    fields.update(overrides)
+    if not fields["endpoint"]:
+        return LocalStore(fields["root"])
+    from ttt.store_s3 import S3Store
+
+    return S3Store(
+        fields["endpoint"],
+        fields["bucket"],
+        secure=fields["secure"],
+        region=fields["region"],
+        credentials_file=fields["credentials_file"],
+        cache_dir=fields["cache_dir"],
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # S3Store lives in its own module (the minio client, retries, credentials); it is
+    # importable from here so callers see one store module.
+    if name == "S3Store":
+        from ttt.store_s3 import S3Store
+
+        return S3Store
+    raise AttributeError(name)
