@@ -100,3 +100,83 @@ def test_load_shard_index_overrides_nprobe(tmp_path) -> None:
     (tmp_path / "bad.faiss").write_bytes(b"not an index")
     with pytest.raises(IndexBuildError, match="bad.faiss: not a readable FAISS index"):
         load_shard_index(tmp_path / "bad.faiss")
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def publish_embeddings(tmp_path, index_type: str, vectors: np.ndarray, **index: object):
+    """A run whose embed stage is published (random vectors stand in for the encoder)."""
+    import json
+
+    from ttt.spec import parse_spec
+    from ttt.stages import shard_prefix
+    from ttt.store import open_store
+
+    raw = {
+        "apiVersion": "ttt.dev/v1alpha1",
+        "kind": "TTTRun",
+        "metadata": {"name": "index-test"},
+        "spec": {
+            "index": {"type": index_type, "recallQueries": 100, **index},
+            "retrieval": {"neighbors": 20},
+            "storage": {"root": str(tmp_path / "store")},
+        },
+    }
+    run = parse_spec(raw, environ={})
+    store = open_store(run.spec.storage)
+    np.save(tmp_path / "embeddings.npy", vectors)
+    (tmp_path / "ids.json").write_text(json.dumps([f"doc:{i}" for i in range(len(vectors))]))
+    files = {"embeddings.npy": tmp_path / "embeddings.npy", "ids.json": tmp_path / "ids.json"}
+    manifest = {"stage": "embed", "shard": 0, "spec_hash": run.stage_hash("embed")}
+    store.publish(shard_prefix(run, "embed", 0), files, manifest)
+    return run, store
+
+
+def test_stage_publishes_flat_index_with_manifest(tmp_path) -> None:
+    from ttt.index.build import INDEX, build_shard_index
+    from ttt.stages import shard_prefix
+
+    x = clustered(400, 32)
+    run, store = publish_embeddings(tmp_path, "flat", x)
+    manifest = build_shard_index(run, store, 0)
+    prefix = shard_prefix(run, "index", 0)
+    assert store.read_manifest(prefix) == manifest
+    assert manifest["type"] == "flat" and manifest["ntotal"] == 400 and manifest["recall"] == 1.0
+    assert manifest["recall_k"] == 20 and manifest["spec_hash"] == run.stage_hash("index")
+    # IndexFlatL2 stores float32: 4 bytes per dimension, plus a small header.
+    assert 128 <= manifest["bytes_per_vector"] < 129
+    index = load_shard_index(store.fetch(f"{prefix}/{INDEX}"))
+    _, labels = index.search(x[:5].astype(np.float32), 1)
+    assert labels[:, 0].tolist() == [0, 1, 2, 3, 4]  # a FAISS label is a row of the shard
+
+
+def test_stage_ivf_pq_reports_recall_and_compression(tmp_path) -> None:
+    from ttt.index.build import build_shard_index
+
+    x = clustered(3000, 64)
+    run, store = publish_embeddings(tmp_path, "IVF16,PQ8", x, trainSample=2000, nprobe=4)
+    manifest = build_shard_index(run, store, 0)
+    assert 0 < manifest["recall"] <= 1 and manifest["recall_queries"] == 100
+    assert manifest["nprobe"] == 4 and manifest["trained_on"] == 2000
+    assert manifest["bytes_per_vector"] < 256 / 4
+    assert manifest["build_seconds"] >= manifest["train_seconds"] >= 0
+
+
+def test_stage_without_embeddings_says_what_to_run(tmp_path) -> None:
+    from ttt.index.build import build_shard_index
+    from ttt.spec import parse_spec
+    from ttt.store import open_store
+
+    raw = {"metadata": {"name": "empty"}, "spec": {"storage": {"root": str(tmp_path)}}}
+    run = parse_spec(raw, environ={})
+    with pytest.raises(IndexBuildError, match=r"shard 0: embeddings .* missing; run `ttt embed"):
+        build_shard_index(run, open_store(run.spec.storage), 0)
+
+
+def test_stage_bad_type_names_shard_and_field(tmp_path) -> None:
+    from ttt.index.build import build_shard_index
+
+    run, store = publish_embeddings(tmp_path, "IVF4,Nonsense", clustered(100, 16))
+    with pytest.raises(IndexBuildError, match=r"shard 0: spec\.index\.type: 'IVF4,Nonsense'"):
+        build_shard_index(run, store, 0)
