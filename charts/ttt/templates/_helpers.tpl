@@ -33,9 +33,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* repository@digest when a digest is given (immutable), else repository:tag. */}}
 {{- define "ttt.image" -}}
-{{- $tag := default .root.Chart.AppVersion .image.tag -}}
-{{- printf "%s:%s" .image.repository $tag -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Shards and replicas come from the run spec (the same numbers the pipelines use). */}}
