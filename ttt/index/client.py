@@ -440,10 +440,13 @@ def discover_endpoints(run: Any, store: Any = None) -> list[list[str]]:
         return endpoints
     store = store or _open_store(run)
     prefix = f"{run.prefix}/registry/"
-    for key in sorted(store.list(prefix)):
-        match = re.search(r"shard-(\d+)(?:\.\d+)?\.json$", key)
+    found = []
+    for key in store.list(prefix):
+        match = re.search(r"shard-(\d+)(?:\.(\d+))?\.json$", key)
         if match and int(match.group(1)) < shards:
-            endpoints[int(match.group(1))].append(_url(store.get_json(key)["url"]))
+            found.append((int(match.group(1)), int(match.group(2) or 0), key))
+    for shard, _, key in sorted(found):  # replica 0 first
+        endpoints[shard].append(_url(store.get_json(key)["url"]))
     missing = [s for s, e in enumerate(endpoints) if not e]
     if missing:
         raise RetrievalError(

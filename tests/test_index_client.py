@@ -1,0 +1,324 @@
+"""The fan-out retriever: exact merge, threshold, leakage guard, dead shards, discovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import faiss
+import numpy as np
+import pytest
+from index_shards import app_server, free_port, make_run, start_server, stop, wait_ready
+
+from ttt import telemetry
+from ttt.index.client import (
+    LocalRetriever,
+    Neighbor,
+    RetrievalError,
+    ShardedRetriever,
+    _Hits,
+    discover_endpoints,
+    merge_topk,
+)
+from ttt.index.server import create_app
+from ttt.index.shard import load_shard
+from ttt.spec import loads_spec
+from ttt.store import open_store
+
+TOKEN = "s3cret"
+DIM = 16
+
+
+class TableEncoder:
+    """A deterministic stand-in encoder: a fixed vector per known text (no model needed)."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = table
+
+    def encode(self, texts):
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"), shards=3, n_docs=120, dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def servers(published):
+    _, run, store, _, _ = published
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for s in range(3):
+            app = create_app(lambda s=s: load_shard(run, store, s), s, token=TOKEN)
+            urls.append(stack.enter_context(app_server(app)))
+        yield urls
+
+
+def single_index(vectors):
+    """One flat index over every shard, and the (shard, row) of each of its labels."""
+    index = faiss.IndexFlatL2(DIM)
+    where = []
+    for s, v in enumerate(vectors):
+        index.add(v)
+        where += [(s, r) for r in range(len(v))]
+    return index, where
+
+
+def queries(n=12, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def test_sharded_search_equals_one_flat_index_over_everything(published, servers):
+    _, _, _, vectors, texts = published
+    index, where = single_index(vectors)
+    q = queries()
+    distances, labels = index.search(q, 10)
+    table = {f"query {i}": v for i, v in enumerate(q)}
+    options = {"k": 10, "exclude_identical": False}
+    with ShardedRetriever(TableEncoder(table), servers, TOKEN, **options) as sharded:
+        remote = sharded.search(list(table), with_text=True)
+    local = LocalRetriever(TableEncoder(table), [load(v) for v in vectors], texts, **options)
+    for retrieved in (remote, local.search(list(table))):
+        for i, r in enumerate(retrieved):
+            assert not r.partial and r.failed_shards == []
+            assert [(n.shard, n.row) for n in r.neighbors] == [where[j] for j in labels[i]]
+            np.testing.assert_allclose(
+                [n.distance for n in r.neighbors], distances[i], rtol=1e-5, atol=1e-6
+            )
+            for n in r.neighbors:
+                assert (n.id, n.domain) == texts[n.shard].meta(n.row)[:2]
+                assert n.text == texts[n.shard].text(n.row)
+    assert [n for r in remote for n in r.neighbors] == [
+        n for r in local.search(list(table)) for n in r.neighbors
+    ]
+
+
+def load(v):
+    index = faiss.IndexFlatL2(DIM)
+    index.add(v)
+    return index
+
+
+def test_merge_breaks_ties_by_shard_then_row():
+    hits = {
+        2: _Hits([0.5, 1.0], [4, 1], ["c4", "c1"], ["x", "x"]),
+        0: _Hits([1.0, 1.0], [9, 3], ["a9", "a3"], ["x", "x"]),
+        1: _Hits([0.5], [0], ["b0"], ["x"]),
+    }
+    merged = merge_topk(hits, 4)
+    assert [(n.shard, n.row) for n in merged] == [(1, 0), (2, 4), (0, 3), (0, 9)]
+    assert merged[0] == Neighbor("b0", "x", 0.5, 1, 0)
+
+
+def test_threshold_and_leakage_guard(published, servers):
+    _, _, _, vectors, texts = published
+    own = vectors[1][5]  # a stored document as its own query: distance 0
+    table = {"own": own, "far": own + 100.0}
+    with ShardedRetriever(
+        TableEncoder(table), servers, TOKEN, k=5, distance_threshold=None
+    ) as sharded:
+        (guarded,) = sharded.search(["own"])
+        assert guarded.excluded == 1 and len(guarded.neighbors) == 5
+        assert (1, 5) not in [(n.shard, n.row) for n in guarded.neighbors]
+        sharded.exclude_identical, sharded.exclude_margin = False, 0
+        (unguarded,) = sharded.search(["own"])
+        assert (unguarded.neighbors[0].shard, unguarded.neighbors[0].row) == (1, 5)
+        assert unguarded.neighbors[1:] == guarded.neighbors[:4]
+        cut = unguarded.neighbors[2].distance
+        sharded.distance_threshold = cut
+        (near,) = sharded.search(["own"])
+        assert len(near.neighbors) == 3 and all(n.distance <= cut for n in near.neighbors)
+        (none,) = sharded.search(["far"])
+        assert none.neighbors == [] and not none.partial
+    identical_text = texts[0].text(0)
+    local = LocalRetriever(
+        TableEncoder({identical_text: own + 0.5}), [load(v) for v in vectors], texts, k=3
+    )
+    # The leakage guard also drops a neighbor whose text is the query's, at any distance.
+    (r,) = local.search([identical_text])
+    assert all(n.text != identical_text for n in r.neighbors)
+
+
+def test_a_bad_token_or_dimension_is_an_error_not_a_partial_result(servers):
+    table = {"q": np.zeros(DIM, np.float32), "short": np.zeros(DIM - 1, np.float32)}
+    with ShardedRetriever(TableEncoder(table), servers, "wrong", k=3) as sharded:
+        with pytest.raises(RetrievalError, match=r"HTTP 401\): invalid bearer token"):
+            sharded.search(["q"])
+    with ShardedRetriever(TableEncoder(table), servers, TOKEN, k=3) as sharded:
+        with pytest.raises(RetrievalError, match="has 15 numbers; this shard's index has dim"):
+            sharded.search(["short"])
+
+
+def test_replicas_cover_a_dead_endpoint(published, servers):
+    dead = f"http://127.0.0.1:{free_port()}"
+    endpoints = [[dead, servers[0]], [servers[1]], [servers[2], dead]]
+    table = {"q": queries(1)[0]}
+    with ShardedRetriever(TableEncoder(table), endpoints, TOKEN, k=5, retries=0) as sharded:
+        (r,) = sharded.search(["q"])
+    with ShardedRetriever(TableEncoder(table), servers, TOKEN, k=5) as sharded:
+        (full,) = sharded.search(["q"])
+    assert not r.partial and r.neighbors == full.neighbors
+
+
+def test_a_slow_shard_times_out_into_a_partial_result(servers):
+    async def slow_app(scope, receive, send):  # a shard server that hangs past the timeout
+        if scope["type"] == "http":
+            await asyncio.sleep(2)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    table = {"q": queries(1)[0]}
+    with app_server(slow_app, ready=False) as slow:
+        endpoints = [servers[0], servers[1], slow]
+        with ShardedRetriever(
+            TableEncoder(table),
+            endpoints,
+            TOKEN,
+            k=5,
+            timeout=0.3,
+            retries=1,
+            backoff=0.01,
+            down_seconds=30,
+        ) as sharded:
+            start = time.monotonic()
+            (r,) = sharded.search(["q"])
+            assert time.monotonic() - start < 1.5
+            assert r.partial and r.failed_shards == [2]
+            assert {n.shard for n in r.neighbors} <= {0, 1} and len(r.neighbors) == 5
+            start = time.monotonic()
+            (again,) = sharded.search(["q"])  # the shard is marked down: no second timeout
+            assert time.monotonic() - start < 0.25 and again.failed_shards == [2]
+
+
+def sample(metric, **labels) -> float:
+    value = telemetry.DEFAULT_REGISTRY.get_sample_value(metric, labels)
+    return value or 0.0
+
+
+@pytest.mark.integration
+def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restores(
+    tmp_path, published
+):
+    spec, run, store, vectors, _ = published
+    ports = [free_port() for _ in range(3)]
+    procs = [start_server(spec, s, ports[s], TOKEN) for s in range(3)]
+    try:
+        for p in ports:
+            wait_ready(f"http://127.0.0.1:{p}")
+        endpoints = discover_endpoints(run, store)  # from the servers' registry files
+        assert endpoints == [[f"http://127.0.0.1:{p}"] for p in ports]
+        q = queries(4, seed=3)
+        table = {f"q{i}": v for i, v in enumerate(q)}
+        texts = list(table)
+        with ShardedRetriever(
+            TableEncoder(table),
+            endpoints,
+            TOKEN,
+            k=8,
+            timeout=2,
+            retries=1,
+            backoff=0.05,
+            down_seconds=0.2,
+        ) as sharded:
+            full = sharded.search(texts)
+            assert not any(r.partial for r in full)
+            failures = sample("ttt_retrieval_shard_failures_total", shard="1")
+            partials = sample("ttt_retrieval_partial_total", shard="1")
+            stop(procs[1])  # dead mid-stream
+            partial = sharded.search(texts)
+            for before, after in zip(full, partial, strict=True):
+                assert after.partial and after.failed_shards == [1]
+                # Exactly the merge of the shards still standing.
+                survivors = [n for n in before.neighbors if n.shard != 1]
+                assert after.neighbors[: len(survivors)] == survivors
+                assert all(n.shard != 1 for n in after.neighbors)
+            assert sample("ttt_retrieval_shard_failures_total", shard="1") == failures + 1
+            assert sample("ttt_retrieval_partial_total", shard="1") == partials + len(texts)
+            procs[1] = start_server(spec, 1, ports[1], TOKEN)
+            wait_ready(f"http://127.0.0.1:{ports[1]}")
+            time.sleep(0.25)  # past down_seconds
+            restored = sharded.search(texts)
+            assert [r.neighbors for r in restored] == [r.neighbors for r in full]
+            assert not any(r.partial for r in restored)
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path):
+    base = "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: disco}\nspec:\n"
+    static = loads_spec(
+        base + "  corpus: {shards: 2}\n  retrieval: {servers: [a:1, 'http://b:2/', c:3, d:4]}\n"
+    )
+    assert discover_endpoints(static) == [
+        ["http://a:1", "http://c:3"],
+        ["http://b:2", "http://d:4"],
+    ]
+    dns = loads_spec(
+        base + "  corpus: {shards: 2}\n  index: {replicas: 2}\n"
+        "  retrieval: {service: 'ttt-index.ttt-index.ns.svc:9000'}\n"
+    )
+    assert discover_endpoints(dns) == [
+        ["http://ttt-index-0.ttt-index.ns.svc:9000", "http://ttt-index-2.ttt-index.ns.svc:9000"],
+        ["http://ttt-index-1.ttt-index.ns.svc:9000", "http://ttt-index-3.ttt-index.ns.svc:9000"],
+    ]
+    odd = loads_spec(base + "  corpus: {shards: 2}\n  retrieval: {servers: [a:1, b:2, c:3]}\n")
+    with pytest.raises(RetrievalError, match="3 URLs for 2 shards"):
+        discover_endpoints(odd)
+    local = loads_spec(base + f"  corpus: {{shards: 3}}\n  storage: {{root: '{tmp_path}'}}\n")
+    with pytest.raises(RetrievalError, match=r"no server registered for shard\(s\) 0, 1, 2"):
+        discover_endpoints(local)
+    store = open_store(local.spec.storage)
+    for name, url in [
+        ("shard-00000", "127.0.0.1:1"),
+        ("shard-00002", "h:2"),
+        ("shard-00000.1", "h:3"),
+    ]:
+        store.put_json(f"runs/disco/registry/{name}.json", {"url": url})
+    with pytest.raises(RetrievalError, match=r"shard\(s\) 1 under runs/disco/registry/"):
+        discover_endpoints(local)
+    store.put_json("runs/disco/registry/shard-00001.json", {"url": "http://h:4"})
+    assert discover_endpoints(local) == [
+        ["http://127.0.0.1:1", "http://h:3"],
+        ["http://h:4"],
+        ["http://h:2"],
+    ]
+
+
+@pytest.mark.slow
+def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys):
+    from ttt.cli import main
+    from ttt.embed import Encoder
+
+    encoder = Encoder("all-minilm-l6-v2")
+    spec, run, store, _, texts = make_run(
+        tmp_path,
+        shards=3,
+        n_docs=45,
+        embed=encoder.encode,
+        extra="  embedding: {model: all-minilm-l6-v2}\n  retrieval: {distanceThreshold: null}\n",
+    )
+    target = texts[2].text(3)
+    query = target + " word5"  # near the stored document, not identical to it
+    with contextlib.ExitStack() as stack:
+        urls = [
+            stack.enter_context(
+                app_server(create_app(lambda s=s: load_shard(run, store, s), s, token=TOKEN))
+            )
+            for s in range(3)
+        ]
+        sharded = stack.enter_context(ShardedRetriever(encoder, urls, TOKEN, k=5))
+        (remote,) = sharded.search([query])
+        (own,) = sharded.search([target])
+    local = LocalRetriever.from_run(run, encoder=encoder, store=store, k=5)
+    (in_process,) = local.search([query])
+    assert remote.neighbors == in_process.neighbors
+    assert (remote.neighbors[0].shard, remote.neighbors[0].row) == (2, 3)
+    assert remote.neighbors[0].text == target
+    assert own.excluded == 1 and target not in [n.text for n in own.neighbors]
+    assert main(["query", "--spec", str(spec), query, "--k", "3", "--local"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["#", "distance", "domain", "id"]
+    assert len(out) == 4 and texts[2].meta(3)[0] in out[1]
