@@ -126,7 +126,7 @@ def _parse(raw: bytes, src: Source, line: int) -> Document | BadLine:
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
-        return bad("malformed_json", f"{e.msg} at column {e.colno}")
+        return bad("malformed_json", f"{e.msg}: column {e.colno}")
     if not isinstance(obj, dict):
         return bad("not_an_object", f"a JSON {_json_type(obj)}, not an object")
     if "text" not in obj:
