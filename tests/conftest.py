@@ -75,3 +75,11 @@ def tiny_gpt2():
         return GPT2LMHeadModel(config).eval()
 
     return make
+
+
+@pytest.fixture
+def smoke_spec_text(tmp_path):
+    """A tiny one-shard, one-rank run with in-process retrieval (the KFP smoke pipeline's)."""
+    from tests.tiny_run import tiny_spec
+
+    return tiny_spec(tmp_path, "smoke", shards=1, in_process=True)
