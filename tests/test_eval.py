@@ -293,6 +293,19 @@ def test_rank_from_arguments_or_environment():
         resolve_rank(None, None, {"JOB_COMPLETION_INDEX": "4"}, 4)
 
 
+def test_cli_eval_takes_the_rank_from_an_indexed_job(tmp_path, monkeypatch, capsys):
+    from ttt.cli import main
+
+    _selection_corpus(tmp_path)
+    spec = tmp_path / "run.yaml"
+    spec.write_text(make_run(tmp_path, eval={"workers": 2}).to_yaml())
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["eval", "--spec", str(spec)]) == 1
+    assert "rank 3 is outside 0..1 (world size 2)" in capsys.readouterr().err
+
+
 # --- results file ----------------------------------------------------------------------------
 
 
@@ -402,6 +415,13 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     # the test document copied into the training corpus was retrieved and excluded
     excluded = {r["doc"]: r["excluded"] for r in records}
     assert excluded.pop(leaked_id) == 1 and set(excluded.values()) == {0}
+    # the worker's metrics: nothing pending, bits per byte before and after per task
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("ttt_eval_documents_pending", {"rank": "1"}) == 0
+    for phase in ("before", "after"):
+        labels = {"rank": "0", "task": "Github", "phase": phase}
+        assert REGISTRY.get_sample_value("ttt_eval_bits_per_byte", labels) > 0
     # a finished rank is not redone
     again = evaluate_rank(run, store, 0, 2, retriever=Refuse(), progress=False)
     assert again["count"] == manifests[0]["count"]
@@ -410,6 +430,8 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, model_dir):
+    import torch
+
     from ttt.report import build_report
     from ttt.store import open_store
 
@@ -422,7 +444,14 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
     for tmp in (crashed, clean):
         tmp.mkdir()
         tiny_corpus(tmp)
-    first, whole = start(crashed, "pod-1", "3"), start(clean, "pod")
+    first = start(crashed, "pod-1", "3")
+    # meanwhile, the uninterrupted run, here (one thread, as the workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker_main([str(clean), str(model_dir), str(clean / "pod")])
+    finally:
+        torch.set_num_threads(threads)
     out = first.communicate(timeout=120)[0].decode()
     assert first.returncode == -signal.SIGKILL, out
     run = make_run(
@@ -441,8 +470,6 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
     second = start(crashed, "pod-2")  # a fresh pod: nothing local survives
     out = second.communicate(timeout=120)[0].decode()
     assert second.returncode == 0, out
-    out = whole.communicate(timeout=120)[0].decode()
-    assert whole.returncode == 0, out
 
     records = _results(store, run)
     assert len(records) == len({r["doc"] for r in records}) == 8

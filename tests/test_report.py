@@ -1,0 +1,161 @@
+"""Tests of ttt.report: figures pinned against hand-computed sums, rank merging, files, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ttt.cli import main
+from ttt.eval import EvalError
+from ttt.report import build_report, format_table, summarize
+from ttt.spec import parse_spec
+from ttt.store import open_store
+
+LN2 = math.log(2)
+W_GITHUB, W_ARXIV = 95.16, 112.42  # the Pile's weights of the two tasks
+
+
+def make_run(tmp: Path):
+    raw = {
+        "apiVersion": "ttt.dev/v1alpha1",
+        "kind": "TTTRun",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "ttt": {"evalAfter": [0, 2]},
+            "storage": {"root": str(tmp / "store")},
+            "metrics": {"enabled": False},
+        },
+    }
+    return parse_spec(raw, environ={})
+
+
+def records(spec_hash: str) -> list[dict]:
+    def rec(doc, task, nbytes, words, loglik, seconds, neighbors, excluded=0, partial=False):
+        return {
+            "doc": doc, "task": task, "bytes": nbytes, "words": words, "tokens": nbytes // 3,
+            "loglik": loglik, "spec_hash": spec_hash, "neighbors": neighbors,
+            "excluded": excluded, "partial": partial, "failed_shards": [1] if partial else [],
+            "seconds": dict(zip(("retrieve", "train", "score"), seconds, strict=True)),
+        }  # fmt: skip
+
+    return [
+        rec("g:1", "Github", 100, 20, {"0": -200.0, "1": -150.0, "2": -120.0}, (1, 2, 3), 2, 1),
+        # retrieved only one neighbor: its score at k=2 is the one after that neighbor
+        rec("g:2", "Github", 50, 10, {"0": -60.0, "1": -40.0}, (0.5, 1, 1.5), 1, partial=True),
+        rec("a:1", "ArXiv", 80, 16, {"0": -100.0, "2": -90.0}, (1, 1, 1), 2),
+    ]
+
+
+GITHUB_BEFORE, GITHUB_AFTER = 260 / 150 / LN2, 160 / 150 / LN2
+ARXIV_BEFORE, ARXIV_AFTER = 100 / 80 / LN2, 90 / 80 / LN2
+
+
+def weighted(github: float, arxiv: float) -> float:
+    return (W_GITHUB * github + W_ARXIV * arxiv) / (W_GITHUB + W_ARXIV)
+
+
+def test_summary_pinned_against_hand_computed_sums():
+    s = summarize(records("h"), [0, 2])
+    g, a = s["tasks"]["Github"], s["tasks"]["ArXiv"]
+    assert list(s["tasks"]) == ["ArXiv", "Github"]
+    assert (g["documents"], g["bytes"], g["words"]) == (2, 150, 30)
+    assert g["before"] == pytest.approx(GITHUB_BEFORE, rel=1e-12)
+    assert g["after"] == pytest.approx(GITHUB_AFTER, rel=1e-12)
+    assert g["difference"] == pytest.approx(GITHUB_AFTER - GITHUB_BEFORE, rel=1e-12)
+    assert g["checkpoints"]["0"]["byte_perplexity"] == pytest.approx(math.exp(260 / 150))
+    assert g["checkpoints"]["0"]["word_perplexity"] == pytest.approx(math.exp(260 / 30))
+    assert g["checkpoints"]["2"]["word_perplexity"] == pytest.approx(math.exp(160 / 30))
+    assert a["before"] == pytest.approx(ARXIV_BEFORE) and a["after"] == pytest.approx(ARXIV_AFTER)
+    assert s["mean"]["before"] == pytest.approx(weighted(GITHUB_BEFORE, ARXIV_BEFORE))
+    assert s["mean"]["after"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    assert (g["neighbors_used"], g["neighbors_excluded"], g["partial_retrievals"]) == (3, 1, 1)
+    assert (s["neighbors_excluded"], s["partial_retrievals"], s["documents"]) == (1, 1, 3)
+    assert s["cost"]["seconds"] == pytest.approx({"retrieve": 2.5, "train": 4.0, "score": 5.5})
+    assert s["cost"]["seconds_per_document"]["score"] == pytest.approx(5.5 / 3)
+    # the curve at an intermediate checkpoint
+    s1 = summarize(records("h"), [0, 1, 2])
+    assert s1["tasks"]["Github"]["checkpoints"]["1"]["bits_per_byte"] == pytest.approx(
+        190 / 150 / LN2
+    )
+    assert s1["tasks"]["ArXiv"]["checkpoints"]["1"]["bits_per_byte"] == pytest.approx(ARXIV_BEFORE)
+
+
+def test_table_is_the_papers():
+    table = format_table(summarize(records("h"), [0, 2]))
+    lines = table.splitlines()
+    assert lines[0] == "| task | docs | before (k=0) | after (k=2) | difference |"
+    assert lines[3] == (
+        f"| Github | 2 | {GITHUB_BEFORE:.3f} | {GITHUB_AFTER:.3f} "
+        f"| {GITHUB_AFTER - GITHUB_BEFORE:+.3f} |"
+    )
+    mean_before, mean_after = (
+        weighted(GITHUB_BEFORE, ARXIV_BEFORE),
+        weighted(GITHUB_AFTER, ARXIV_AFTER),
+    )
+    assert lines[4] == (
+        f"| **Pile-weighted mean** | 3 | {mean_before:.3f} | {mean_after:.3f} "
+        f"| {mean_after - mean_before:+.3f} |"
+    )
+
+
+def _publish_ranks(run, store) -> None:
+    h = run.stage_hash("eval")
+    rank0, rank1 = records(h)[:2], records(h)[2:]
+    twice = dict(records(h)[0], loglik={"0": -1.0, "2": -1.0})  # a doc two ranks both did
+    stale = dict(records(h)[2], doc="a:2", spec_hash="another-spec")
+    lines0 = "".join(json.dumps(r) + "\n" for r in rank0).encode()
+    lines1 = "".join(json.dumps(r) + "\n" for r in [*rank1, twice, stale]).encode()
+    store.put_bytes(f"{run.prefix}/eval/rank-00000/results.jsonl", lines0 + b'{"doc": "g:')
+    store.put_bytes(f"{run.prefix}/eval/rank-00001/results.jsonl", lines1)
+    store.put_json(f"{run.prefix}/eval/rank-00000/manifest.json", {"spec_hash": h, "world_size": 2})
+
+
+def test_build_report_merges_ranks_and_writes_the_files(tmp_path):
+    run = make_run(tmp_path)
+    store = open_store(run.spec.storage)
+    _publish_ranks(run, store)
+    summary = build_report(run, store, out_dir=tmp_path / "out")
+    # the duplicate, the stale record and the torn line count nothing
+    assert summary["documents"] == 3
+    assert summary["tasks"]["Github"]["before"] == pytest.approx(GITHUB_BEFORE)
+    assert summary["ranks"]["rank-00000"]["finished"] is True
+    assert summary["ranks"]["rank-00001"]["finished"] is False
+    prefix = f"{run.prefix}/report"
+    stored = store.get_json(f"{prefix}/summary.json")
+    assert stored["mean"]["after"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    assert store.get_bytes(f"{prefix}/table.md").decode() == summary["table_markdown"]
+    for name in ("bpb_vs_neighbors.png", "before_after.png"):
+        png = store.get_bytes(f"{prefix}/{name}")
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    manifest = store.read_manifest(prefix)
+    assert manifest["spec_hash"] == run.stage_hash("report") and manifest["documents"] == 3
+    assert set(manifest["files"]) == {
+        "summary.json",
+        "table.md",
+        "bpb_vs_neighbors.png",
+        "before_after.png",
+    }
+
+
+def test_report_without_results_says_what_to_run(tmp_path):
+    run = make_run(tmp_path)
+    with pytest.raises(EvalError, match="run `ttt eval` first"):
+        build_report(run, open_store(run.spec.storage))
+
+
+def test_cli_report_prints_the_table_and_where_it_is(tmp_path, capsys):
+    run = make_run(tmp_path)
+    _publish_ranks(run, open_store(run.spec.storage))
+    spec = tmp_path / "run.yaml"
+    spec.write_text(run.to_yaml())
+    assert main(["report", "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "| Github | 2 |" in out and "Pile-weighted mean" in out
+    assert f"{run.prefix}/report/" in out
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(run.to_yaml().replace(str(tmp_path / "store"), str(tmp_path / "none")))
+    assert main(["report", "--spec", str(empty)]) == 1
+    assert "no eval results" in capsys.readouterr().err
