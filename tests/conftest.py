@@ -66,7 +66,7 @@ def tiny_gpt2():
         config = GPT2Config(
             n_layer=2,
             n_head=2,
-            n_embd=64,
+            n_embd=32,
             n_positions=n_positions,
             resid_pdrop=dropout,
             embd_pdrop=dropout,

@@ -1,0 +1,204 @@
+"""The TTT-NN loop on a tiny GPT-2: it learns from neighbors, restores weights, and its options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt import telemetry
+from ttt.spec import TTTSpec
+from ttt.train import (
+    TTTNN,
+    DocOutcome,
+    chunk_tokens,
+    select_neighbors,
+    split_document,
+)
+
+DOC = "The harbour master logged every ship that entered the bay before dawn. " * 2
+RELATED = [
+    "The harbour master logged every ship that entered the bay at night. " * 3,
+    "Every ship that entered the harbour was logged by the master. " * 3,
+]
+UNRELATED = ["Quantum chromodynamics describes how quarks and gluons interact. " * 3] * 2
+
+
+def spec(**overrides) -> TTTSpec:
+    # a random tiny model needs a far larger step than the paper's 2e-5 to move in one step
+    fields = {"max_length": 32, "learning_rate": 1e-3, "eval_after": [0, 2]} | overrides
+    return TTTSpec(**fields)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def assert_identical(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    current = dict([*model.named_parameters(), *model.named_buffers()])
+    assert current.keys() == saved.keys()
+    for name, tensor in current.items():
+        assert torch.equal(tensor, saved[name]), f"{name} changed"
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+
+def test_chunks_cover_the_tokens_as_the_reference_code_cuts_them():
+    ids = list(range(10))
+    assert chunk_tokens(ids, 4, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # stride < maxLength: a chunk starts every stride tokens, up to the end
+    assert [c[0] for c in chunk_tokens(ids, 4, 2)] == [0, 2, 4, 6, 8]
+    # a one-token chunk predicts nothing and is left out
+    assert chunk_tokens(list(range(9)), 4, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert chunk_tokens([], 4, 4) == []
+
+
+def test_split_document_cuts_at_the_whitespace_nearest_the_middle_byte():
+    query, scored = split_document("aaaa bb cccc")
+    assert (query, scored) == ("aaaa bb", " cccc")
+    # bytes, not characters: 'é' is two bytes, so the middle byte is further left
+    text = "éééééé x yyyyyy"
+    query, scored = split_document(text)
+    assert query + scored == text and query == "éééééé"
+    assert split_document("abcdef") == ("abc", "def")
+    assert split_document("") == ("", "")
+
+
+def test_select_neighbors_applies_the_threshold_and_the_leakage_guard():
+    texts = ["far", DOC + "\n", "near", "copy"]
+    chosen = select_neighbors(DOC, texts, [5.0, 0.5, 0.2, 0.0], distance_threshold=4.0)
+    assert chosen.texts == ["near"]  # sorted by distance; the document and its copy excluded
+    assert chosen.distances == [0.2]
+    assert (chosen.excluded_identical, chosen.dropped_distance) == (2, 1)
+    unguarded = select_neighbors(DOC, texts, [5.0, 0.5, 0.2, 0.0], exclude_identical=False)
+    assert unguarded.texts == ["copy", "near", DOC + "\n", "far"]
+    assert select_neighbors(DOC, ["a", DOC]).texts == ["a"]  # without distances: by text
+    with pytest.raises(ValueError, match="2 neighbors but 1 distances"):
+        select_neighbors(DOC, ["a", "b"], [1.0])
+
+
+def test_outcome_round_trips_through_a_dict():
+    outcome = DocOutcome(method="ttt-nn", neighbors_used=1, train_steps=3)
+    assert DocOutcome.from_dict(outcome.to_dict()) == outcome
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def test_training_on_related_neighbors_lowers_bits_per_byte(tiny_gpt2, gpt2_tokenizer):
+    ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec())
+    related = ttt.evaluate(DOC, RELATED)
+    unrelated = ttt.evaluate(DOC, UNRELATED)
+    before = related.at(0).bits_per_byte
+    assert unrelated.at(0).bits_per_byte == before  # the weights were restored in between
+    assert related.at(2).bits_per_byte < before - 0.03
+    assert related.at(2).bits_per_byte < unrelated.at(2).bits_per_byte
+    assert related.neighbors_used == 2 and related.at(2).neighbors == 2
+    assert related.seconds_training > 0 and related.seconds_scoring > 0
+
+
+def test_weights_are_bit_identical_after_every_document(tiny_gpt2, gpt2_tokenizer):
+    model = tiny_gpt2(dropout=0.1)  # dropout on while training, as the reference code
+    saved = snapshot(model)
+    ttt = TTTNN(model, gpt2_tokenizer, spec(optimizer="adamw", weight_decay=0.01))
+    first = ttt.evaluate(DOC, RELATED)
+    assert first.at(2).loglik != first.at(0).loglik  # training did change the model
+    assert_identical(model, saved)
+    assert not model.training
+    ttt.evaluate(DOC, UNRELATED)
+    assert_identical(model, saved)
+    # the same document gives the same numbers again: dropout is seeded per document
+    assert _same_scores(ttt.evaluate(DOC, RELATED), first)
+
+
+def _same_scores(a: DocOutcome, b: DocOutcome) -> bool:
+    return [(c.after, c.loglik) for c in a.checkpoints] == [
+        (c.after, c.loglik) for c in b.checkpoints
+    ]
+
+
+def test_optimizer_state_is_reset_by_default_and_carried_over_for_parity(tiny_gpt2, gpt2_tokenizer):
+    fresh = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec()).evaluate(DOC, UNRELATED)
+
+    reset = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec())
+    reset.evaluate(DOC, RELATED)
+    assert not reset.optimizer.state
+    assert _same_scores(reset.evaluate(DOC, UNRELATED), fresh)
+
+    parity = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(reset_optimizer=False))
+    parity.evaluate(DOC, RELATED)
+    state = next(iter(parity.optimizer.state.values()))
+    assert state["exp_avg"].abs().sum() > 0  # Adam's moments survive the document
+    second = parity.evaluate(DOC, UNRELATED)
+    assert second.at(0).loglik == fresh.at(0).loglik  # the weights were still restored
+    assert second.at(2).loglik != fresh.at(2).loglik  # but the carried moments steer training
+
+
+def test_checkpoints_steps_and_tokens_are_counted(tiny_gpt2, gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    ttt = TTTNN(tiny_gpt2(), tok, spec(eval_after=[0, 1, 5, 9], stride=16, steps_per_neighbor=2))
+    outcome = ttt.evaluate(DOC, RELATED)
+    chunks = [chunk_tokens(tok.encode(n), 32, 16) for n in RELATED]
+    steps = [2 * len(c) for c in chunks]
+    tokens = [2 * sum(map(len, c)) for c in chunks]
+    assert outcome.afters == [0, 1, 5, 9]
+    # with two neighbors, checkpoints 5 and 9 are scored once, after the last, and say so
+    assert [c.neighbors for c in outcome.checkpoints] == [0, 1, 2, 2]
+    assert outcome.at(5).loglik == outcome.at(9).loglik
+    assert [c.train_steps for c in outcome.checkpoints] == [0, steps[0], sum(steps), sum(steps)]
+    assert outcome.train_tokens == sum(tokens) and outcome.train_steps == sum(steps)
+
+
+def test_order_follows_distances_nearest_or_farthest_first(tiny_gpt2, gpt2_tokenizer):
+    short, long = "short neighbor text", "a much longer neighbor text " * 4
+    distances = [2.0, 1.0]  # the long one is nearer
+    for order, first in (("nearest-first", long), ("farthest-first", short)):
+        ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(eval_after=[1], order=order))
+        outcome = ttt.evaluate(DOC, [short, long], distances=distances)
+        assert outcome.train_tokens == len(gpt2_tokenizer.encode(first)), order
+
+
+def test_split_text_queries_with_the_first_half_and_scores_the_second(tiny_gpt2, gpt2_tokenizer):
+    ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(split_text=True))
+    query, scored = ttt.query_text(DOC), ttt.scored_text(DOC)
+    assert query + scored == DOC and abs(len(query) - len(scored)) < 12
+    outcome = ttt.evaluate(DOC, RELATED)
+    assert outcome.at(0).bytes == len(scored.encode()) < len(DOC.encode())
+    whole = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec()).evaluate(DOC, [])
+    assert whole.at(0).bytes == len(DOC.encode()) and whole.checkpoints[-1].neighbors == 0
+
+
+def test_dynamic_evaluation_trains_on_the_document_itself(tiny_gpt2, gpt2_tokenizer):
+    ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(method="dynamic-eval", eval_after=[0, 1, 3]))
+    outcome = ttt.evaluate(DOC, UNRELATED)  # neighbors play no part
+    n_tokens = len(gpt2_tokenizer.encode(DOC))
+    assert outcome.train_tokens == 3 * n_tokens  # one pass per checkpoint step, as the reference
+    bpb = [outcome.at(n).bits_per_byte for n in (0, 1, 3)]
+    assert bpb[2] < bpb[1] < bpb[0]
+
+
+def test_in_context_conditions_on_neighbors_without_training(tiny_gpt2, gpt2_tokenizer):
+    model = tiny_gpt2()
+    saved = snapshot(model)
+    base = TTTNN(model, gpt2_tokenizer, spec()).evaluate(DOC, [])
+    ttt = TTTNN(model, gpt2_tokenizer, spec(method="in-context", eval_after=[0, 1, 2]))
+    outcome = ttt.evaluate(DOC, RELATED)
+    assert_identical(model, saved)
+    assert outcome.train_steps == 0 and outcome.method == "in-context"
+    assert outcome.at(0).loglik == base.at(0).loglik  # no context: the base model
+    assert outcome.at(1).loglik != outcome.at(0).loglik
+    assert outcome.at(1).tokens == outcome.at(0).tokens  # context tokens are never scored
+    # a context far longer than the window is cut to the budget (nearest text kept)
+    long = TTTNN(model, gpt2_tokenizer, spec(method="in-context", eval_after=[2]))
+    assert long.evaluate(DOC, ["word " * 500, "more " * 500]).at(2).neighbors == 2
+
+
+def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
+    def value(metric) -> float:
+        return metric.labels("7")._value.get()
+
+    steps, tokens = value(telemetry.TRAIN_STEPS), value(telemetry.TRAIN_TOKENS)
+    outcome = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(), rank="7").evaluate(DOC, RELATED)
+    assert value(telemetry.TRAIN_STEPS) - steps == outcome.train_steps > 0
+    assert value(telemetry.TRAIN_TOKENS) - tokens == outcome.train_tokens
+    assert value(telemetry.TRAIN_TOKENS_PER_SECOND) > 0
