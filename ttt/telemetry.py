@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from prometheus_client import (
@@ -80,11 +81,13 @@ _server_lock = threading.Lock()
 _servers: dict[int, int] = {}
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:
+def start_metrics_server(port: int, addr: str | None = None) -> int:
     """Expose the default registry on `port` (0 = a free port); returns the bound port.
 
-    Idempotent per requested port, so a library function may call it unconditionally.
+    Loopback unless `addr` or TTT_METRICS_ADDR says otherwise (a pod sets 0.0.0.0 so that
+    Prometheus can scrape it). Idempotent per port, so a stage may call it unconditionally.
     """
+    addr = addr or os.environ.get("TTT_METRICS_ADDR", "127.0.0.1")
     with _server_lock:
         if port in _servers:
             return _servers[port]
