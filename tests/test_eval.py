@@ -21,12 +21,11 @@ from ttt.eval import (
     EvalError,
     evaluate_rank,
     guard_neighbors,
-    merge_records,
-    parse_results,
     partition,
     resolve_rank,
     select_test_documents,
 )
+from ttt.results import ResultsError, merge_records, parse_results
 from ttt.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,7 +329,7 @@ def test_torn_last_line_is_dropped_and_corruption_is_named():
     unterminated = "\n".join(lines).encode()
     assert len(parse_results(unterminated, "r.jsonl")) == 3
     corrupt = (lines[0] + "\n{oops\n" + lines[1] + "\n").encode()
-    with pytest.raises(EvalError, match=r"r.jsonl:2: corrupt"):
+    with pytest.raises(ResultsError, match=r"r.jsonl:2: corrupt"):
         parse_results(corrupt, "r.jsonl")
 
 

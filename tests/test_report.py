@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ttt.cli import main
-from ttt.eval import EvalError
 from ttt.report import build_report, format_table, summarize
+from ttt.results import ResultsError
 from ttt.spec import parse_spec
 from ttt.store import open_store
 
@@ -142,7 +142,7 @@ def test_build_report_merges_ranks_and_writes_the_files(tmp_path):
 
 def test_report_without_results_says_what_to_run(tmp_path):
     run = make_run(tmp_path)
-    with pytest.raises(EvalError, match="run `ttt eval` first"):
+    with pytest.raises(ResultsError, match="run `ttt eval` first"):
         build_report(run, open_store(run.spec.storage))
 
 

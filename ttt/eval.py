@@ -1,4 +1,4 @@
-"""Evaluation ranks: test-document selection, partitioning, and resumable per-document results."""
+"""Evaluation ranks: which test documents, whose, and the resumable worker that scores them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import heapq
 import json
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -17,15 +16,19 @@ from typing import Any
 from tqdm import tqdm
 
 from ttt import telemetry
-from ttt.bpb import DocScore, TaskTotals
+from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
+from ttt.results import (
+    RESULTS,
+    checkpoint_score,
+    load_existing,
+    result_record,
+    task_totals,
+    write_records,
+)
 from ttt.train import TTTNN, select_neighbors
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results.jsonl"
-# Every record carries these; a line without them is not a finished document.
-RECORD_KEYS = ("doc", "task", "bytes", "words", "tokens", "loglik", "spec_hash")
 
 
 class EvalError(RuntimeError):
@@ -118,91 +121,12 @@ def resolve_rank(
     return rank, world_size
 
 
-# --- the results file ----------------------------------------------------------------------
+# --- the rank worker -------------------------------------------------------------------------
 
 
 def rank_prefix(run: Any, rank: int) -> str:
+    """runs/<name>/eval/rank-NNNNN: where a rank publishes its results and manifest."""
     return f"{run.prefix}/eval/rank-{rank:05d}"
-
-
-def parse_results(data: bytes, source: str) -> list[dict[str, Any]]:
-    """The records of a results.jsonl, in file order; a torn last line (a crash) is dropped.
-
-    A bad line anywhere else is corruption, not a crash, and raises naming the line.
-    """
-    lines = data.split(b"\n")
-    records: list[dict[str, Any]] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        last = number == len(lines)  # no newline after it: the write may have been cut
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or any(k not in record for k in RECORD_KEYS):
-                raise ValueError("not a complete result record")
-        except ValueError as exc:
-            if last:
-                log.warning("%s:%d: dropped a torn last line (%d bytes)", source, number, len(raw))
-                continue
-            raise EvalError(f"{source}:{number}: corrupt result record: {exc}") from None
-        records.append(record)
-    return records
-
-
-def checkpoint_score(record: dict[str, Any], n: int) -> DocScore:
-    """A document's score after n neighbors.
-
-    A document with fewer neighbors than n stopped training at its last one, so its score at
-    n is the one at its largest recorded checkpoint <= n.
-    """
-    loglik = record["loglik"]
-    reached = [int(c) for c in loglik if int(c) <= n]
-    if not reached:
-        raise EvalError(f"document {record['doc']}: no checkpoint <= {n} in {sorted(loglik)}")
-    return DocScore(
-        loglik=float(loglik[str(max(reached))]),
-        tokens=int(record["tokens"]),
-        bytes=int(record["bytes"]),
-        words=int(record["words"]),
-    )
-
-
-def merge_records(
-    groups: Sequence[Sequence[dict[str, Any]]], spec_hash: str | None = None
-) -> list[dict[str, Any]]:
-    """Records deduplicated by document id (first wins), optionally of one spec only."""
-    seen: dict[str, dict[str, Any]] = {}
-    for records in groups:
-        for record in records:
-            if spec_hash is not None and record.get("spec_hash") != spec_hash:
-                continue
-            seen.setdefault(record["doc"], record)
-    return list(seen.values())
-
-
-def _load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dict[str, Any]]:
-    """What an earlier attempt of this rank finished: the store's copy and any local file."""
-    groups = []
-    if local.exists():
-        groups.append(parse_results(local.read_bytes(), str(local)))
-    if store.exists(key):
-        groups.append(parse_results(store.get_bytes(key), key))
-    records = merge_records(groups)
-    stale = [r for r in records if r["spec_hash"] != spec_hash]
-    if stale:
-        log.warning("%s: ignoring %d record(s) of another spec", key, len(stale))
-    return [r for r in records if r["spec_hash"] == spec_hash]
-
-
-def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-# --- the rank worker -----------------------------------------------------------------------
 
 
 def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tuple[list, list]:
@@ -249,37 +173,54 @@ def _needs_neighbors(run: Any) -> bool:
     return run.spec.retrieval.neighbors > 0 and t.method != "dynamic-eval"
 
 
-def result_record(doc: Document, outcome: Any, **fields: Any) -> dict[str, Any]:
-    """One document's line of results.jsonl, from TTTNN's DocOutcome and the retrieval facts."""
-    if not outcome.checkpoints:
-        raise EvalError(f"document {doc.id}: the evaluation gave no checkpoint")
-    first = outcome.checkpoints[0]
-    return {
-        "doc": doc.id,
-        "task": doc.domain,
-        # in split-text mode these are the scored half's, the same at every checkpoint
-        "bytes": int(first.bytes),
-        "words": int(first.words),
-        "tokens": int(first.tokens),
-        "loglik": {str(cp.after): float(cp.loglik) for cp in outcome.checkpoints},
-        "checkpoint_neighbors": {str(cp.after): int(cp.neighbors) for cp in outcome.checkpoints},
-        "train_steps": int(outcome.train_steps),
-        "train_tokens": int(outcome.train_tokens),
-        **fields,
-    }
+class _Progress:
+    """The worker's Prometheus figures, kept as running sums (not recomputed per document)."""
 
+    def __init__(self, rank: int, checkpoints: list[int], records: Sequence[dict[str, Any]]):
+        self.rank = str(rank)
+        self.phases = {"before": checkpoints[0], "after": checkpoints[-1]}
+        self.totals = {phase: task_totals(records, n) for phase, n in self.phases.items()}
+        self.documents = len(records)
+        self.excluded = sum(int(r.get("excluded", 0)) for r in records)
+        for phase in self.phases:
+            for task in self.totals[phase]:
+                self._set(phase, task)
 
-def _totals(records: Sequence[dict[str, Any]], checkpoint: str) -> dict[str, TaskTotals]:
-    totals: dict[str, TaskTotals] = {}
-    for r in records:
-        totals.setdefault(r["task"], TaskTotals()).add(checkpoint_score(r, int(checkpoint)))
-    return totals
+    def _set(self, phase: str, task: str) -> None:
+        value = self.totals[phase][task].bits_per_byte
+        telemetry.BITS_PER_BYTE.labels(self.rank, task, phase).set(value)
 
+    def add(self, record: dict[str, Any], pending: int) -> None:
+        self.documents += 1
+        self.excluded += int(record["excluded"])
+        for phase, n in self.phases.items():
+            totals = self.totals[phase].setdefault(record["task"], TaskTotals())
+            totals.add(checkpoint_score(record, n))
+            self._set(phase, record["task"])
+        telemetry.DOCUMENTS_DONE.labels(self.rank, record["task"]).inc()
+        telemetry.DOCUMENTS_PENDING.labels(self.rank).set(pending)
+        telemetry.NEIGHBORS_EXCLUDED.labels(self.rank).inc(record["excluded"])
+        for phase, seconds in record["seconds"].items():
+            telemetry.STAGE_SECONDS.labels(phase).observe(seconds)
+        telemetry.LAST_PROGRESS.labels(self.rank).set_to_current_time()
 
-def _update_gauges(rank: int, records: Sequence[dict[str, Any]], checkpoints: list[int]) -> None:
-    for phase, n in (("before", checkpoints[0]), ("after", checkpoints[-1])):
-        for task, totals in _totals(records, str(n)).items():
-            telemetry.BITS_PER_BYTE.labels(str(rank), task, phase).set(totals.bits_per_byte)
+    def push_final(self, run: Any) -> None:
+        """The rank's final figures to the Pushgateway, when the spec names one."""
+        bpb = {
+            (("phase", phase), ("task", task)): totals.bits_per_byte
+            for phase, by_task in self.totals.items()
+            for task, totals in by_task.items()
+        }
+        telemetry.push_final(
+            run.spec.metrics.pushgateway,
+            job="ttt-eval",
+            grouping={"run": run.name, "rank": self.rank},
+            figures={
+                "eval_final_bits_per_byte": bpb,
+                "eval_final_documents": self.documents,
+                "eval_final_neighbors_excluded": self.excluded,
+            },
+        )
 
 
 def evaluate_rank(
@@ -323,8 +264,8 @@ def evaluate_rank(
     work.mkdir(parents=True, exist_ok=True)
     local = work / f"rank-{rank:05d}-{RESULTS}"
     wanted = {d.id for d in mine}
-    records = [r for r in _load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
-    _write_records(local, records)  # a clean file: a torn line must not precede new ones
+    records = [r for r in load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
+    write_records(local, records)  # a clean file: a torn line must not precede new ones
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(
@@ -335,9 +276,8 @@ def evaluate_rank(
         len(done),
         len(todo),
     )
-    checkpoints = sorted(run.spec.ttt.eval_after) or [0]
-    labels = str(rank)
-    telemetry.DOCUMENTS_PENDING.labels(labels).set(len(todo))
+    progress_figures = _Progress(rank, sorted(run.spec.ttt.eval_after) or [0], records)
+    telemetry.DOCUMENTS_PENDING.labels(str(rank)).set(len(todo))
     if run.spec.metrics.enabled:
         try:
             telemetry.start_metrics_server(run.spec.metrics.port)
@@ -359,25 +299,23 @@ def evaluate_rank(
             total=len(mine),
             disable=None if progress else True,
         )
-        with local.open("a", encoding="utf-8") as out:
-            for i, doc in enumerate(bar):
-                record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
-                out.write(json.dumps(record, sort_keys=True) + "\n")
-                out.flush()
-                records.append(record)
-                telemetry.DOCUMENTS_DONE.labels(labels, doc.domain).inc()
-                telemetry.DOCUMENTS_PENDING.labels(labels).set(len(todo) - i - 1)
-                telemetry.NEIGHBORS_EXCLUDED.labels(labels).inc(record["excluded"])
-                for phase, seconds in record["seconds"].items():
-                    telemetry.STAGE_SECONDS.labels(phase).observe(seconds)
-                telemetry.LAST_PROGRESS.labels(labels).set_to_current_time()
-                _update_gauges(rank, records, checkpoints)
-                if time.monotonic() - last_flush >= flush_seconds:
-                    store.put_file(local, key)
-                    last_flush = time.monotonic()
-        bar.close()
+        try:
+            with local.open("a", encoding="utf-8") as out:
+                for i, doc in enumerate(bar):
+                    record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
+                    out.write(json.dumps(record, sort_keys=True) + "\n")
+                    out.flush()
+                    records.append(record)
+                    progress_figures.add(record, pending=len(todo) - i - 1)
+                    if time.monotonic() - last_flush >= flush_seconds:
+                        store.put_file(local, key)
+                        last_flush = time.monotonic()
+        finally:
+            # an error or a drain (SIGTERM -> KeyboardInterrupt) keeps what was finished
+            bar.close()
+            store.put_file(local, key)
 
-    _write_records(local, records)
+    write_records(local, records)
     manifest = store.publish(
         prefix,
         {RESULTS: local},
@@ -387,11 +325,11 @@ def evaluate_rank(
             "world_size": world_size,
             "count": len(records),
             "spec_hash": spec_hash,
-            "neighbors_excluded": sum(r.get("excluded", 0) for r in records),
+            "neighbors_excluded": progress_figures.excluded,
             "partial_retrievals": sum(bool(r.get("partial")) for r in records),
         },
     )
-    _push_final(run, rank, records, checkpoints)
+    progress_figures.push_final(run)
     log.info("eval rank %d: published %d records to %s", rank, len(records), key)
     return manifest
 
@@ -432,25 +370,5 @@ def _evaluate_document(
             "retrieve": retrieve_seconds,
             "train": float(outcome.seconds_training),
             "score": float(outcome.seconds_scoring),
-        },
-    )
-
-
-def _push_final(run: Any, rank: int, records: list[dict[str, Any]], checkpoints: list[int]) -> None:
-    gateway = run.spec.metrics.pushgateway
-    if not gateway:
-        return
-    bpb: dict[tuple, float] = {}
-    for phase, n in (("before", checkpoints[0]), ("after", checkpoints[-1])):
-        for task, totals in _totals(records, str(n)).items():
-            bpb[(("phase", phase), ("task", task))] = totals.bits_per_byte
-    telemetry.push_final(
-        gateway,
-        job="ttt-eval",
-        grouping={"run": run.name, "rank": str(rank)},
-        figures={
-            "eval_final_bits_per_byte": bpb,
-            "eval_final_documents": len(records),
-            "eval_final_neighbors_excluded": sum(r.get("excluded", 0) for r in records),
         },
     )

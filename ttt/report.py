@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ttt.bpb import TaskTotals, pile_weighted_mean
-from ttt.eval import RESULTS, EvalError, checkpoint_score, merge_records, parse_results
+from ttt.bpb import pile_weighted_mean
+from ttt.results import RESULTS, ResultsError, merge_records, parse_results, task_totals
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,19 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
     the Pile-weighted mean over tasks; retrieval facts; seconds spent per phase.
     """
     if not records:
-        raise EvalError("no result records to summarize")
+        raise ResultsError("no result records to summarize")
     checkpoints = sorted({int(c) for c in checkpoints})
     first, last = checkpoints[0], checkpoints[-1]
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
+    at = {n: task_totals(records, n) for n in checkpoints}
     tasks: dict[str, Any] = {}
     for task in sorted(by_task):
         rows = by_task[task]
         curve = {}
         for n in checkpoints:
-            totals = TaskTotals()
-            for r in rows:
-                totals.add(checkpoint_score(r, n))
+            totals = at[n][task]
             curve[str(n)] = {
                 "bits_per_byte": totals.bits_per_byte,
                 "byte_perplexity": totals.byte_perplexity,
@@ -188,7 +187,7 @@ def build_report(run: Any, store: Any, *, out_dir: str | Path | None = None) -> 
     """Merge the ranks, write summary.json, table.md and the two plots to `report/`."""
     records, facts = read_results(run, store)
     if not records:
-        raise EvalError(
+        raise ResultsError(
             f"run {run.name}: no eval results of this spec under {run.prefix}/eval/ "
             "(run `ttt eval` first)"
         )

@@ -9,15 +9,15 @@ from ttt.spec import SpecError, load_spec
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ttt.eval import EvalError
     from ttt.report import build_report
+    from ttt.results import ResultsError
     from ttt.store import open_store
 
     try:
         run = load_spec(args.spec)
         store = open_store(run.spec.storage)
         summary = build_report(run, store, out_dir=args.out)
-    except (SpecError, EvalError) as exc:
+    except (SpecError, ResultsError) as exc:
         print(exc, file=sys.stderr)
         return 1
     print(summary["table_markdown"], end="")

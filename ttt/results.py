@@ -1,0 +1,136 @@
+"""The per-document results file of an evaluation rank: its records, and reading them back.
+
+One JSON object per line and per test document (see `result_record`); a worker appends a
+line when a document is finished, so a crash can leave at most a torn last line, which
+readers drop. The same document twice (a rank restarted, or two ranks) counts once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ttt.bpb import DocScore, TaskTotals
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+# Every record carries these; a line without them is not a finished document.
+RECORD_KEYS = ("doc", "task", "bytes", "words", "tokens", "loglik", "spec_hash")
+
+
+class ResultsError(RuntimeError):
+    """A results file that cannot be read; the message names the file and line."""
+
+
+def result_record(doc: Any, outcome: Any, **fields: Any) -> dict[str, Any]:
+    """One document's line of results.jsonl, from TTTNN's DocOutcome and the retrieval facts."""
+    if not outcome.checkpoints:
+        raise ResultsError(f"document {doc.id}: the evaluation gave no checkpoint")
+    first = outcome.checkpoints[0]
+    return {
+        "doc": doc.id,
+        "task": doc.domain,
+        # in split-text mode these are the scored half's, the same at every checkpoint
+        "bytes": int(first.bytes),
+        "words": int(first.words),
+        "tokens": int(first.tokens),
+        "loglik": {str(cp.after): float(cp.loglik) for cp in outcome.checkpoints},
+        "checkpoint_neighbors": {str(cp.after): int(cp.neighbors) for cp in outcome.checkpoints},
+        "train_steps": int(outcome.train_steps),
+        "train_tokens": int(outcome.train_tokens),
+        **fields,
+    }
+
+
+def parse_results(data: bytes, source: str) -> list[dict[str, Any]]:
+    """The records of a results.jsonl, in file order; a torn last line (a crash) is dropped.
+
+    A bad line anywhere else is corruption, not a crash, and raises naming the line.
+    """
+    lines = data.split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        last = number == len(lines)  # no newline after it: the write may have been cut
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or any(k not in record for k in RECORD_KEYS):
+                raise ValueError("not a complete result record")
+        except ValueError as exc:
+            if last:
+                log.warning("%s:%d: dropped a torn last line (%d bytes)", source, number, len(raw))
+                continue
+            raise ResultsError(f"{source}:{number}: corrupt result record: {exc}") from None
+        records.append(record)
+    return records
+
+
+def checkpoint_score(record: dict[str, Any], n: int) -> DocScore:
+    """A document's score after n neighbors.
+
+    A document with fewer neighbors than n stopped training at its last one, so its score at
+    n is the one at its largest recorded checkpoint <= n.
+    """
+    loglik = record["loglik"]
+    reached = [int(c) for c in loglik if int(c) <= n]
+    if not reached:
+        raise ResultsError(f"document {record['doc']}: no checkpoint <= {n} in {sorted(loglik)}")
+    return DocScore(
+        loglik=float(loglik[str(max(reached))]),
+        tokens=int(record["tokens"]),
+        bytes=int(record["bytes"]),
+        words=int(record["words"]),
+    )
+
+
+def merge_records(
+    groups: Sequence[Sequence[dict[str, Any]]], spec_hash: str | None = None
+) -> list[dict[str, Any]]:
+    """Records deduplicated by document id (first wins), optionally of one spec only."""
+    seen: dict[str, dict[str, Any]] = {}
+    for records in groups:
+        for record in records:
+            if spec_hash is not None and record.get("spec_hash") != spec_hash:
+                continue
+            seen.setdefault(record["doc"], record)
+    return list(seen.values())
+
+
+def load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dict[str, Any]]:
+    """What earlier attempts of a rank finished: the store's copy and any local file, merged.
+
+    A local file survives a process restart in the same pod and may be ahead of the store.
+    """
+    groups = []
+    if local.exists():
+        groups.append(parse_results(local.read_bytes(), str(local)))
+    if store.exists(key):
+        groups.append(parse_results(store.get_bytes(key), key))
+    records = merge_records(groups)
+    stale = [r for r in records if r["spec_hash"] != spec_hash]
+    if stale:
+        log.warning("%s: ignoring %d record(s) of another spec", key, len(stale))
+    return [r for r in records if r["spec_hash"] == spec_hash]
+
+
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace `path` with exactly these records (by rename: never half-written)."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def task_totals(records: Sequence[dict[str, Any]], n: int) -> dict[str, TaskTotals]:
+    """Per task, the sums over its documents at checkpoint n."""
+    totals: dict[str, TaskTotals] = {}
+    for r in records:
+        totals.setdefault(r["task"], TaskTotals()).add(checkpoint_score(r, n))
+    return totals
