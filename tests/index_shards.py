@@ -21,6 +21,7 @@ import numpy as np
 import uvicorn
 
 from ttt.corpus import TextStore
+from ttt.index.server import bind_socket
 from ttt.spec import TTTRun, load_spec
 from ttt.stages import publish_corpus, shard_prefix
 from ttt.store import open_store
@@ -114,8 +115,7 @@ def wait_ready(url: str, timeout: float = 20.0) -> None:
 @contextlib.contextmanager
 def app_server(app, ready: bool = True) -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = bind_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -143,12 +143,12 @@ def test_threshold_and_leakage_guard(published, servers):
 
 def test_a_bad_token_or_dimension_is_an_error_not_a_partial_result(servers):
     table = {"q": np.zeros(DIM, np.float32), "short": np.zeros(DIM - 1, np.float32)}
-    with ShardedRetriever(TableEncoder(table), servers, "wrong", k=3) as sharded:
-        with pytest.raises(RetrievalError, match=r"HTTP 401\): invalid bearer token"):
-            sharded.search(["q"])
-    with ShardedRetriever(TableEncoder(table), servers, TOKEN, k=3) as sharded:
-        with pytest.raises(RetrievalError, match="has 15 numbers; this shard's index has dim"):
-            sharded.search(["short"])
+    wrong = ShardedRetriever(TableEncoder(table), servers, "wrong", k=3)
+    with wrong, pytest.raises(RetrievalError, match=r"HTTP 401\): invalid bearer token"):
+        wrong.search(["q"])
+    right = ShardedRetriever(TableEncoder(table), servers, TOKEN, k=3)
+    with right, pytest.raises(RetrievalError, match="has 15 numbers; this shard's index has dim"):
+        right.search(["short"])
 
 
 def test_replicas_cover_a_dead_endpoint(published, servers):
@@ -199,9 +199,9 @@ def sample(metric, **labels) -> float:
 
 @pytest.mark.integration
 def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restores(
-    tmp_path, published
+    published,
 ):
-    spec, run, store, vectors, _ = published
+    spec, run, store, _, _ = published
     ports = [free_port() for _ in range(3)]
     procs = [start_server(spec, s, ports[s], TOKEN) for s in range(3)]
     try:

@@ -40,6 +40,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-k", type=int, default=1024, help="largest k per query")
     p.add_argument("--max-batch", type=int, default=256, help="most query vectors per request")
     p.add_argument("--max-body", type=int, default=16 * 2**20, help="largest request in bytes")
+    p.add_argument("--threads", type=int, help="FAISS threads per search (default: all cores)")
     p.set_defaults(func=_serve)
 
 
@@ -61,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
             ordinal=ordinal,
             limits=Limits(max_k=args.max_k, max_batch=args.max_batch, max_body=args.max_body),
             drain_seconds=args.drain_seconds,
+            threads=args.threads,
         )
     except (SpecError, ShardError, OSError) as exc:
         print(f"ttt serve: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ import heapq
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -257,10 +258,15 @@ class ShardedRetriever(_Retriever):
         self.down_seconds, self.batch_size = down_seconds, batch_size
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         n = sum(len(e) for e in self.endpoints)
+        # TCP_NODELAY: a request's headers and body go out without waiting for an ACK.
+        nodelay = httpx.HTTPTransport(
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            limits=httpx.Limits(max_connections=4 * n, max_keepalive_connections=4 * n),
+        )
         self._http = httpx.Client(
             headers=headers,
             timeout=timeout,
-            limits=httpx.Limits(max_connections=4 * n, max_keepalive_connections=4 * n),
+            transport=nodelay,
         )
         self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints), thread_name_prefix="shard")
         self._down_until = [0.0] * len(self.endpoints)
