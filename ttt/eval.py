@@ -48,10 +48,11 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
     spec = run.spec
     if not spec.corpus.test:
         raise EvalError(f"run {run.name}: spec.corpus.test names no test files")
-    docs = iter_documents(spec.corpus.test, store=store, strict=spec.corpus.strict)
-    by_task: dict[str, list[Document]] = {}
-    for doc in docs:
-        by_task.setdefault(doc.domain, []).append(doc)
+    # Two passes: ids first, texts of the selected only, so a worker never holds the
+    # whole test set (the Pile's is about 1.4 GB of text) in memory.
+    by_task: dict[str, list[str]] = {}
+    for doc in iter_documents(spec.corpus.test, store=store, strict=spec.corpus.strict):
+        by_task.setdefault(doc.domain, []).append(doc.id)
     if spec.eval.tasks == "all":
         tasks = sorted(by_task)
     else:
@@ -62,15 +63,21 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
                 f"(tasks there: {sorted(by_task)})"
             )
         tasks = sorted(set(spec.eval.tasks))
-    selected: list[Document] = []
+    order: list[str] = []
     for task in tasks:
-        pool = sorted(by_task[task], key=lambda d: d.id)  # file order must not matter
+        pool = sorted(by_task[task])  # the order of the files must not matter
         random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
         count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
         if spec.eval.max_documents_per_task is not None:
             count = min(count, spec.eval.max_documents_per_task)
-        selected.extend(pool[:count])
-    return selected
+        order.extend(pool[:count])
+    wanted = set(order)
+    found = {
+        doc.id: doc
+        for doc in iter_documents(spec.corpus.test, store=store, strict=spec.corpus.strict)
+        if doc.id in wanted
+    }
+    return [found[i] for i in order]
 
 
 def partition(docs: Sequence[Document], rank: int, world_size: int) -> list[Document]:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from ttt.spec import SpecError, load_spec
+
+
+def _drain(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -22,15 +27,26 @@ def _eval(args: argparse.Namespace) -> int:
     except (SpecError, EvalError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    manifest = evaluate_rank(
-        run,
-        open_store(run.spec.storage),
-        rank,
-        world_size,
-        flush_seconds=args.flush_seconds,
-        progress=not args.no_progress,
-        local_index=args.local_index,
-    )
+    # A pod's eviction sends SIGTERM: unwind like Ctrl-C so the finished documents are
+    # uploaded before the process ends (a restarted worker skips them).
+    signal.signal(signal.SIGTERM, _drain)
+    try:
+        manifest = evaluate_rank(
+            run,
+            open_store(run.spec.storage),
+            rank,
+            world_size,
+            flush_seconds=args.flush_seconds,
+            progress=not args.no_progress,
+            local_index=args.local_index,
+        )
+    except KeyboardInterrupt as exc:
+        print(
+            f"eval rank {rank} interrupted ({exc or 'SIGINT'}); finished documents are "
+            "in the store and a restart resumes",
+            file=sys.stderr,
+        )
+        return 130
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, sort_keys=True))
     return 0
 
