@@ -52,8 +52,10 @@ def load_lm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except OSError as exc:
-        raise OSError(f"cannot load causal LM {model!r} from {source}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        # transformers' messages run to pages (every known model type); the first line says it
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"cannot load causal LM {model!r} from {source}: {reason}") from None
     # cast after loading: GGUF weights are dequantized to float32 anyway, and the keyword for
     # a load-time dtype changed name across transformers releases
     lm.to(device=torch_device, dtype=torch_dtype)
