@@ -77,7 +77,10 @@ def test_sharded_search_equals_one_flat_index_over_everything(published, servers
     distances, labels = index.search(q, 10)
     table = {f"query {i}": v for i, v in enumerate(q)}
     options = {"k": 10, "exclude_identical": False}
-    with ShardedRetriever(TableEncoder(table), servers, TOKEN, **options) as sharded:
+    sharded = ShardedRetriever(
+        TableEncoder(table), servers, TOKEN, **options, batch_size=5, rows_per_request=7
+    )  # several requests per shard and phase
+    with sharded:
         remote = sharded.search(list(table), with_text=True)
     local = LocalRetriever(TableEncoder(table), [load(v) for v in vectors], texts, **options)
     for retrieved in (remote, local.search(list(table))):
@@ -288,7 +291,7 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
 
 
 @pytest.mark.slow
-def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys):
+def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys, monkeypatch):
     from ttt.cli import main
     from ttt.embed import Encoder
 
@@ -302,16 +305,22 @@ def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys
     )
     target = texts[2].text(3)
     query = target + " word5"  # near the stored document, not identical to it
-    with contextlib.ExitStack() as stack:
-        urls = [
-            stack.enter_context(
-                app_server(create_app(lambda s=s: load_shard(run, store, s), s, token=TOKEN))
-            )
-            for s in range(3)
-        ]
-        sharded = stack.enter_context(ShardedRetriever(encoder, urls, TOKEN, k=5))
-        (remote,) = sharded.search([query])
-        (own,) = sharded.search([target])
+    procs = [start_server(spec, s, 0, TOKEN) for s in range(3)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(store.list(f"{run.prefix}/registry/")) < 3:  # servers register once ready
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        with ShardedRetriever.from_run(run, encoder=encoder, store=store, token=TOKEN) as r:
+            assert r.k == 50 and r.distance_threshold is None and r.exclude_identical
+            (remote,) = r.search([query], k=5)
+            (own,) = r.search([target], k=5)
+        monkeypatch.setenv("TTT_AUTH_TOKEN", TOKEN)
+        assert main(["query", "--spec", str(spec), query, "--k", "3"]) == 0
+        served = capsys.readouterr().out
+    finally:
+        for p in procs:
+            stop(p)
     local = LocalRetriever.from_run(run, encoder=encoder, store=store, k=5)
     (in_process,) = local.search([query])
     assert remote.neighbors == in_process.neighbors
@@ -319,6 +328,7 @@ def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys
     assert remote.neighbors[0].text == target
     assert own.excluded == 1 and target not in [n.text for n in own.neighbors]
     assert main(["query", "--spec", str(spec), query, "--k", "3", "--local"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:4] == ["#", "distance", "domain", "id"]
-    assert len(out) == 4 and texts[2].meta(3)[0] in out[1]
+    assert capsys.readouterr().out == served
+    lines = served.splitlines()
+    assert lines[0].split()[:4] == ["#", "distance", "domain", "id"]
+    assert len(lines) == 4 and texts[2].meta(3)[0] in lines[1] and "document" in lines[1]

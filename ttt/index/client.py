@@ -246,6 +246,7 @@ class ShardedRetriever(_Retriever):
         backoff: float = 0.1,
         down_seconds: float = 5.0,
         batch_size: int = 64,
+        rows_per_request: int = 1024,
         exclude_margin: int = 8,
     ) -> None:
         super().__init__(
@@ -256,6 +257,7 @@ class ShardedRetriever(_Retriever):
             raise RetrievalError("ShardedRetriever: every shard needs at least one endpoint")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.down_seconds, self.batch_size = down_seconds, batch_size
+        self.rows_per_request = rows_per_request
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         n = sum(len(e) for e in self.endpoints)
         # TCP_NODELAY: a request's headers and body go out without waiting for an ACK.
@@ -362,6 +364,13 @@ class ShardedRetriever(_Retriever):
             ]
         return hits
 
+    def _texts_of(self, shard: int, rows: list[int]) -> list[str]:
+        texts: list[str] = []
+        for lo in range(0, len(rows), self.rows_per_request):
+            chunk = rows[lo : lo + self.rows_per_request]
+            texts += self._post(shard, "/v1/documents", {"rows": chunk})["texts"]
+        return texts
+
     def _fan_out(self, vectors, k, with_text):
         futures = {
             s: self._pool.submit(self._search_shard, s, vectors, k)
@@ -392,12 +401,9 @@ class ShardedRetriever(_Retriever):
             for n in ns:
                 wanted.setdefault(n.shard, []).append(n.row)
         rows = {s: sorted(set(r)) for s, r in wanted.items()}
-        futures = {
-            s: self._pool.submit(self._post, s, "/v1/documents", {"rows": r})
-            for s, r in rows.items()
-        }
+        futures = {s: self._pool.submit(self._texts_of, s, r) for s, r in rows.items()}
         bodies, failed = self._gather(futures)
-        texts = {(s, row): t for s, b in bodies.items() for row, t in zip(rows[s], b["texts"])}
+        texts = {(s, row): t for s, b in bodies.items() for row, t in zip(rows[s], b, strict=True)}
         return [
             [_with_text(n, texts[n.shard, n.row]) for n in ns if n.shard not in failed]
             for ns in merged
