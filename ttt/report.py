@@ -134,6 +134,7 @@ def plot_bpb_vs_neighbors(summary: dict[str, Any], path: str | Path) -> Path:
         linewidth=2,
         label="weighted mean",
     )
+    ax.set_xticks(xs)  # the checkpoints of evalAfter, not a continuous axis
     ax.set_xlabel("neighbors trained on")
     ax.set_ylabel("bits per byte")
     ax.set_title("TTT-NN: bits per byte vs neighbors")
