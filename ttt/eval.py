@@ -163,7 +163,7 @@ def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
     """The run's shard servers (found by discover_endpoints), or its shards loaded here."""
     from ttt.index.client import LocalRetriever, ShardedRetriever
 
-    if local_index:
+    if local_index or run.spec.retrieval.in_process:
         return LocalRetriever.from_run(run, store=store)
     return ShardedRetriever.from_run(run, store=store)
 
