@@ -275,6 +275,8 @@ class TTTNN:
                     self._step(chunk)
                     outcome.train_steps += 1
                     outcome.train_tokens += len(chunk)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # charge queued kernels to training
             outcome.seconds_training += time.perf_counter() - start
             outcome.neighbors_used = n
             self._score_due(outcome, scored, n, checkpoints, last)
