@@ -214,3 +214,22 @@ def test_shard_out_of_range_is_clear(tmp_path: Path, encoder: Encoder) -> None:
     run = make_run(tmp_path)
     with pytest.raises(EmbedError, match="shard 3: the spec has 1 shard"):
         embed_shard(run, open_store(run.spec.storage), 3, encoder=encoder, progress=False)
+
+
+def test_paper_reference_path_gives_the_same_vectors(knobs: Encoder) -> None:
+    from ttt.bench_embed import reference_encode
+
+    knobs.batch_tokens = 128
+    assert np.allclose(reference_encode(knobs, TEXTS, batch=3), knobs.encode(TEXTS), atol=2e-5)
+
+
+@pytest.mark.slow
+def test_bench_embed_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    from ttt.bench_embed import bench_embed
+
+    figures = bench_embed(documents=12, max_tokens=32, batch_tokens=256)
+    assert figures["documents"] == 12 and figures["tokens"] > 12
+    assert figures["ours_tokens_per_second"] > 0 and figures["reference_tokens_per_second"] > 0
+    assert figures["min_cosine_vs_reference"] > 0.999  # same encoder, same dtype on the CPU
+    command = "ttt bench embed --preset cpu --documents 12 --batch-tokens 256 --max-tokens 32"
+    assert f"reproduce: {command}\n" in capsys.readouterr().out

@@ -180,3 +180,14 @@ def test_stage_bad_type_names_shard_and_field(tmp_path) -> None:
     run, store = publish_embeddings(tmp_path, "IVF4,Nonsense", clustered(100, 16))
     with pytest.raises(IndexBuildError, match=r"shard 0: spec\.index\.type: 'IVF4,Nonsense'"):
         build_shard_index(run, store, 0)
+
+
+def test_bench_index_compares_flat_and_ivf_pq(capsys: pytest.CaptureFixture[str]) -> None:
+    from ttt.bench_index import bench_index
+
+    figures = bench_index(vectors=3000, dim=64, index_type="IVF16,PQ8", nprobe=4, queries=50)
+    assert figures["flat_recall@50"] == 1.0 and 0 < figures["approx_recall@50"] <= 1
+    assert figures["memory_ratio"] > 4
+    out = capsys.readouterr().out
+    command = "ttt bench index --preset cpu --vectors 3000 --dim 64 --type IVF16,PQ8 --nprobe 4"
+    assert f"reproduce: {command} --queries 50" in out
