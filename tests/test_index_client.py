@@ -17,10 +17,10 @@ from ttt.index.client import (
     Neighbor,
     RetrievalError,
     ShardedRetriever,
-    _Hits,
     discover_endpoints,
     merge_topk,
 )
+from ttt.index.retrieval import Hits
 from ttt.index.server import create_app
 from ttt.index.shard import load_shard
 from ttt.spec import loads_spec
@@ -106,9 +106,9 @@ def load(v):
 
 def test_merge_breaks_ties_by_shard_then_row():
     hits = {
-        2: _Hits([0.5, 1.0], [4, 1], ["c4", "c1"], ["x", "x"]),
-        0: _Hits([1.0, 1.0], [9, 3], ["a9", "a3"], ["x", "x"]),
-        1: _Hits([0.5], [0], ["b0"], ["x"]),
+        2: Hits([0.5, 1.0], [4, 1], ["c4", "c1"], ["x", "x"]),
+        0: Hits([1.0, 1.0], [9, 3], ["a9", "a3"], ["x", "x"]),
+        1: Hits([0.5], [0], ["b0"], ["x"]),
     }
     merged = merge_topk(hits, 4)
     assert [(n.shard, n.row) for n in merged] == [(1, 0), (2, 4), (0, 3), (0, 9)]

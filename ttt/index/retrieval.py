@@ -1,0 +1,230 @@
+"""What every retriever shares: result types, the exact top-k merge, threshold, leakage guard.
+
+`LocalRetriever` searches shard indexes held in this process; `ShardedRetriever`
+(ttt.index.client) the shard servers. Both return the same `Retrieval`s for the same shards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ttt import telemetry
+
+class RetrievalError(RuntimeError):
+    """A misconfigured retrieval (bad token, wrong dimension, no servers), never a dead shard."""
+
+
+class Encoder(Protocol):
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One retrieved document: squared-L2 `distance` to the query, `row` within `shard`."""
+
+    id: str
+    domain: str
+    distance: float
+    shard: int
+    row: int
+    text: str | None = None
+
+
+@dataclass
+class Retrieval:
+    """The neighbors of one query, nearest first; `partial` when some shard did not answer."""
+
+    neighbors: list[Neighbor]
+    partial: bool = False
+    failed_shards: list[int] = field(default_factory=list)
+    excluded: int = 0  # neighbors dropped by the leakage guard
+
+
+@dataclass
+class Hits:
+    """One shard's answer to one query, as the server sends it (distances ascending)."""
+
+    distances: list[float]
+    rows: list[int]
+    ids: list[str]
+    domains: list[str]
+
+
+def merge_topk(per_shard: dict[int, Hits], k: int) -> list[Neighbor]:
+    """The global top-k of per-shard top-k lists: ties broken by (distance, shard, row).
+
+    For exact (flat) shard indexes this is exactly the top-k of one index over all shards,
+    since each shard's k best include every one of its rows in the global k best.
+    """
+    candidates = (
+        (float(d), shard, int(row), i)
+        for shard, hits in per_shard.items()
+        for i, (d, row) in enumerate(zip(hits.distances, hits.rows, strict=True))
+    )
+    return [
+        Neighbor(per_shard[s].ids[i], per_shard[s].domains[i], d, s, row)
+        for d, s, row, i in heapq.nsmallest(k, candidates)
+    ]
+
+
+class BaseRetriever:
+    """What both retrievers share: embedding, the leakage guard, the threshold, the cut to k."""
+
+    def __init__(
+        self,
+        encoder: Encoder | None,
+        k: int = 50,
+        distance_threshold: float | None = None,
+        exclude_identical: bool = True,
+        identical_distance: float = 1e-6,
+        exclude_margin: int = 8,
+    ) -> None:
+        self.encoder, self.k = encoder, k
+        self.distance_threshold = distance_threshold
+        self.exclude_identical, self.identical_distance = exclude_identical, identical_distance
+        # Extra candidates fetched so that excluded copies of the query still leave k.
+        self.exclude_margin = exclude_margin if exclude_identical else 0
+
+    def search(
+        self, texts: Sequence[str], k: int | None = None, with_text: bool = True
+    ) -> list[Retrieval]:
+        """The neighbors of each query text (the query is embedded with the encoder)."""
+        texts = list(texts)
+        if not texts:
+            return []
+        if self.encoder is None:
+            raise RetrievalError("this retriever has no encoder; use search_vectors")
+        vectors = np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        return self.search_vectors(vectors, k, with_text, query_texts=texts)
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int | None = None,
+        with_text: bool = True,
+        query_texts: Sequence[str] | None = None,
+    ) -> list[Retrieval]:
+        """The neighbors of each query vector (n x dim float32)."""
+        k = self.k if k is None else k
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if k <= 0 or len(vectors) == 0:
+            return [Retrieval([]) for _ in range(len(vectors))]
+        start = time.perf_counter()
+        merged, failed = self._fan_out(vectors, k + self.exclude_margin, with_text)
+        telemetry.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+        for shard in failed:
+            telemetry.RETRIEVAL_PARTIAL.labels(str(shard)).inc(len(vectors))
+        out = []
+        for q, neighbors in enumerate(merged):
+            query = query_texts[q] if query_texts is not None else None
+            kept, excluded = self._select(neighbors, k, query)
+            out.append(Retrieval(kept, bool(failed), sorted(failed), excluded))
+        return out
+
+    def _select(self, neighbors: list[Neighbor], k: int, query: str | None):
+        kept, excluded = [], 0
+        for n in neighbors:  # ascending distance
+            if self.distance_threshold is not None and n.distance > self.distance_threshold:
+                break
+            identical = n.distance <= self.identical_distance or (
+                query is not None and n.text is not None and n.text == query
+            )
+            if self.exclude_identical and identical:
+                excluded += 1
+                continue
+            if len(kept) < k:
+                kept.append(n)
+        return kept, excluded
+
+    def _fan_out(
+        self, vectors: np.ndarray, k: int, with_text: bool
+    ) -> tuple[list[list[Neighbor]], set[int]]:
+        raise NotImplementedError
+
+
+class LocalRetriever(BaseRetriever):
+    """The same search over shard indexes held in this process (tests, tiny runs)."""
+
+    def __init__(
+        self,
+        encoder: Encoder | None,
+        indexes: Sequence[Any],
+        text_stores: Sequence[Any],
+        **options: Any,
+    ) -> None:
+        super().__init__(encoder, **options)
+        if len(indexes) != len(text_stores):
+            raise RetrievalError(f"{len(indexes)} indexes but {len(text_stores)} text stores")
+        self.indexes, self.text_stores = list(indexes), list(text_stores)
+
+    @classmethod
+    def from_run(
+        cls, run: Any, encoder: Encoder | None = None, store: Any = None, **options: Any
+    ) -> LocalRetriever:
+        """Every shard of a run loaded from the store into this process."""
+        from ttt.index.shard import load_shard
+
+        store = store or open_run_store(run)
+        shards = [load_shard(run, store, s) for s in range(run.spec.corpus.shards)]
+        return cls(
+            encoder or run_encoder(run),
+            [i for i, _ in shards],
+            [t for _, t in shards],
+            **{**retrieval_options(run), **options},
+        )
+
+    def _fan_out(self, vectors, k, with_text):
+        per_shard = {}
+        for shard, (index, texts) in enumerate(zip(self.indexes, self.text_stores, strict=True)):
+            d, labels = index.search(vectors, k)
+            per_shard[shard] = [
+                _local_hits(texts, dq, lq) for dq, lq in zip(d, labels, strict=True)
+            ]
+        merged = [
+            merge_topk({s: per_shard[s][q] for s in per_shard}, k) for q in range(len(vectors))
+        ]
+        if with_text:
+            merged = [
+                [neighbor_with_text(n, self.text_stores[n.shard].text(n.row)) for n in ns]
+                for ns in merged
+            ]
+        return merged, set()
+
+
+def _local_hits(texts: Any, distances: np.ndarray, labels: np.ndarray) -> Hits:
+    keep = labels >= 0
+    rows = labels[keep].tolist()
+    metas = [texts.meta(r) for r in rows]
+    return Hits(distances[keep].tolist(), rows, [m[0] for m in metas], [m[1] for m in metas])
+
+
+def neighbor_with_text(n: Neighbor, text: str) -> Neighbor:
+    return Neighbor(n.id, n.domain, n.distance, n.shard, n.row, text)
+
+
+def open_run_store(run: Any) -> Any:
+    from ttt.store import open_store
+
+    return open_store(run.spec.storage)
+
+
+def run_encoder(run: Any) -> Encoder:
+    from ttt.embed import Encoder as TextEncoder
+
+    return TextEncoder.from_spec(run.spec.embedding)
+
+
+def retrieval_options(run: Any) -> dict:
+    r = run.spec.retrieval
+    return {
+        "k": r.neighbors,
+        "distance_threshold": r.distance_threshold,
+        "exclude_identical": r.exclude_identical,
+        "identical_distance": r.identical_distance,
+    }
