@@ -16,6 +16,7 @@ import numpy as np
 
 from ttt import telemetry
 
+
 class RetrievalError(RuntimeError):
     """A misconfigured retrieval (bad token, wrong dimension, no servers), never a dead shard."""
 
