@@ -154,9 +154,13 @@ def start_server(
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> str:
+    """Kill a server (if still running) and return what it printed."""
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
-    if proc.stdout:
-        proc.stdout.close()
+    if proc.stdout is None or proc.stdout.closed:
+        return ""
+    output = proc.stdout.read().decode(errors="replace")
+    proc.stdout.close()
+    return output
