@@ -233,3 +233,22 @@ def test_bench_embed_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> N
     assert figures["min_cosine_vs_reference"] > 0.999  # same encoder, same dtype on the CPU
     command = "ttt bench embed --preset cpu --documents 12 --batch-tokens 256 --max-tokens 32"
     assert f"reproduce: {command}\n" in capsys.readouterr().out
+
+
+def test_resume_with_another_part_size_redoes_mismatched_parts(
+    tmp_path: Path, encoder: Encoder
+) -> None:
+    run = make_run(tmp_path, n_docs=6)
+    store = open_store(run.spec.storage)
+
+    def crash(part: int) -> None:
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        embed_shard(run, store, 0, encoder=encoder, part_size=4, on_part=crash, progress=False)
+    before = documents_embedded()
+    embed_shard(run, store, 0, encoder=encoder, part_size=3, progress=False)
+    vectors, _, manifest = load_published(store, run)
+    assert manifest["resumed_parts"] == 0 and documents_embedded() - before == 6
+    texts = [json.loads(line)["text"] for line in (tmp_path / "train.jsonl").open()]
+    assert np.allclose(vectors.astype(np.float32), encoder.encode(texts), atol=2e-3)

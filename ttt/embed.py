@@ -248,13 +248,22 @@ def embed_shard(
         infos = []
         for p in range(n_parts):
             key = f"{parts_prefix}/part-{p:05d}"
-            if store.exists(f"{key}.json"):
-                info = store.get_json(f"{key}.json")
+            rows = range(p * part_size, min(n, (p + 1) * part_size))
+            info = store.get_json(f"{key}.json") if store.exists(f"{key}.json") else None
+            # A part saved with another part size covers other rows: redo it.
+            if info is not None and (info["start"], info["count"]) == (rows.start, len(rows)):
                 totals["resumed_parts"] += 1
                 bar.update(info["count"])
             else:
-                rows = range(p * part_size, min(n, (p + 1) * part_size))
                 info = _embed_part(encoder, texts, rows, Path(tmp), key, store, bar, label)
+                log.info(
+                    "embed shard %d: part %d/%d, %.0f tokens/s, %.1f docs/s",
+                    shard,
+                    p + 1,
+                    n_parts,
+                    info["tokens"] / max(info["seconds"], 1e-9),
+                    info["count"] / max(info["seconds"], 1e-9),
+                )
             infos.append(info)
             totals["tokens"] += info["tokens"]
             totals["seconds"] += info["seconds"]
