@@ -106,8 +106,11 @@ def bench_index(
             "dim": dim,
             "type": index_type,
             "nprobe": nprobe,
+            "k": k if k != 50 else None,
             "queries": queries,
             "embeddings": embeddings,
+            "use_gpu": use_gpu if use_gpu != "auto" else None,
+            "seed": seed or None,
         }
         command = reproduce_command("index", preset, given)
         print_figures(f"index build: flat vs {approx_type}", figures, command)

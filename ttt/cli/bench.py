@@ -1,0 +1,97 @@
+"""`ttt bench embed|index|retrieval`: benchmarks that print figures, ratios and their command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _embed(args: argparse.Namespace) -> dict:
+    from ttt.bench_embed import bench_embed
+
+    return bench_embed(
+        preset=args.preset, model=args.model, documents=args.documents,
+        batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, device=args.device,
+        corpus=args.corpus, seed=args.seed,
+    )
+
+
+def _index(args: argparse.Namespace) -> dict:
+    from ttt.bench_index import bench_index
+
+    return bench_index(
+        preset=args.preset, vectors=args.vectors, dim=args.dim, index_type=args.type,
+        nprobe=args.nprobe, k=args.k, queries=args.queries, embeddings=args.embeddings,
+        use_gpu=args.use_gpu, seed=args.seed,
+    )
+
+
+def _retrieval(args: argparse.Namespace) -> dict:
+    from ttt.bench_retrieval import bench_retrieval
+
+    return bench_retrieval(
+        args.preset, shards=args.shards, vectors_per_shard=args.vectors_per_shard, dim=args.dim,
+        k=args.k, queries=args.queries, batch=args.batch, seed=args.seed,
+        with_text=args.with_text,
+    )
+
+
+def _runner(bench):
+    def run(args: argparse.Namespace) -> int:
+        figures = bench(args)
+        if args.json:
+            print(json.dumps(figures, indent=2, default=str))
+        return 0
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: embedding, index build, fan-out retrieval")
+    benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    e = benches.add_parser(
+        "embed", help="embedding tokens/s: ours vs the paper's path (batches of 16, fp32)",
+        epilog="example: ttt bench embed --preset cpu",
+    )
+    e.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    e.add_argument("--model", default="all-minilm-l6-v2")
+    e.add_argument("--documents", type=int)
+    e.add_argument("--batch-tokens", type=int)
+    e.add_argument("--max-tokens", type=int)
+    e.add_argument("--device")
+    e.add_argument("--corpus", nargs="+", help="Pile-format files instead of synthetic text")
+    e.set_defaults(func=_runner(_embed))
+
+    i = benches.add_parser(
+        "index", help="index build seconds, bytes per vector and recall@k: flat vs approximate",
+        epilog="example: ttt bench index --preset cpu --type IVF256,PQ32 --nprobe 16",
+    )
+    i.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    i.add_argument("--vectors", type=int)
+    i.add_argument("--dim", type=int)
+    i.add_argument("--type", help="FAISS factory string of the approximate index")
+    i.add_argument("--nprobe", type=int)
+    i.add_argument("--k", type=int, default=50)
+    i.add_argument("--queries", type=int)
+    i.add_argument("--embeddings", help="a published embeddings.npy instead of synthetic vectors")
+    i.add_argument("--use-gpu", choices=["auto", "always", "never"], default="auto")
+    i.set_defaults(func=_runner(_index))
+
+    r = benches.add_parser(
+        "retrieval", help="fan-out query latency p50/p99 over local shard servers",
+        epilog="example: ttt bench retrieval --preset cpu --shards 3",
+    )
+    r.add_argument("--preset", choices=["cpu", "large"], default="cpu")
+    r.add_argument("--shards", type=int)
+    r.add_argument("--vectors-per-shard", type=int)
+    r.add_argument("--dim", type=int)
+    r.add_argument("--k", type=int)
+    r.add_argument("--queries", type=int)
+    r.add_argument("--batch", type=int)
+    r.add_argument("--with-text", action="store_true")
+    r.set_defaults(func=_runner(_retrieval))
+
+    for parser in (e, i, r):
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
