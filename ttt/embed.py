@@ -182,30 +182,10 @@ class Encoder:
 
 
 def open_text_store(run: Any, store: Any, shard: int) -> Any:
-    """The published text store of a shard, as a local `TextStore` (fetched when remote)."""
-    from ttt.corpus import TextStore, text_store_files
-    from ttt.stages import shard_prefix
+    """The published text store of a shard (see `ttt.stages.open_text_store`)."""
+    from ttt.stages import open_text_store as open_published
 
-    prefix = shard_prefix(run, "corpus", shard)
-    manifest = store.read_manifest(prefix)
-    if manifest is None:
-        raise EmbedError(
-            f"shard {shard}: no corpus manifest at {prefix}/manifest.json; "
-            "publish the corpus shards first (ttt corpus ...)"
-        )
-    files = manifest.get("files", {})
-    local = {
-        name: Path(store.fetch(f"{prefix}/{name}", sha256=files.get(name, {}).get("sha256")))
-        for name in text_store_files(".")
-    }
-    parents = {p.parent for p in local.values()}
-    if len(parents) == 1:
-        return TextStore(parents.pop())
-    # A cache that does not keep the three files side by side: link them into one place.
-    directory = Path(tempfile.mkdtemp(prefix=f"ttt-corpus-{shard:05d}-"))
-    for name, path in local.items():
-        (directory / name).symlink_to(path.resolve())
-    return TextStore(directory)
+    return open_published(run, store, shard, EmbedError)
 
 
 def embed_shard(

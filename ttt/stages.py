@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ttt.corpus import shard_name, text_store_files, write_text_shards
+from ttt.corpus import TextStore, shard_name, text_store_files, write_text_shards
 from ttt.spec import TTTRun
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,35 @@ def is_done(run: TTTRun, store: Any, prefix: str, stage: str) -> bool:
     """A stage is finished when its manifest exists and was made from the same spec."""
     manifest = store.read_manifest(prefix)
     return manifest is not None and manifest.get("spec_hash") == run.stage_hash(stage)
+
+
+def open_text_store(
+    run: TTTRun, store: Any, shard: int, error: type[Exception] = RuntimeError
+) -> TextStore:
+    """The published text store of a shard, as a local `TextStore` (fetched when remote).
+
+    Raises `error` (the caller's stage error) when the corpus stage has not published it.
+    Kept free of torch so that a shard server starts in a second.
+    """
+    prefix = shard_prefix(run, "corpus", shard)
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        raise error(
+            f"shard {shard}: no corpus text store at {prefix}/manifest.json; "
+            "publish the corpus shards first (ttt run, or the corpus-shard component)"
+        )
+    files = manifest.get("files", {})
+    local = {
+        name: Path(store.fetch(f"{prefix}/{name}", sha256=files.get(name, {}).get("sha256")))
+        for name in text_store_files(".")
+    }
+    parents = {p.parent for p in local.values()}
+    if len(parents) == 1:
+        return TextStore(parents.pop())
+    directory = Path(tempfile.mkdtemp(prefix=f"ttt-corpus-{shard:05d}-"))
+    for name, path in local.items():  # a cache that keeps the files apart: link them together
+        (directory / name).symlink_to(path.resolve())
+    return TextStore(directory)
 
 
 def publish_corpus(run: TTTRun, store: Any, *, progress: bool = True) -> list[dict]:

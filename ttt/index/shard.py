@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,29 +51,10 @@ def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
 
 
 def open_text_store(run: Any, store: Any, shard: int) -> Any:
-    """The published text store of a shard, as a local `TextStore` (fetched when remote).
+    """The published text store of a shard (see `ttt.stages.open_text_store`)."""
+    from ttt.stages import open_text_store as open_published
 
-    Like `ttt.embed.open_text_store`, without importing torch: a server starts in a second.
-    """
-    from ttt.corpus import TextStore, text_store_files
-    from ttt.stages import shard_prefix
-
-    prefix = shard_prefix(run, "corpus", shard)
-    manifest = store.read_manifest(prefix)
-    if manifest is None:
-        raise ShardError(f"shard {shard}: no corpus text store at {prefix}/manifest.json")
-    files = manifest.get("files", {})
-    local = {
-        name: Path(store.fetch(f"{prefix}/{name}", sha256=files.get(name, {}).get("sha256")))
-        for name in text_store_files(".")
-    }
-    parents = {p.parent for p in local.values()}
-    if len(parents) == 1:
-        return TextStore(parents.pop())
-    directory = Path(tempfile.mkdtemp(prefix=f"ttt-corpus-{shard:05d}-"))
-    for name, path in local.items():  # a cache that keeps the files apart: link them together
-        (directory / name).symlink_to(path.resolve())
-    return TextStore(directory)
+    return open_published(run, store, shard, ShardError)
 
 
 def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
