@@ -257,6 +257,18 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
             f"  {title}: {expr}" for title, expr in missing
         )
 
+        # ... and the data came from the process that owns each metric (this test process
+        # may hold other metrics of earlier in-process tests, so the job is checked).
+        for job, metric in (
+            ("ttt-shard", "ttt_index_shard_ready"),
+            ("ttt-shard", "ttt_index_request_duration_seconds_count"),
+            ("ttt-eval", "ttt_eval_documents_total"),
+            ("ttt-eval", "ttt_train_steps_total"),
+            ("ttt-eval", "ttt_retrieval_duration_seconds_count"),
+            ("ttt-embed", "ttt_embed_documents_total"),
+        ):
+            assert query(prom, f'count_over_time({metric}{{job="{job}"}}[5m])'), (job, metric)
+
         # The worker's final figures reached the Pushgateway and, through it, Prometheus.
         pushed = httpx.get(f"{gateway}/metrics", timeout=5).text
         assert (
