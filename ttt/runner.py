@@ -75,19 +75,26 @@ class LocalCluster:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     children: list[_Child] = field(default_factory=list)
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, threads: int) -> dict[str, str]:
         env = dict(os.environ)
         env["TTT_AUTH_TOKEN"] = self.token
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Every child's torch/FAISS would otherwise start one OpenMP thread per core: N
+        # workers and S servers on the same cores oversubscribe them (a 2-core tiny run took
+        # 468 s instead of 68 s). A user's own OMP_NUM_THREADS wins.
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         return env
 
-    def _start(self, name: str, args: list[str]) -> _Child:
+    def _start(self, name: str, args: list[str], threads: int) -> _Child:
         log_path = self.workdir / f"{name}.log"
         out = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         cmd = [sys.executable, "-m", "ttt", *args]
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
-            preexec_fn=_die_with_parent,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self._env(threads),
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, no locks
         )
         out.close()
         child = _Child(name, proc, log_path)
@@ -102,8 +109,20 @@ class LocalCluster:
             port = _free_port()
             child = self._start(
                 f"server-{shard}",
-                ["serve", "--spec", str(self.spec_path), "--shard", str(shard),
-                 "--host", "127.0.0.1", "--port", str(port)],
+                [
+                    "serve",
+                    "--spec",
+                    str(self.spec_path),
+                    "--shard",
+                    str(shard),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--threads",
+                    "1",
+                ],
+                threads=1,  # a k-NN query over a shard is small; the cores are the workers'
             )
             child.url = f"http://127.0.0.1:{port}"
             servers.append(child)
@@ -136,11 +155,20 @@ class LocalCluster:
 
     def run_workers(self, world_size: int) -> None:
         """N evaluation workers by rank; each resumes from its own results in the store."""
+        threads = max(1, (os.cpu_count() or 1) // world_size)  # a fair share of the cores
         workers = [
             self._start(
                 f"eval-{rank}",
-                ["eval", "--spec", str(self.spec_path), "--rank", str(rank),
-                 "--world-size", str(world_size)],
+                [
+                    "eval",
+                    "--spec",
+                    str(self.spec_path),
+                    "--rank",
+                    str(rank),
+                    "--world-size",
+                    str(world_size),
+                ],
+                threads=threads,
             )
             for rank in range(world_size)
         ]

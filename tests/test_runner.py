@@ -1,0 +1,203 @@
+"""`ttt run` end to end: killed mid-evaluation and resumed, a dead shard server, a bad spec."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_run import save_tiny_lm, tiny_spec
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 240
+
+
+def _write_spec(root: Path, name: str, model: Path) -> Path:
+    """A two-shard, two-worker run over one document per task, sharing one model directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "lm").exists():
+        shutil.copytree(model, root / "lm")  # the same weights in every root
+    text = tiny_spec(root, name, workers=2, shards=2)
+    text = text.replace("maxDocumentsPerTask: 2", "maxDocumentsPerTask: 1")
+    path = root / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # the eval workers keep a local copy of their results under $TMPDIR: keep it per test
+    env["TMPDIR"] = str(root)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _ttt_run(spec: Path, workdir: Path, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ttt", "run", str(spec), "--workdir", str(workdir)],
+        check=False,
+        cwd=REPO,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+def _start(spec: Path, workdir: Path, root: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttt", "run", str(spec), "--workdir", str(workdir)],
+        cwd=REPO,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not check():
+        assert proc.poll() is None, f"ttt run exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of the live processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(
+                line
+                for line in (entry / "status").read_text().splitlines()
+                if line.startswith("State:")
+            )
+        except (OSError, StopIteration):
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def _summary(root: Path, name: str) -> dict:
+    return json.loads((root / "store" / "runs" / name / "report" / "summary.json").read_text())
+
+
+def _figures(summary: dict) -> dict[str, float]:
+    """Every per-task number of the summary but the timings, by path."""
+    out: dict[str, float] = {}
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                if key != "seconds":
+                    walk(sub, f"{path}.{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[path] = float(value)
+
+    walk(summary["tasks"], "tasks")
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("model") / "lm")
+
+
+def test_killed_mid_eval_and_resumed_equals_uninterrupted(tmp_path: Path, model: Path) -> None:
+    whole_root, cut_root = tmp_path / "whole", tmp_path / "cut"
+    whole = _ttt_run(_write_spec(whole_root, "whole", model), whole_root / "work", whole_root)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "Pile-weighted mean" in whole.stdout and "runs/whole/report/" in whole.stdout
+
+    spec, work = _write_spec(cut_root, "cut", model), cut_root / "work"
+    eval_dir = cut_root / "store" / "runs" / "cut" / "eval"
+    proc = _start(spec, work, cut_root)
+    try:
+        # under way: some rank has flushed finished documents, and not every rank is done
+        _wait_for(
+            "evaluation results in the store",
+            lambda: any(p.stat().st_size > 0 for p in eval_dir.glob("rank-*/results.jsonl")),
+            proc,
+        )
+        finished = list(eval_dir.glob("rank-*/manifest.json"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(finished) < 2, "evaluation had ended before the kill: raise the spec's work"
+    # the servers and workers got SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(work / "spec.yaml")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(work / "spec.yaml")) == []
+
+    resumed = _ttt_run(spec, work, cut_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _figures(_summary(whole_root, "whole")), _figures(_summary(cut_root, "cut"))
+    assert a.keys() == b.keys() and len(a) > 10
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    # a finished run: every stage is skipped and the report is the same
+    started = time.monotonic()
+    again = _ttt_run(spec, work, cut_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert "already finished, skipping" in again.stderr
+    assert "=== serve" not in again.stderr
+    assert _figures(_summary(cut_root, "cut")) == b
+
+
+def test_killed_shard_server_gives_partial_retrievals(tmp_path: Path, model: Path) -> None:
+    spec, work = _write_spec(tmp_path, "deadshard", model), tmp_path / "work"
+    registry = tmp_path / "store" / "runs" / "deadshard" / "registry" / "shard-00001.json"
+    proc = _start(spec, work, tmp_path)
+    try:
+        _wait_for("the eval stage", lambda: (work / "eval-0.log").exists(), proc)
+        assert registry.exists()
+        url = json.loads(registry.read_text())["url"]
+        servers = [
+            pid
+            for pid, cmdline in _processes_mentioning(str(work / "spec.yaml"))
+            if " serve " in cmdline and "--shard 1 " in cmdline
+        ]
+        assert len(servers) == 1, servers
+        assert f"--port {url.rsplit(':', 1)[1]}" in next(
+            c for p, c in _processes_mentioning(str(work / "spec.yaml")) if p == servers[0]
+        )
+        os.kill(servers[0], signal.SIGKILL)
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, (work / "eval-0.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary = _summary(tmp_path, "deadshard")
+    assert summary["partial_retrievals"] > 0
+    assert summary["documents"] == 5
+
+
+def test_bad_spec_exits_1_naming_the_field(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: bad}\nspec:\n"
+        f"  corpus: {{train: {tmp_path}/t.jsonl, test: {tmp_path}/t.jsonl, shards: 1}}\n"
+        "  ttt: {model: gpt2}\n  eval: {workers: 0}\n"
+    )
+    result = _ttt_run(spec, tmp_path / "work", tmp_path)
+    assert result.returncode == 1
+    assert "spec.eval.workers" in result.stderr and str(spec) in result.stderr
