@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,12 +128,14 @@ def test_killed_mid_eval_and_resumed_equals_uninterrupted(tmp_path: Path, model:
     eval_dir = cut_root / "store" / "runs" / "cut" / "eval"
     proc = _start(spec, work, cut_root)
     try:
-        # under way: some rank has flushed finished documents, and not every rank is done
-        _wait_for(
-            "evaluation results in the store",
-            lambda: any(p.stat().st_size > 0 for p in eval_dir.glob("rank-*/results.jsonl")),
-            proc,
-        )
+        # under way: a worker has finished a document (its local results file, under $TMPDIR,
+        # gets a line per document; the store's copy every few seconds), and not every rank
+        # is done
+        def some_finished() -> bool:
+            files = [*eval_dir.glob("rank-*/results.jsonl"), *cut_root.glob("ttt-eval-*/*.jsonl")]
+            return any(p.stat().st_size > 0 for p in files)
+
+        _wait_for("a finished document", some_finished, proc)
         finished = list(eval_dir.glob("rank-*/manifest.json"))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -148,6 +151,13 @@ def test_killed_mid_eval_and_resumed_equals_uninterrupted(tmp_path: Path, model:
 
     resumed = _ttt_run(spec, work, cut_root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the workers resumed: some documents were done before the kill, some were left
+    counts = [
+        tuple(map(int, m))
+        for log in work.glob("eval-*.log")
+        for m in re.findall(r"(\d+) done before, (\d+) to go", log.read_text())
+    ]
+    assert sum(done for done, _ in counts) > 0 and sum(left for _, left in counts) > 0, counts
     a, b = _figures(_summary(whole_root, "whole")), _figures(_summary(cut_root, "cut"))
     assert a.keys() == b.keys() and len(a) > 10
     for key, value in a.items():

@@ -128,7 +128,12 @@ class LocalCluster:
             servers.append(child)
         self._wait_ready(servers)
         for shard, child in enumerate(servers):
-            store.put_json(f"{self.run.prefix}/registry/shard-{shard:05d}.json", {"url": child.url})
+            # A server registers itself only in a local store (ttt.index.server.serve); with
+            # MinIO/S3 this is the one writer. Same record either way.
+            store.put_json(
+                f"{self.run.prefix}/registry/shard-{shard:05d}.json",
+                {"url": child.url, "shard": shard, "replica": 0},
+            )
         return servers
 
     def _wait_ready(self, servers: list[_Child]) -> None:
