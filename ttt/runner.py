@@ -83,6 +83,12 @@ class LocalCluster:
         # workers and S servers on the same cores oversubscribe them (a 2-core tiny run took
         # 468 s instead of 68 s). A user's own OMP_NUM_THREADS wins.
         env.setdefault("OMP_NUM_THREADS", str(threads))
+        # A worker keeps a local copy of its results under the temp dir; inside this run's
+        # workdir it cannot outlive the run's store (a re-run after deleting the store redoes
+        # everything instead of trusting a stale copy in /tmp).
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(tmp)
         return env
 
     def _start(self, name: str, args: list[str], threads: int) -> _Child:
