@@ -80,8 +80,12 @@ def test_kfp_run_submit_command(steps) -> None:
     assert 'spec="$(cat smoke-run.yaml)"' in command
     # The spec submitted is the chart's CPU run spec, so the index pods serve what it built.
     assert "charts/ttt/values-cpu.yaml" in run
-    compiled = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text(encoding="utf-8"))
+    # The pipeline spec, then the Kubernetes platform spec (the store Secret for every task).
+    compiled, platform = yaml.safe_load_all(
+        (ROOT / "pipelines" / "smoke.yaml").read_text(encoding="utf-8")
+    )
     assert "spec" in compiled["root"]["inputDefinitions"]["parameters"]
+    assert "kubernetes" in platform["platforms"]
 
 
 def test_every_built_image_exists_and_secrets_are_not_literals(steps) -> None:
