@@ -47,7 +47,9 @@ def full(
     )
     with dsl.ParallelFor(plan.outputs["ranks"], name="ranks") as rank:
         evaluate = on_gpu(
-            with_store(ttt_eval(spec=spec, rank=rank, world_size=plan.outputs["world_size"]), store_secret)
+            with_store(
+                ttt_eval(spec=spec, rank=rank, world_size=plan.outputs["world_size"]), store_secret
+            )
         )
         evaluate.after(deploy)
     summary = with_store(report(spec=spec), store_secret)

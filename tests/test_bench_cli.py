@@ -8,20 +8,51 @@ from ttt.cli import main
 
 
 def test_bench_index_cli_prints_figures_and_command(capsys):
-    code = main(["bench", "index", "--vectors", "3000", "--dim", "32", "--type", "IVF16,Flat",
-                 "--nprobe", "4", "--k", "10", "--queries", "20", "--json"])
+    code = main(
+        [
+            "bench",
+            "index",
+            "--vectors",
+            "3000",
+            "--dim",
+            "32",
+            "--type",
+            "IVF16,Flat",
+            "--nprobe",
+            "4",
+            "--k",
+            "10",
+            "--queries",
+            "20",
+            "--json",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "reproduce: ttt bench index" in out and "--type IVF16,Flat" in out and "--k 10" in out
-    figures = json.loads(out[out.index("{"):])
+    figures = json.loads(out[out.index("{") :])
     assert figures["flat_recall@10"] == 1.0
     assert 0 < figures["approx_recall@10"] <= 1.0
     assert figures["flat_bytes_per_vector"] == 32 * 4
 
 
 def test_bench_retrieval_cli(capsys):
-    code = main(["bench", "retrieval", "--shards", "2", "--vectors-per-shard", "500",
-                 "--dim", "16", "--k", "5", "--queries", "10"])
+    code = main(
+        [
+            "bench",
+            "retrieval",
+            "--shards",
+            "2",
+            "--vectors-per-shard",
+            "500",
+            "--dim",
+            "16",
+            "--k",
+            "5",
+            "--queries",
+            "10",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "p50" in out and "p99" in out

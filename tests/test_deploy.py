@@ -23,8 +23,11 @@ def test_patch_scales_to_shards_times_replicas_and_names_the_run():
     patch = statefulset_patch(run)
     assert patch["spec"]["replicas"] == 6
     env = {e["name"]: e["value"] for e in patch["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env == {"TTT_METADATA__NAME": "pile", "TTT_CORPUS__SHARDS": "3",
-                   "TTT_INDEX__REPLICAS": "2"}
+    assert env == {
+        "TTT_METADATA__NAME": "pile",
+        "TTT_CORPUS__SHARDS": "3",
+        "TTT_INDEX__REPLICAS": "2",
+    }
     annotations = patch["spec"]["template"]["metadata"]["annotations"]
     assert annotations["ttt.dev/index-hash"] == run.stage_hash("index")
 
@@ -36,7 +39,10 @@ def test_patch_scales_to_shards_times_replicas_and_names_the_run():
         ({"observedGeneration": 3, "replicas": 6, "updatedReplicas": 6, "readyReplicas": 6}, False),
         ({"observedGeneration": 4, "replicas": 6, "updatedReplicas": 6, "readyReplicas": 5}, False),
         ({"observedGeneration": 4, "replicas": 7, "updatedReplicas": 6, "readyReplicas": 6}, False),
-        ({"observedGeneration": 4, "replicas": 6, "updatedReplicas": None, "readyReplicas": 6}, False),
+        (
+            {"observedGeneration": 4, "replicas": 6, "updatedReplicas": None, "readyReplicas": 6},
+            False,
+        ),
     ],
 )
 def test_rollout_complete(status, done):
@@ -56,14 +62,22 @@ class _AppsApi:
     def read_namespaced_stateful_set_status(self, name, namespace):
         self.polls += 1
         ready = 6 if self.polls >= self.ready_after else min(self.polls, 5)
-        return SimpleNamespace(status=SimpleNamespace(
-            observed_generation=2, replicas=6, updated_replicas=6, ready_replicas=ready))
+        return SimpleNamespace(
+            status=SimpleNamespace(
+                observed_generation=2, replicas=6, updated_replicas=6, ready_replicas=ready
+            )
+        )
 
 
 def test_deploy_waits_until_every_shard_is_ready():
     api = _AppsApi(ready_after=3)
-    result = deploy_index(loads_spec(SPEC, environ={}), namespace="ttt", statefulset="ttt-index",
-                          poll_s=0, apps_api=api)
+    result = deploy_index(
+        loads_spec(SPEC, environ={}),
+        namespace="ttt",
+        statefulset="ttt-index",
+        poll_s=0,
+        apps_api=api,
+    )
     assert api.polls == 3 and result["readyReplicas"] == 6
     assert api.patches[0][:2] == ("ttt-index", "ttt")
 
@@ -71,5 +85,11 @@ def test_deploy_waits_until_every_shard_is_ready():
 def test_deploy_times_out_with_the_figures():
     api = _AppsApi(ready_after=10**9)
     with pytest.raises(DeployError, match="ttt/ttt-index: not ready"):
-        deploy_index(loads_spec(SPEC, environ={}), namespace="ttt", statefulset="ttt-index",
-                     timeout_s=0.05, poll_s=0.01, apps_api=api)
+        deploy_index(
+            loads_spec(SPEC, environ={}),
+            namespace="ttt",
+            statefulset="ttt-index",
+            timeout_s=0.05,
+            poll_s=0.01,
+            apps_api=api,
+        )

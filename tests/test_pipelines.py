@@ -52,9 +52,7 @@ def test_components_are_thin_wrappers():
         tree = ast.parse(path.read_text())
         funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
         assert len(funcs) == 1, path
-        body_imports = [
-            n for n in ast.walk(funcs[0]) if isinstance(n, ast.Import | ast.ImportFrom)
-        ]
+        body_imports = [n for n in ast.walk(funcs[0]) if isinstance(n, ast.Import | ast.ImportFrom)]
         for node in body_imports:
             module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
             assert module.split(".")[0] in {"json", "collections", "ttt"}, (path, module)
@@ -78,8 +76,12 @@ def test_smoke_pipeline_runs_locally(tmp_path, monkeypatch, smoke_spec_text):
     smoke(spec=smoke_spec_text)
     run = loads_spec(smoke_spec_text)
     store = open_store(run.spec.storage)
-    for prefix in ("corpus/shard-00000", "embed/shard-00000", "index/shard-00000",
-                   "eval/rank-00000"):
+    for prefix in (
+        "corpus/shard-00000",
+        "embed/shard-00000",
+        "index/shard-00000",
+        "eval/rank-00000",
+    ):
         manifest = store.read_manifest(f"{run.prefix}/{prefix}")
         assert manifest is not None and manifest["spec_hash"], prefix
     summary = json.loads(store.get_bytes(f"{run.prefix}/report/summary.json"))

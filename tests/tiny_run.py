@@ -47,8 +47,15 @@ def save_tiny_lm(out: Path) -> Path:
     return out
 
 
-def tiny_spec(root: Path, name: str = "tiny", *, workers: int = 1, shards: int = 2,
-              in_process: bool = False, extra: str = "") -> str:
+def tiny_spec(
+    root: Path,
+    name: str = "tiny",
+    *,
+    workers: int = 1,
+    shards: int = 2,
+    in_process: bool = False,
+    extra: str = "",
+) -> str:
     """The YAML text of a run that finishes in well under a minute on two CPU cores."""
     write_corpus(root / "corpus")
     model = root / "lm"

@@ -1,4 +1,5 @@
 """Allow `python -m ttt`."""
+
 import sys
 
 from ttt.cli import main

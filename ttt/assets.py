@@ -21,7 +21,9 @@ class AssetError(LookupError):
 def package_path(module: str, inner: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"offline model package '{pip_name}' is not installed: pip install {pip_name}")
+        raise AssetError(
+            f"offline model package '{pip_name}' is not installed: pip install {pip_name}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / inner
     if not path.exists():
         raise AssetError(f"package '{pip_name}' has no {inner} (looked in {path.parent})")

@@ -96,8 +96,13 @@ def deploy_index(
         }
         if rollout_complete(generation, replicas, figures):
             log.info("%s: all %d shard pods ready", where, replicas)
-            return {"statefulset": statefulset, "namespace": namespace, "run": run.name,
-                    "replicas": replicas, **figures}
+            return {
+                "statefulset": statefulset,
+                "namespace": namespace,
+                "run": run.name,
+                "replicas": replicas,
+                **figures,
+            }
         if time.monotonic() > deadline:
             raise DeployError(f"{where}: not ready after {timeout_s:.0f} s: {figures}")
         time.sleep(poll_s)

@@ -252,9 +252,7 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(
-    raw: Any, source: str = "<spec>", environ: dict[str, str] | None = None
-) -> TTTRun:
+def parse_spec(raw: Any, source: str = "<spec>", environ: dict[str, str] | None = None) -> TTTRun:
     """Validate a parsed YAML document, with TTT_ environment overrides applied first."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a run spec must be a mapping, got {type(raw).__name__}")
@@ -304,7 +302,9 @@ def resolve_spec(value: str, environ: dict[str, str] | None = None) -> TTTRun:
         bucket, _, key = text[len("s3://") :].partition("/")
         raw: dict[str, Any] = {"metadata": {"name": "spec-fetch"}}
         _apply_env(raw, dict(os.environ if environ is None else environ))
-        storage = StorageSpec.model_validate({**raw.get("spec", {}).get("storage", {}), "bucket": bucket})
+        storage = StorageSpec.model_validate(
+            {**raw.get("spec", {}).get("storage", {}), "bucket": bucket}
+        )
         if not storage.endpoint:
             raise SpecError(f"{text}: set TTT_STORAGE__ENDPOINT to read a spec from S3")
         data = open_store(storage).get_bytes(key)

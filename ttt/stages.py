@@ -69,7 +69,11 @@ def publish_corpus(run: TTTRun, store: Any, *, progress: bool = True) -> list[di
         raise ValueError("spec.corpus.train: no training corpus given")
     with tempfile.TemporaryDirectory(prefix="ttt-corpus-") as tmp:
         stats = write_text_shards(
-            run.spec.corpus.train, n, tmp, store=store, strict=run.spec.corpus.strict,
+            run.spec.corpus.train,
+            n,
+            tmp,
+            store=store,
+            strict=run.spec.corpus.strict,
             progress=progress,
         )
         if stats.total_bad_lines:

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,7 +15,6 @@ from prometheus_client import (
     push_to_gateway,
     start_http_server,
 )
-from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ SEARCH_REQUESTS = Counter(
     "ttt_index_requests_total", "k-NN search requests served", ["shard", "code"]
 )
 SEARCH_LATENCY = Histogram(
-    "ttt_index_request_duration_seconds", "k-NN search latency", ["shard"],
+    "ttt_index_request_duration_seconds",
+    "k-NN search latency",
+    ["shard"],
     buckets=_LATENCY_BUCKETS,
 )
 VECTORS_SERVED = Counter("ttt_index_vectors_served_total", "neighbors returned", ["shard"])
@@ -36,7 +38,8 @@ SHARD_VECTORS = Gauge("ttt_index_shard_vectors", "vectors in the loaded shard in
 
 # --- retrieval client ----------------------------------------------------------------------
 RETRIEVAL_LATENCY = Histogram(
-    "ttt_retrieval_duration_seconds", "fan-out query latency over all shards",
+    "ttt_retrieval_duration_seconds",
+    "fan-out query latency over all shards",
     buckets=_LATENCY_BUCKETS,
 )
 RETRIEVAL_PARTIAL = Counter(
@@ -55,12 +58,11 @@ EMBED_TOKENS_PER_SECOND = Gauge(
 TRAIN_TOKENS = Counter("ttt_train_tokens_total", "tokens trained on at test time", ["rank"])
 TRAIN_STEPS = Counter("ttt_train_steps_total", "test-time optimizer steps", ["rank"])
 TRAIN_TOKENS_PER_SECOND = Gauge(
-    "ttt_train_tokens_per_second", "test-time training throughput of the last document",
+    "ttt_train_tokens_per_second",
+    "test-time training throughput of the last document",
     ["rank"],
 )
-DOCUMENTS_DONE = Counter(
-    "ttt_eval_documents_total", "test documents evaluated", ["rank", "task"]
-)
+DOCUMENTS_DONE = Counter("ttt_eval_documents_total", "test documents evaluated", ["rank", "task"])
 DOCUMENTS_PENDING = Gauge("ttt_eval_documents_pending", "test documents left", ["rank"])
 NEIGHBORS_EXCLUDED = Counter(
     "ttt_eval_neighbors_excluded_total", "neighbors dropped by the leakage guard", ["rank"]
@@ -69,11 +71,14 @@ BITS_PER_BYTE = Gauge(
     "ttt_eval_bits_per_byte", "running bits per byte per task", ["rank", "task", "phase"]
 )
 LAST_PROGRESS = Gauge(
-    "ttt_eval_last_progress_timestamp_seconds", "when a worker last finished a document",
+    "ttt_eval_last_progress_timestamp_seconds",
+    "when a worker last finished a document",
     ["rank"],
 )
 STAGE_SECONDS = Histogram(
-    "ttt_eval_stage_duration_seconds", "seconds per test document and phase", ["phase"],
+    "ttt_eval_stage_duration_seconds",
+    "seconds per test document and phase",
+    ["phase"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 
@@ -122,5 +127,7 @@ def push_final(gateway: str | None, job: str, grouping: dict[str, str], figures:
 
 
 __all__ = [name for name in dir() if name.isupper()] + [
-    "DEFAULT_REGISTRY", "push_final", "start_metrics_server",
+    "DEFAULT_REGISTRY",
+    "push_final",
+    "start_metrics_server",
 ]

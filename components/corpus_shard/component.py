@@ -8,9 +8,9 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def corpus_shard(
-    spec: str, manifest: dsl.Output[dsl.Artifact]
-) -> NamedTuple("Plan", shards=list, ranks=list, world_size=int):
+def corpus_shard(spec: str, manifest: dsl.Output[dsl.Artifact]) -> NamedTuple(
+    "Plan", shards=list, ranks=list, world_size=int
+):
     """Publish every shard's text store; returns the shard and rank lists to fan out over."""
     import json
     from collections import namedtuple

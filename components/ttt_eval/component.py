@@ -6,9 +6,7 @@ from components import EVAL_IMAGE
 
 
 @dsl.component(base_image=EVAL_IMAGE, install_kfp_package=False)
-def ttt_eval(
-    spec: str, rank: int, world_size: int, results: dsl.Output[dsl.Artifact]
-) -> None:
+def ttt_eval(spec: str, rank: int, world_size: int, results: dsl.Output[dsl.Artifact]) -> None:
     """Evaluate rank `rank` of `world_size`; a retried pod skips the documents it finished."""
     import json
 

@@ -12,8 +12,16 @@ import sys
 # Each name is a module ttt.cli.<name> with `register(subparsers)`; a module registers one
 # or more subcommands whose handler is `args.func(args) -> int`.
 COMMAND_MODULES = [
-    "validate", "corpus", "embed", "index", "serve", "query",
-    "eval", "report", "run", "bench",
+    "validate",
+    "corpus",
+    "embed",
+    "index",
+    "serve",
+    "query",
+    "eval",
+    "report",
+    "run",
+    "bench",
 ]
 
 EPILOG = """examples:

@@ -10,9 +10,14 @@ def _embed(args: argparse.Namespace) -> dict:
     from ttt.bench_embed import bench_embed
 
     return bench_embed(
-        preset=args.preset, model=args.model, documents=args.documents,
-        batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, device=args.device,
-        corpus=args.corpus, seed=args.seed,
+        preset=args.preset,
+        model=args.model,
+        documents=args.documents,
+        batch_tokens=args.batch_tokens,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        corpus=args.corpus,
+        seed=args.seed,
     )
 
 
@@ -20,9 +25,16 @@ def _index(args: argparse.Namespace) -> dict:
     from ttt.bench_index import bench_index
 
     return bench_index(
-        preset=args.preset, vectors=args.vectors, dim=args.dim, index_type=args.type,
-        nprobe=args.nprobe, k=args.k, queries=args.queries, embeddings=args.embeddings,
-        use_gpu=args.use_gpu, seed=args.seed,
+        preset=args.preset,
+        vectors=args.vectors,
+        dim=args.dim,
+        index_type=args.type,
+        nprobe=args.nprobe,
+        k=args.k,
+        queries=args.queries,
+        embeddings=args.embeddings,
+        use_gpu=args.use_gpu,
+        seed=args.seed,
     )
 
 
@@ -30,8 +42,14 @@ def _retrieval(args: argparse.Namespace) -> dict:
     from ttt.bench_retrieval import bench_retrieval
 
     return bench_retrieval(
-        args.preset, shards=args.shards, vectors_per_shard=args.vectors_per_shard, dim=args.dim,
-        k=args.k, queries=args.queries, batch=args.batch, seed=args.seed,
+        args.preset,
+        shards=args.shards,
+        vectors_per_shard=args.vectors_per_shard,
+        dim=args.dim,
+        k=args.k,
+        queries=args.queries,
+        batch=args.batch,
+        seed=args.seed,
         with_text=args.with_text,
     )
 
@@ -51,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     e = benches.add_parser(
-        "embed", help="embedding tokens/s: ours vs the paper's path (batches of 16, fp32)",
+        "embed",
+        help="embedding tokens/s: ours vs the paper's path (batches of 16, fp32)",
         epilog="example: ttt bench embed --preset cpu",
     )
     e.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
@@ -64,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_runner(_embed))
 
     i = benches.add_parser(
-        "index", help="index build seconds, bytes per vector and recall@k: flat vs approximate",
+        "index",
+        help="index build seconds, bytes per vector and recall@k: flat vs approximate",
         epilog="example: ttt bench index --preset cpu --type IVF256,PQ32 --nprobe 16",
     )
     i.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
@@ -79,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_runner(_index))
 
     r = benches.add_parser(
-        "retrieval", help="fan-out query latency p50/p99 over local shard servers",
+        "retrieval",
+        help="fan-out query latency p50/p99 over local shard servers",
         epilog="example: ttt bench retrieval --preset cpu --shards 3",
     )
     r.add_argument("--preset", choices=["cpu", "large"], default="cpu")
