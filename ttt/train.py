@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, score_document
+from ttt.index.retrieval import is_leak
 from ttt.lm import eot_token_id
 
 _WHITESPACE = re.compile(r"\s")
@@ -57,7 +58,6 @@ def select_neighbors(
     pairs = list(zip(neighbors, distances if distances is not None else [None] * len(neighbors)))
     if distances is not None:
         pairs.sort(key=lambda p: p[1])  # stable: equal distances keep the retriever's order
-    target = text.strip()
     kept: list[tuple[str, float | None]] = []
     identical = far = 0
     for neighbor, distance in pairs:
@@ -67,9 +67,7 @@ def select_neighbors(
             and distance > distance_threshold
         ):
             far += 1
-        elif exclude_identical and (
-            neighbor.strip() == target or (distance is not None and distance <= identical_distance)
-        ):
+        elif exclude_identical and is_leak(text, neighbor, distance, identical_distance):
             identical += 1
         else:
             kept.append((neighbor, distance))

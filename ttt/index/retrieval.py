@@ -17,6 +17,19 @@ import numpy as np
 from ttt import telemetry
 
 
+def is_leak(
+    document: str | None, neighbor: str | None, distance: float | None, identical_distance: float
+) -> bool:
+    """The leakage guard's rule: the neighbor is the test document itself, retrieved.
+
+    Identical text (ignoring surrounding whitespace) or a distance of ~0; both the retrievers
+    and the training loop use this one definition.
+    """
+    if distance is not None and distance <= identical_distance:
+        return True
+    return document is not None and neighbor is not None and neighbor.strip() == document.strip()
+
+
 class RetrievalError(RuntimeError):
     """A misconfigured retrieval (bad token, wrong dimension, no servers), never a dead shard."""
 
@@ -133,10 +146,9 @@ class BaseRetriever:
         for n in neighbors:  # ascending distance
             if self.distance_threshold is not None and n.distance > self.distance_threshold:
                 break
-            identical = n.distance <= self.identical_distance or (
-                query is not None and n.text is not None and n.text == query
-            )
-            if self.exclude_identical and identical:
+            if self.exclude_identical and is_leak(
+                query, n.text, n.distance, self.identical_distance
+            ):
                 excluded += 1
                 continue
             if len(kept) < k:
