@@ -57,3 +57,16 @@ def test_bench_retrieval_cli(capsys):
     out = capsys.readouterr().out
     assert "p50" in out and "p99" in out
     assert "reproduce: ttt bench retrieval --preset cpu --shards 2" in out
+
+
+def test_bench_index_cli_reranks_against_vectors_on_disk(capsys):
+    args = ["bench", "index", "--vectors", "3000", "--dim", "32", "--type", "IVF16,PQ4"]
+    args += ["--nprobe", "8", "--rerank", "10", "--k", "10", "--queries", "30", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "--rerank 10" in out
+    figures = json.loads(out[out.index("{") :])
+    assert figures["approx_rerank"] == 10
+    assert figures["approx_recall@10"] >= 0.99 > figures["approx_recall@10_without_rerank"]
+    assert figures["approx_disk_bytes_per_vector"] == 32 * 2  # float16 on disk, not in RAM
+    assert figures["memory_ratio"] == round(32 * 4 / figures["approx_bytes_per_vector"], 1)

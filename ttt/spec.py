@@ -63,6 +63,12 @@ class IndexSpec(_Section):
     nprobe: int | None = Field(None, ge=1)
     recall_queries: int = Field(200, ge=0, description="held-out queries for recall@k")
     use_gpu: Literal["auto", "always", "never"] = "auto"
+    rerank: int = Field(
+        0,
+        ge=0,
+        description="re-rank k x rerank candidates exactly against the float16 embeddings "
+        "on disk (0 = off)",
+    )
 
 
 class RetrievalSpec(_Section):

@@ -30,6 +30,7 @@ def _index(args: argparse.Namespace) -> dict:
         dim=args.dim,
         index_type=args.type,
         nprobe=args.nprobe,
+        rerank=args.rerank,
         k=args.k,
         queries=args.queries,
         embeddings=args.embeddings,
@@ -65,7 +66,11 @@ def _runner(bench):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: embedding, index build, fan-out retrieval")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: embedding, index build, fan-out retrieval",
+        epilog="example: ttt bench retrieval --preset cpu --json",
+    )
     benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     e = benches.add_parser(
@@ -92,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--dim", type=int)
     i.add_argument("--type", help="FAISS factory string of the approximate index")
     i.add_argument("--nprobe", type=int)
+    i.add_argument(
+        "--rerank",
+        type=int,
+        help="re-rank k x RERANK candidates exactly against the float16 vectors on disk "
+        "(0 = off; default: the preset's)",
+    )
     i.add_argument("--k", type=int, default=50)
     i.add_argument("--queries", type=int)
     i.add_argument("--embeddings", help="a published embeddings.npy instead of synthetic vectors")

@@ -32,6 +32,7 @@ from ttt.index.api import (
     query_matrix,
     read_json,
 )
+from ttt.index.rerank import RerankedIndex
 from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,11 @@ class ShardState:
                 raise ShardError(
                     f"shard {self.shard}: {index.ntotal} vectors but {len(texts)} documents"
                 )
-            ivf = faiss.try_extract_index_ivf(index)
+            # A re-ranked index reconstructs rows from its stored vectors; others need the
+            # direct map for include_vectors on IVF indexes.
+            ivf = None if isinstance(index, RerankedIndex) else faiss.try_extract_index_ivf(index)
             if ivf is not None:
-                ivf.make_direct_map()  # lets include_vectors reconstruct rows of IVF indexes
+                ivf.make_direct_map()
             self.can_reconstruct = _can_reconstruct(index)
             self.index, self.texts = index, texts
         except Exception as exc:  # noqa: BLE001 - any load failure is reported by /readyz

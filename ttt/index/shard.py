@@ -21,7 +21,11 @@ class ShardError(RuntimeError):
 
 
 def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
-    """The published index of `shard` and its text store, checked to belong together."""
+    """The published index of `shard` and its text store, checked to belong together.
+
+    With spec.index.rerank > 0 (and an approximate index) the index comes wrapped in a
+    `RerankedIndex` over the shard's embeddings.npy, memory-mapped from the store.
+    """
     from ttt.index.build import INDEX, load_shard_index
     from ttt.stages import shard_prefix
 
@@ -41,6 +45,8 @@ def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
         )
     sha = manifest.get("files", {}).get(INDEX, {}).get("sha256")
     index = load_shard_index(store.fetch(f"{prefix}/{INDEX}", sha256=sha), run.spec.index.nprobe)
+    if run.spec.index.rerank and manifest.get("type", run.spec.index.type) != "flat":
+        index = _reranked(run, store, shard, index, manifest)
     texts = open_text_store(run, store, shard)
     if len(texts) != index.ntotal:
         raise ShardError(
@@ -48,6 +54,31 @@ def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
             f"{len(texts)} documents; rebuild the index"
         )
     return index, texts
+
+
+def _reranked(run: Any, store: Any, shard: int, index: faiss.Index, manifest: dict) -> Any:
+    """`index` re-ranked against the shard's float16 embeddings, memory-mapped from the store."""
+    import numpy as np
+
+    from ttt.embed import EMBEDDINGS
+    from ttt.index.rerank import RerankedIndex
+    from ttt.stages import shard_prefix
+
+    prefix = manifest.get("embed") or shard_prefix(run, "embed", shard)
+    embedded = store.read_manifest(prefix)
+    if embedded is None:
+        raise ShardError(
+            f"shard {shard}: spec.index.rerank is {run.spec.index.rerank} but there are no "
+            f"embeddings at {prefix}/manifest.json to re-rank against; run `ttt embed` or set "
+            "spec.index.rerank to 0"
+        )
+    sha = embedded.get("files", {}).get(EMBEDDINGS, {}).get("sha256")
+    # Memory-mapped: a search reads only its candidates' pages, the rest stays on disk.
+    vectors = np.load(store.fetch(f"{prefix}/{EMBEDDINGS}", sha256=sha), mmap_mode="r")
+    try:
+        return RerankedIndex(index, vectors, run.spec.index.rerank)
+    except ValueError as exc:
+        raise ShardError(f"shard {shard}: {prefix}/{EMBEDDINGS}: {exc}") from None
 
 
 def open_text_store(run: Any, store: Any, shard: int) -> Any:
