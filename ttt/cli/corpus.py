@@ -15,13 +15,17 @@ def register(subparsers: Any) -> None:
         "corpus",
         help="inspect and shard a Pile-format corpus",
         description="Read Pile-format .jsonl / .jsonl.zst files (paths, globs, s3:// URIs).",
+        epilog="examples:\n"
+        "  ttt corpus stats examples/data/train.jsonl.zst examples/data/bad-lines.jsonl\n"
+        "  ttt corpus shard examples/data/train.jsonl.zst --shards 2 --out /tmp/corpus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = corpus.add_subparsers(dest="corpus_command", metavar="SUBCOMMAND", required=True)
 
     stats = sub.add_parser(
         "stats",
         help="documents and bytes per domain, bad lines per reason",
-        epilog="example: ttt corpus stats 'data/train/*.jsonl.zst' --json",
+        epilog="example: ttt corpus stats 'examples/data/*.jsonl*' --json",
     )
     stats.add_argument("paths", nargs="+", metavar="PATH")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
@@ -32,7 +36,7 @@ def register(subparsers: Any) -> None:
     shard = sub.add_parser(
         "shard",
         help="split into N text-store shards (texts.zst, offsets.npy, docs.jsonl)",
-        epilog="example: ttt corpus shard data/train.jsonl.zst --shards 4 --out /tmp/corpus",
+        epilog="example: ttt corpus shard examples/data/train.jsonl.zst --shards 4 --out /tmp/corpus",
     )
     shard.add_argument("paths", nargs="+", metavar="PATH")
     shard.add_argument("--shards", type=int, required=True, metavar="N")
@@ -54,10 +58,12 @@ def _store(args: argparse.Namespace) -> Any:
 
 def _stats(args: argparse.Namespace) -> int:
     from ttt.corpus import CorpusError, collect_stats
+    from ttt.spec import SpecError
+    from ttt.store import StoreError
 
     try:
         stats = collect_stats(args.paths, store=_store(args), strict=args.strict)
-    except CorpusError as e:
+    except (CorpusError, SpecError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(stats.to_dict(), indent=2) if args.json else stats.summary())
@@ -66,6 +72,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from ttt.corpus import CorpusError, write_text_shards
+    from ttt.spec import SpecError
+    from ttt.store import StoreError
 
     if args.shards < 1:
         print(f"error: --shards must be >= 1, got {args.shards}", file=sys.stderr)
@@ -74,7 +82,7 @@ def _shard(args: argparse.Namespace) -> int:
         stats = write_text_shards(
             args.paths, args.shards, args.out, store=_store(args), strict=args.strict
         )
-    except CorpusError as e:
+    except (CorpusError, SpecError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -17,7 +17,9 @@ def _drain(signum: int, frame: object) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from ttt.eval import EvalError, evaluate_rank, resolve_rank
-    from ttt.store import open_store
+    from ttt.index.retrieval import RetrievalError
+    from ttt.index.shard import ShardError
+    from ttt.store import StoreError, open_store
 
     try:
         run = load_spec(args.spec)
@@ -47,6 +49,9 @@ def _eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except (EvalError, RetrievalError, ShardError, StoreError) as exc:
+        print(f"ttt eval: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, sort_keys=True))
     return 0
 

@@ -33,7 +33,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    index = sub.add_parser("index", help="FAISS shard indexes")
+    index = sub.add_parser(
+        "index",
+        help="FAISS shard indexes",
+        epilog="example: ttt index build --spec examples/demo.yaml --shard all",
+    )
     commands = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
     p = commands.add_parser(
         "build",

@@ -37,11 +37,12 @@ def _query(args: argparse.Namespace) -> int:
     from ttt.index.client import RetrievalError, query
     from ttt.index.shard import ShardError
     from ttt.spec import SpecError, load_spec
+    from ttt.store import StoreError
 
     try:
         run = load_spec(args.spec)
         (result,) = query(run, [args.text], args.k, local=args.local)
-    except (SpecError, ShardError, RetrievalError) as exc:
+    except (SpecError, ShardError, RetrievalError, StoreError) as exc:
         print(f"ttt query: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -11,13 +11,13 @@ from ttt.spec import SpecError, load_spec
 def _report(args: argparse.Namespace) -> int:
     from ttt.report import build_report
     from ttt.results import ResultsError
-    from ttt.store import open_store
+    from ttt.store import StoreError, open_store
 
     try:
         run = load_spec(args.spec)
         store = open_store(run.spec.storage)
         summary = build_report(run, store, out_dir=args.out)
-    except (SpecError, ResultsError) as exc:
+    except (SpecError, ResultsError, StoreError) as exc:
         print(exc, file=sys.stderr)
         return 1
     print(summary["table_markdown"], end="")

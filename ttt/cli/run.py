@@ -10,7 +10,7 @@ from ttt.spec import SpecError, load_spec
 
 def _run(args: argparse.Namespace) -> int:
     from ttt.runner import RunError, describe_result, run_local
-    from ttt.store import open_store
+    from ttt.store import StoreError, open_store
 
     try:
         run = load_spec(args.spec)
@@ -19,13 +19,14 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     try:
         summary = run_local(run, workdir=args.workdir)
-    except RunError as exc:
+        where = open_store(run.spec.storage).describe()
+    except (RunError, StoreError) as exc:
         print(f"ttt run: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ttt run: interrupted; run it again to resume", file=sys.stderr)
         return 130
-    print(describe_result(run, summary, open_store(run.spec.storage).describe()), end="")
+    print(describe_result(run, summary, where), end="")
     return 0
 
 

@@ -36,5 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="TTTRun YAML file")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p.set_defaults(func=_validate)
-    s = sub.add_parser("schema", help="print the JSON Schema of a TTTRun document")
+    s = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a TTTRun document",
+        epilog="example: ttt schema > ttt-run.schema.json",
+    )
     s.set_defaults(func=_schema)
