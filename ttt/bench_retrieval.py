@@ -1,4 +1,4 @@
-"""Fan-out retrieval benchmark: query latency over N local shard server processes."""
+"""Fan-out retrieval benchmark: query latency and resident memory of N shard server processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import logging
 import multiprocessing as mp
 import os
 import secrets
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ PRESETS: dict[str, dict[str, int]] = {
         "k": 50,
         "queries": 100,
         "batch": 1,
+        # A real text store per shard: 20k x 4 KB = 80 MB of text against 320 KB of offsets,
+        # so that a server's resident memory shows whether it grows with the text.
+        "doc_bytes": 4096,
     },
     # A paper-shaped load (1024-d RoBERTa-large vectors) for a big machine.
     "large": {
@@ -33,8 +38,10 @@ PRESETS: dict[str, dict[str, int]] = {
         "k": 50,
         "queries": 500,
         "batch": 1,
+        "doc_bytes": 1024,
     },
 }
+ROWS_PER_REQUEST = 256  # /v1/documents batches when every text is read back
 
 
 class _SyntheticTexts:
@@ -53,23 +60,74 @@ class _SyntheticTexts:
         return f"synthetic document {row} of shard {self.shard}"
 
 
+def write_text_store(directory: Path, shard: int, n: int, doc_bytes: int, seed: int) -> dict:
+    """A text store (the corpus stage's format) of `n` random-word documents of `doc_bytes`."""
+    from ttt.corpus.documents import Document
+    from ttt.corpus.textstore import _ShardWriter
+
+    rng = np.random.default_rng(seed + 20_000 + shard)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype="S1")
+    vocab = [b"".join(rng.choice(letters, rng.integers(2, 11))).decode() for _ in range(4096)]
+    # Documents are slices of one long random-word text: ~2x compressible, like prose.
+    pool = " ".join(rng.choice(vocab, max(4 * doc_bytes, 1 << 22) // 6))
+    writer = _ShardWriter(directory, shard)
+    try:
+        for row, start in enumerate(rng.integers(0, len(pool) - doc_bytes, n)):
+            text = pool[start : start + doc_bytes]
+            writer.add(Document(f"bench-{shard}:{row}", "bench", text, len(text), "bench", row))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of a process (default: this one): psutil, else /proc/PID/status."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            kb = next(line.split()[1] for line in fh if line.startswith("VmRSS:"))
+        return int(kb) * 1024
+    return int(psutil.Process(pid).memory_info().rss)
+
+
 def _shard_vectors(shard: int, n: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed + shard).standard_normal((n, dim), dtype=np.float32)
 
 
 def _serve_random_shard(
-    shard: int, n: int, dim: int, seed: int, token: str, threads: int, ports: Any
+    shard: int,
+    n: int,
+    dim: int,
+    seed: int,
+    token: str,
+    threads: int,
+    ports: Any,
+    texts: str | None = None,
+    loads: Any = None,
 ) -> None:
-    """A shard server process over random vectors (the child side of bench_retrieval)."""
+    """A shard server process over random vectors (the child side of bench_retrieval).
+
+    `texts` is the directory of a text store to serve; `loads` gets (shard, RSS before, RSS
+    after) opening it.
+    """
     import faiss
     import uvicorn
 
+    from ttt.corpus import TextStore
     from ttt.index.server import bind_socket, create_app
 
     def load() -> tuple[Any, Any]:
         index = faiss.IndexFlatL2(dim)
         index.add(_shard_vectors(shard, n, dim, seed))
-        return index, _SyntheticTexts(shard, n)
+        if texts is None:
+            return index, _SyntheticTexts(shard, n)
+        before = rss_bytes()
+        store = TextStore(texts)
+        loads.put((shard, before, rss_bytes()))
+        return index, store
 
     sock = bind_socket("127.0.0.1", 0)
     ports.put((shard, sock.getsockname()[1]))
@@ -109,6 +167,7 @@ def bench_retrieval(
     k: int | None = None,
     queries: int | None = None,
     batch: int | None = None,
+    doc_bytes: int | None = None,
     seed: int = 0,
     with_text: bool = False,
     baseline: bool | None = None,
@@ -118,9 +177,10 @@ def bench_retrieval(
     Each server holds a flat index of random vectors; the client is the `ShardedRetriever`
     the evaluation uses (parallel fan-out, persistent connections, heap merge). `baseline`
     (default: when it fits in ~1 GB) also times one in-process flat index over all vectors.
+    With `doc_bytes` > 0 each server also serves a real text store of documents that long,
+    and the figures add its resident memory after loading and after serving every text,
+    against the store's text and offsets bytes.
     """
-    from ttt.index.client import ShardedRetriever
-
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     given = {
@@ -130,16 +190,59 @@ def bench_retrieval(
         "k": k,
         "queries": queries,
         "batch": batch,
+        "doc_bytes": doc_bytes,
     }
     params = {**PRESETS[preset], **{n: v for n, v in given.items() if v is not None}}
+    with tempfile.TemporaryDirectory(prefix="ttt-bench-retrieval-") as tmp:
+        figures = _run_servers(params, Path(tmp), seed, with_text)
+    lat = np.asarray(figures.pop("latencies"))
     s, n, d = params["shards"], params["vectors_per_shard"], params["dim"]
+    figures = {
+        "benchmark": "retrieval",
+        "preset": preset,
+        **params,
+        "with_text": with_text,
+        "requests": len(lat),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+        "mean_ms": round(float(lat.mean()) * 1e3, 3),
+        "queries_per_s": round(params["queries"] / float(lat.sum()), 1),
+        **figures,
+        "paper_query_s": PAPER_QUERY_SECONDS,
+    }
+    figures["vs_paper_p50"] = round(PAPER_QUERY_SECONDS / (figures["p50_ms"] / 1e3), 1)
+    if baseline if baseline is not None else s * n * d <= 256_000_000:
+        q = _queries(params, seed)
+        figures["single_index_p50_ms"] = _single_index_p50(s, n, d, seed, q, params)
+    figures["command"] = _command(preset, {**params, "seed": seed} if seed else params)
+    _print(figures)
+    return figures
+
+
+def _queries(params: dict[str, Any], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 10_000)
+    return rng.standard_normal((params["queries"], params["dim"]), dtype=np.float32)
+
+
+def _run_servers(params: dict[str, Any], tmp: Path, seed: int, with_text: bool) -> dict:
+    """Start the shard servers, time the requests, read back every text; the raw figures."""
+    from ttt.index.client import ShardedRetriever
+
+    s, n, d = params["shards"], params["vectors_per_shard"], params["dim"]
+    doc_bytes = params.get("doc_bytes") or 0
+    stores: list[dict] = []
+    for i in range(s if doc_bytes else 0):
+        stores.append(write_text_store(tmp / f"shard-{i}", i, n, doc_bytes, seed))
     token = secrets.token_hex(16)
     ctx = mp.get_context("spawn")  # no forked copies of this process's threads or BLAS state
-    ports = ctx.Queue()
+    ports, loads = ctx.Queue(), ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // s)
     procs = [
         ctx.Process(
-            target=_serve_random_shard, args=(i, n, d, seed, token, threads, ports), daemon=True
+            target=_serve_random_shard,
+            args=(i, n, d, seed, token, threads, ports),
+            kwargs={"texts": str(tmp / f"shard-{i}") if doc_bytes else None, "loads": loads},
+            daemon=True,
         )
         for i in range(s)
     ]
@@ -150,10 +253,9 @@ def bench_retrieval(
         found = dict(ports.get(timeout=120) for _ in procs)
         urls = [f"http://127.0.0.1:{found[i]}" for i in range(s)]
         _wait_ready(urls, timeout=600)
-        startup = time.perf_counter() - start
-        rng = np.random.default_rng(seed + 10_000)
-        q = rng.standard_normal((params["queries"], d), dtype=np.float32)
-        b = params["batch"]
+        figures: dict[str, Any] = {"startup_s": round(time.perf_counter() - start, 2)}
+        loaded = [rss_bytes(p.pid) for p in procs]
+        q, b = _queries(params, seed), params["batch"]
         latencies, partial = [], 0
         with ShardedRetriever(
             None, urls, token, k=params["k"], exclude_identical=False, timeout=60, retries=0
@@ -165,6 +267,19 @@ def bench_retrieval(
                 results = retriever.search_vectors(q[lo : lo + b], with_text=with_text)
                 latencies.append(time.perf_counter() - t)
                 partial += sum(r.partial for r in results)
+        figures.update(latencies=latencies, partial=partial)
+        if doc_bytes:
+            opened = {
+                shard: after - before for shard, before, after in (loads.get() for _ in procs)
+            }
+            served = [_read_every_text(url, token, n) for url in urls]
+            after = [rss_bytes(p.pid) for p in procs]
+            figures.update(_memory_figures(stores, tmp, opened, loaded, after, served))
+            # A second pass over the same texts: a steady server does not grow again.
+            for url in urls:
+                _read_every_text(url, token, n)
+            again = mean([rss_bytes(p.pid) - a for p, a in zip(procs, after, strict=True)])
+            figures["rss_growth_second_pass_bytes"] = int(again)
     finally:
         for p in procs:
             p.terminate()
@@ -172,27 +287,66 @@ def bench_retrieval(
             p.join(10)
             if p.is_alive():
                 p.kill()
-    lat = np.asarray(latencies)
-    figures: dict[str, Any] = {
-        "benchmark": "retrieval",
-        "preset": preset,
-        **params,
-        "with_text": with_text,
-        "requests": len(lat),
-        "startup_s": round(startup, 2),
-        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
-        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
-        "mean_ms": round(float(lat.mean()) * 1e3, 3),
-        "queries_per_s": round(len(q) / float(lat.sum()), 1),
-        "partial": partial,
-        "paper_query_s": PAPER_QUERY_SECONDS,
-    }
-    figures["vs_paper_p50"] = round(PAPER_QUERY_SECONDS / (figures["p50_ms"] / 1e3), 1)
-    if baseline if baseline is not None else s * n * d <= 256_000_000:
-        figures["single_index_p50_ms"] = _single_index_p50(s, n, d, seed, q, params)
-    figures["command"] = _command(preset, {**params, "seed": seed} if seed else params)
-    _print(figures)
     return figures
+
+
+def _read_every_text(url: str, token: str, n: int) -> int:
+    """Ask a server for every text of its shard; the bytes of text it returned."""
+    import httpx
+
+    total = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        for lo in range(0, n, ROWS_PER_REQUEST):
+            rows = list(range(lo, min(n, lo + ROWS_PER_REQUEST)))
+            r = http.post("/v1/documents", json={"rows": rows})
+            r.raise_for_status()
+            total += sum(len(t.encode("utf-8")) for t in r.json()["texts"])
+    return total
+
+
+def mean(values: Any) -> float:
+    values = list(values)
+    return float(sum(values)) / max(len(values), 1)
+
+
+def _memory_figures(
+    stores: list[dict],
+    tmp: Path,
+    opened: dict[int, int],
+    loaded: list[int],
+    after: list[int],
+    served: list[int],
+) -> dict[str, Any]:
+    """Per-shard means: text and offsets bytes, and the server RSS the text store accounts for.
+
+    A text store holds its offsets (memory-mapped), ids and domain codes; texts are read
+    with pread per request. RSS should grow with the documents, not with their text.
+    """
+    from ttt.corpus.textstore import DOCS, OFFSETS, TEXTS
+
+    text = mean(st["bytes"] for st in stores)
+    offsets = mean((tmp / f"shard-{i}" / OFFSETS).stat().st_size for i in range(len(stores)))
+    store_rss = mean(opened.values())
+    growth = mean(a - b for a, b in zip(after, loaded, strict=True))
+    return {
+        "text_bytes_per_shard": int(text),
+        "text_file_bytes_per_shard": int(
+            mean((tmp / f"shard-{i}" / TEXTS).stat().st_size for i in range(len(stores)))
+        ),
+        "offsets_bytes_per_shard": int(offsets),
+        "docs_file_bytes_per_shard": int(
+            mean((tmp / f"shard-{i}" / DOCS).stat().st_size for i in range(len(stores)))
+        ),
+        "rss_loaded_mb": round(mean(loaded) / 2**20, 1),
+        "rss_served_mb": round(mean(after) / 2**20, 1),
+        "textstore_rss_bytes": int(store_rss),
+        "textstore_rss_per_offsets": round(store_rss / max(offsets, 1), 2),
+        "textstore_rss_per_text": round(store_rss / max(text, 1), 4),
+        "texts_served_bytes_per_shard": int(mean(served)),
+        "rss_growth_serving_bytes": int(growth),
+        "rss_growth_per_text": round(growth / max(text, 1), 4),
+    }
 
 
 def _single_index_p50(s: int, n: int, d: int, seed: int, q: np.ndarray, params: dict) -> float:
@@ -223,6 +377,24 @@ def _print(f: dict[str, Any]) -> None:
     if "single_index_p50_ms" in f:
         print(
             f"  one in-process flat index over all vectors: p50 {f['single_index_p50_ms']:.2f} ms"
+        )
+    if "text_bytes_per_shard" in f:
+        mb = 2**20
+        print(
+            f"  text store per shard: {f['text_bytes_per_shard'] / mb:.1f} MB of text "
+            f"({f['text_file_bytes_per_shard'] / mb:.1f} MB compressed), "
+            f"{f['offsets_bytes_per_shard'] / 1024:.0f} KB of offsets"
+        )
+        print(
+            f"  server RSS {f['rss_loaded_mb']:.0f} MB loaded; opening the text store took "
+            f"{f['textstore_rss_bytes'] / mb:.2f} MB = {f['textstore_rss_per_offsets']}x its "
+            f"offsets, {f['textstore_rss_per_text']:.2%} of its text"
+        )
+        print(
+            f"  after serving every text ({f['texts_served_bytes_per_shard'] / mb:.1f} MB): "
+            f"RSS {f['rss_served_mb']:.0f} MB, grew {f['rss_growth_serving_bytes'] / mb:.2f} MB "
+            f"= {f['rss_growth_per_text']:.2%} of the text; a second pass: "
+            f"{f['rss_growth_second_pass_bytes'] / mb:+.2f} MB"
         )
     print(f"  paper: {f['paper_query_s']} s per query -> {f['vs_paper_p50']}x faster at p50")
     print(f"  reproduce: {f['command']}")

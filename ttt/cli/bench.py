@@ -50,6 +50,7 @@ def _retrieval(args: argparse.Namespace) -> dict:
         k=args.k,
         queries=args.queries,
         batch=args.batch,
+        doc_bytes=args.doc_bytes,
         seed=args.seed,
         with_text=args.with_text,
     )
@@ -111,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = benches.add_parser(
         "retrieval",
-        help="fan-out query latency p50/p99 over local shard servers",
+        help="fan-out query latency p50/p99 and resident memory of local shard servers",
         epilog="example: ttt bench retrieval --preset cpu --shards 3",
     )
     r.add_argument("--preset", choices=["cpu", "large"], default="cpu")
@@ -121,6 +122,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--k", type=int)
     r.add_argument("--queries", type=int)
     r.add_argument("--batch", type=int)
+    r.add_argument(
+        "--doc-bytes",
+        type=int,
+        help="serve a text store of documents this long and report the servers' resident "
+        "memory against its text and offsets bytes (0 = synthetic texts, no store)",
+    )
     r.add_argument("--with-text", action="store_true")
     r.set_defaults(func=_runner(_retrieval))
 
