@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ttt.errors import TTTError
+
 # name -> (python package, path inside it, pip package). A name here always works offline;
 # anything else is passed through as an HF id or a local path.
 OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
@@ -14,7 +16,7 @@ OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class AssetError(LookupError):
+class AssetError(TTTError, LookupError):
     """An offline model name whose package is not installed."""
 
 

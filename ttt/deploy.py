@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from ttt.errors import TTTError
 from ttt.spec import TTTRun
 
 log = logging.getLogger(__name__)
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 CONTAINER = "index"  # the chart's container name in the index StatefulSet
 
 
-class DeployError(RuntimeError):
+class DeployError(TTTError, RuntimeError):
     """The index StatefulSet could not be scaled or did not become ready in time."""
 
 

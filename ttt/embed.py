@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ttt import telemetry
 from ttt.device import pick_device, pick_dtype
+from ttt.errors import TTTError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _DTYPE_KWARG = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "longformer"}
 
 
-class EmbedError(RuntimeError):
+class EmbedError(TTTError, RuntimeError):
     """An embedding stage that cannot run; the message names the shard and the store key."""
 
 

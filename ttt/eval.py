@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
+from ttt.errors import TTTError
 from ttt.results import (
     RESULTS,
     checkpoint_score,
@@ -31,7 +32,7 @@ from ttt.train import TTTNN, select_neighbors
 log = logging.getLogger(__name__)
 
 
-class EvalError(RuntimeError):
+class EvalError(TTTError, RuntimeError):
     """An evaluation that cannot proceed; the message names the run, rank, file or variable."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ttt.bpb import DocScore, TaskTotals
+from ttt.errors import TTTError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ RESULTS = "results.jsonl"
 RECORD_KEYS = ("doc", "task", "bytes", "words", "tokens", "loglik", "spec_hash")
 
 
-class ResultsError(RuntimeError):
+class ResultsError(TTTError, RuntimeError):
     """A results file that cannot be read; the message names the file and line."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from ttt.errors import TTTError
 from ttt.spec import TTTRun
 from ttt.stages import is_done, publish_corpus, shard_prefix
 from ttt.store import open_store
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 
 
-class RunError(RuntimeError):
+class RunError(TTTError, RuntimeError):
     """A stage of the local run failed; the message names the stage and its log."""
 
 

@@ -12,11 +12,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from ttt.errors import TTTError
+
 API_VERSION = "ttt.dev/v1alpha1"
 ENV_PREFIX = "TTT_"
 
 
-class SpecError(ValueError):
+class SpecError(TTTError, ValueError):
     """A run spec that cannot be used; the message names the file and every bad field path."""
 
 

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ttt.errors import TTTError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -25,7 +27,7 @@ CHUNK = 1 << 20  # 1 MiB: hashing and copying granularity; never a whole file in
 _TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
-class StoreError(Exception):
+class StoreError(TTTError):
     """Any failure of the artifact store; the message names the store and the key."""
 
 

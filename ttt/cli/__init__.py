@@ -61,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from ttt.errors import TTTError
+
+    try:
+        return int(args.func(args) or 0)
+    except (TTTError, OSError) as exc:
+        # Bad input, an unreachable store, a missing file: one line that names the file,
+        # field or endpoint, not a traceback. Anything else is a bug and shows its traceback.
+        print(f"ttt {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -57,34 +57,22 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ttt.corpus import CorpusError, collect_stats
-    from ttt.spec import SpecError
-    from ttt.store import StoreError
+    from ttt.corpus import collect_stats
 
-    try:
-        stats = collect_stats(args.paths, store=_store(args), strict=args.strict)
-    except (CorpusError, SpecError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stats = collect_stats(args.paths, store=_store(args), strict=args.strict)
     print(json.dumps(stats.to_dict(), indent=2) if args.json else stats.summary())
     return 0
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from ttt.corpus import CorpusError, write_text_shards
-    from ttt.spec import SpecError
-    from ttt.store import StoreError
+    from ttt.corpus import write_text_shards
 
     if args.shards < 1:
         print(f"error: --shards must be >= 1, got {args.shards}", file=sys.stderr)
         return 2
-    try:
-        stats = write_text_shards(
-            args.paths, args.shards, args.out, store=_store(args), strict=args.strict
-        )
-    except (CorpusError, SpecError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stats = write_text_shards(
+        args.paths, args.shards, args.out, store=_store(args), strict=args.strict
+    )
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))
         return 0

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from ttt.spec import SpecError, load_spec
+from ttt.spec import load_spec
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,14 @@ def shard_list(value: str, shards: int) -> list[int]:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from ttt.assets import AssetError
-    from ttt.corpus import CorpusError
-    from ttt.embed import EmbedError, embed_shard
-    from ttt.store import StoreError, open_store
+    from ttt.embed import embed_shard
+    from ttt.store import open_store
     from ttt.telemetry import start_metrics_server
 
+    run = load_spec(args.spec)
     try:
-        run = load_spec(args.spec)
         shards = shard_list(args.shard, run.spec.corpus.shards)
-    except (SpecError, ValueError) as exc:
+    except ValueError as exc:
         print(f"ttt embed: {exc}", file=sys.stderr)
         return 2
     if run.spec.metrics.enabled:
@@ -45,11 +43,7 @@ def _embed(args: argparse.Namespace) -> int:
             log.warning("metrics server not started on port %d: %s", run.spec.metrics.port, exc)
     store = open_store(run.spec.storage)
     for shard in shards:
-        try:
-            manifest = embed_shard(run, store, shard, progress=not args.quiet)
-        except (AssetError, CorpusError, EmbedError, StoreError, OSError, ValueError) as exc:
-            print(f"ttt embed: shard {shard}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+        manifest = embed_shard(run, store, shard, progress=not args.quiet)
         summary = {k: manifest.get(k) for k in ("shard", "count", "dim", "tokens_per_second")}
         print(json.dumps(summary))
     return 0

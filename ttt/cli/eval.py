@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from ttt.spec import SpecError, load_spec
+from ttt.spec import load_spec
 
 
 def _drain(signum: int, frame: object) -> None:
@@ -16,19 +16,11 @@ def _drain(signum: int, frame: object) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ttt.eval import EvalError, evaluate_rank, resolve_rank
-    from ttt.index.retrieval import RetrievalError
-    from ttt.index.shard import ShardError
-    from ttt.store import StoreError, open_store
+    from ttt.eval import evaluate_rank, resolve_rank
+    from ttt.store import open_store
 
-    try:
-        run = load_spec(args.spec)
-        rank, world_size = resolve_rank(
-            args.rank, args.world_size, os.environ, run.spec.eval.workers
-        )
-    except (SpecError, EvalError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    run = load_spec(args.spec)
+    rank, world_size = resolve_rank(args.rank, args.world_size, os.environ, run.spec.eval.workers)
     # A pod's eviction sends SIGTERM: unwind like Ctrl-C so the finished documents are
     # uploaded before the process ends (a restarted worker skips them).
     signal.signal(signal.SIGTERM, _drain)
@@ -49,9 +41,6 @@ def _eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    except (EvalError, RetrievalError, ShardError, StoreError) as exc:
-        print(f"ttt eval: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, sort_keys=True))
     return 0
 

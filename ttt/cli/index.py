@@ -7,26 +7,22 @@ import json
 import sys
 
 from ttt.cli.embed import shard_list
-from ttt.spec import SpecError, load_spec
+from ttt.spec import load_spec
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ttt.index.build import IndexBuildError, build_shard_index
-    from ttt.store import StoreError, open_store
+    from ttt.index.build import build_shard_index
+    from ttt.store import open_store
 
+    run = load_spec(args.spec)
     try:
-        run = load_spec(args.spec)
         shards = shard_list(args.shard, run.spec.corpus.shards)
-    except (SpecError, ValueError) as exc:
+    except ValueError as exc:
         print(f"ttt index build: {exc}", file=sys.stderr)
         return 2
     store = open_store(run.spec.storage)
     for shard in shards:
-        try:
-            manifest = build_shard_index(run, store, shard)
-        except (IndexBuildError, StoreError, OSError, ValueError) as exc:
-            print(f"ttt index build: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+        manifest = build_shard_index(run, store, shard)
         keys = ("shard", "type", "ntotal", "bytes_per_vector", "recall_k", "recall")
         print(json.dumps({k: manifest.get(k) for k in keys}))
     return 0

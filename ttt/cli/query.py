@@ -34,17 +34,11 @@ def _snippet(text: str | None, width: int) -> str:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from ttt.index.client import RetrievalError, query
-    from ttt.index.shard import ShardError
-    from ttt.spec import SpecError, load_spec
-    from ttt.store import StoreError
+    from ttt.index.client import query
+    from ttt.spec import load_spec
 
-    try:
-        run = load_spec(args.spec)
-        (result,) = query(run, [args.text], args.k, local=args.local)
-    except (SpecError, ShardError, RetrievalError, StoreError) as exc:
-        print(f"ttt query: {exc}", file=sys.stderr)
-        return 1
+    run = load_spec(args.spec)
+    (result,) = query(run, [args.text], args.k, local=args.local)
     if args.json:
         print(json.dumps(asdict(result), ensure_ascii=False, indent=2))
         return 0

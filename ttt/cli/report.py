@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ttt.spec import SpecError, load_spec
+from ttt.spec import load_spec
 
 
 def _report(args: argparse.Namespace) -> int:
     from ttt.report import build_report
-    from ttt.results import ResultsError
-    from ttt.store import StoreError, open_store
+    from ttt.store import open_store
 
-    try:
-        run = load_spec(args.spec)
-        store = open_store(run.spec.storage)
-        summary = build_report(run, store, out_dir=args.out)
-    except (SpecError, ResultsError, StoreError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    run = load_spec(args.spec)
+    store = open_store(run.spec.storage)
+    summary = build_report(run, store, out_dir=args.out)
     print(summary["table_markdown"], end="")
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
     return 0

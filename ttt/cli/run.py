@@ -5,28 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ttt.spec import SpecError, load_spec
+from ttt.spec import load_spec
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ttt.runner import RunError, describe_result, run_local
-    from ttt.store import StoreError, open_store
+    from ttt.runner import describe_result, run_local
+    from ttt.store import open_store
 
-    try:
-        run = load_spec(args.spec)
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    run = load_spec(args.spec)
     try:
         summary = run_local(run, workdir=args.workdir)
-        where = open_store(run.spec.storage).describe()
-    except (RunError, StoreError) as exc:
-        print(f"ttt run: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("ttt run: interrupted; run it again to resume", file=sys.stderr)
         return 130
-    print(describe_result(run, summary, where), end="")
+    print(describe_result(run, summary, open_store(run.spec.storage).describe()), end="")
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -46,24 +45,20 @@ def register(subparsers: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from ttt.index.server import Limits, serve
-    from ttt.index.shard import ShardError, ordinal_from_hostname
-    from ttt.spec import SpecError, load_spec
+    from ttt.index.shard import ordinal_from_hostname
+    from ttt.spec import load_spec
 
-    try:
-        run = load_spec(args.spec)
-        ordinal = ordinal_from_hostname() if args.shard_from_hostname else None
-        return serve(
-            run,
-            args.shard,
-            args.host,
-            args.port,
-            token_file=args.token_file,
-            auth_disabled=args.no_auth,
-            ordinal=ordinal,
-            limits=Limits(max_k=args.max_k, max_batch=args.max_batch, max_body=args.max_body),
-            drain_seconds=args.drain_seconds,
-            threads=args.threads,
-        )
-    except (SpecError, ShardError, OSError) as exc:
-        print(f"ttt serve: {exc}", file=sys.stderr)
-        return 1
+    run = load_spec(args.spec)
+    ordinal = ordinal_from_hostname() if args.shard_from_hostname else None
+    return serve(
+        run,
+        args.shard,
+        args.host,
+        args.port,
+        token_file=args.token_file,
+        auth_disabled=args.no_auth,
+        ordinal=ordinal,
+        limits=Limits(max_k=args.max_k, max_batch=args.max_batch, max_body=args.max_body),
+        drain_seconds=args.drain_seconds,
+        threads=args.threads,
+    )

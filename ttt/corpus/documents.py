@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttt.errors import TTTError
+
 UNKNOWN_DOMAIN = "unknown"
 # Bad-line reasons, in the order a line is checked.
 REASONS = (
@@ -18,7 +20,7 @@ REASONS = (
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(TTTError, ValueError):
     """A corpus input that cannot be read; the message names the file (and line)."""
 
 

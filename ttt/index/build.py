@@ -13,6 +13,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ttt.errors import TTTError
+
 log = logging.getLogger(__name__)
 
 INDEX = "index.faiss"
@@ -20,7 +22,7 @@ ADD_CHUNK = 262_144  # vectors converted to float32 and added at a time
 SEED = 1216
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(TTTError, RuntimeError):
     """An index that cannot be built; the message names the spec field, shard or file."""
 
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ttt import telemetry
+from ttt.errors import TTTError
 
 
 def is_leak(
@@ -30,7 +31,7 @@ def is_leak(
     return document is not None and neighbor is not None and neighbor.strip() == document.strip()
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(TTTError, RuntimeError):
     """A misconfigured retrieval (bad token, wrong dimension, no servers), never a dead shard."""
 
 

@@ -11,12 +11,14 @@ from typing import Any
 
 import faiss
 
+from ttt.errors import TTTError
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TTT_AUTH_TOKEN"
 
 
-class ShardError(RuntimeError):
+class ShardError(TTTError, RuntimeError):
     """A shard that cannot be loaded or addressed; the message names the shard and the key."""
 
 
