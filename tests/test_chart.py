@@ -221,7 +221,11 @@ def test_eval_is_an_indexed_job_with_world_size(rendered) -> None:
     (c,) = job["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["WORLD_SIZE"] == str(workers)
-    assert "ttt eval --spec /etc/ttt/run.yaml" in c["args"][0]
+    # The image's entrypoint is `ttt`; the token comes from the mounted Secret by path.
+    assert c["args"] == ["eval", "--spec", "/etc/ttt/run.yaml"]
+    assert env["TTT_AUTH_TOKEN_FILE"] == "/var/run/ttt/token/token"
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert "/var/run/ttt/token" in mounts
 
 
 def test_run_configmap_is_a_valid_run_spec(rendered) -> None:

@@ -251,3 +251,20 @@ def test_sigterm_drains_then_exits_cleanly(published):
     finally:
         output = stop(proc)
     assert "Traceback" not in output and "ERROR" not in output, output
+
+
+def test_read_token_sources_in_order(tmp_path, monkeypatch):
+    from ttt.index.shard import ShardError, read_token
+
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")  # a mounted Secret may end in a newline
+    monkeypatch.setenv("TTT_AUTH_TOKEN", "from-env")
+    monkeypatch.delenv("TTT_AUTH_TOKEN_FILE", raising=False)
+    assert read_token() == "from-env"
+    monkeypatch.setenv("TTT_AUTH_TOKEN_FILE", str(secret))
+    assert read_token() == "from-file"
+    assert read_token(token_file=str(secret)) == "from-file"
+    assert read_token("given") == "given"
+    secret.write_text("")
+    with pytest.raises(ShardError, match="token file is empty"):
+        read_token()

@@ -16,6 +16,7 @@ from ttt.errors import TTTError
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TTT_AUTH_TOKEN"
+TOKEN_FILE_ENV = "TTT_AUTH_TOKEN_FILE"  # a mounted Secret's path: the token stays off the pod spec
 
 
 class ShardError(TTTError, RuntimeError):
@@ -91,9 +92,11 @@ def open_text_store(run: Any, store: Any, shard: int) -> Any:
 
 
 def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
-    """The bearer token: given, else read from `token_file`, else $TTT_AUTH_TOKEN."""
+    """The bearer token: given, else read from `token_file` (or $TTT_AUTH_TOKEN_FILE), else
+    $TTT_AUTH_TOKEN."""
     if token:
         return token
+    token_file = token_file or os.environ.get(TOKEN_FILE_ENV)
     if token_file:
         try:
             # A mounted Secret may end in a newline; the token never does.
