@@ -211,3 +211,28 @@ def test_bad_spec_exits_1_naming_the_field(tmp_path: Path) -> None:
     result = _ttt_run(spec, tmp_path / "work", tmp_path)
     assert result.returncode == 1
     assert "spec.eval.workers" in result.stderr and str(spec) in result.stderr
+
+
+def test_progress_counts_each_published_document_once(tmp_path):
+    """The eval progress bar's figure: documents in the ranks' results, once, this spec only."""
+    from ttt.runner import _documents_published
+    from ttt.spec import loads_spec
+    from ttt.store import LocalStore
+
+    run = loads_spec(
+        "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: p}\n", environ={}
+    )
+    store = LocalStore(tmp_path)
+    h = run.stage_hash("eval")
+
+    def record(doc: str, spec_hash: str = h) -> str:
+        fields = {"doc": doc, "task": "t", "bytes": 1, "words": 1, "tokens": 1, "loglik": {}}
+        return json.dumps({**fields, "spec_hash": spec_hash})
+
+    assert _documents_published(run, store, h) == 0
+    rank0 = "\n".join([record("a"), record("b"), record("old", "another-spec")]) + "\n"
+    store.put_bytes(f"{run.prefix}/eval/rank-00000/results.jsonl", rank0.encode())
+    # rank 1 repeats "b" (a document counted once) and was cut mid-line by a crash
+    rank1 = record("b") + "\n" + record("c") + "\n" + record("d")[:20]
+    store.put_bytes(f"{run.prefix}/eval/rank-00001/results.jsonl", rank1.encode())
+    assert _documents_published(run, store, h) == 3

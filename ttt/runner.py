@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 from ttt.errors import TTTError
 from ttt.spec import TTTRun
@@ -30,6 +31,7 @@ from ttt.telemetry import start_metrics_server
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
+PROGRESS_POLL_S = 2.0
 
 
 class RunError(TTTError, RuntimeError):
@@ -56,6 +58,20 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _documents_published(run: TTTRun, store: Any, spec_hash: str) -> int:
+    """Test documents whose results some worker has uploaded (each counted once)."""
+    from ttt.results import RESULTS, merge_records, parse_results
+
+    groups = []
+    for key in store.list(f"{run.prefix}/eval/"):
+        if key.endswith(f"/{RESULTS}"):
+            try:
+                groups.append(parse_results(store.get_bytes(key), key))
+            except TTTError:  # a worker is rewriting it: count it at the next poll
+                continue
+    return len(merge_records(groups, spec_hash))
 
 
 @dataclass
@@ -165,8 +181,12 @@ class LocalCluster:
                 if pending:
                     time.sleep(0.5)
 
-    def run_workers(self, world_size: int) -> None:
-        """N evaluation workers by rank; each resumes from its own results in the store."""
+    def run_workers(self, world_size: int, store: Any = None, progress: bool = True) -> None:
+        """N evaluation workers by rank; each resumes from its own results in the store.
+
+        With `store`, a progress bar follows the documents the workers have published (they
+        upload their results every few seconds), so a long evaluation is not silent.
+        """
         threads = max(1, (os.cpu_count() or 1) // world_size)  # a fair share of the cores
         workers = [
             self._start(
@@ -184,6 +204,8 @@ class LocalCluster:
             )
             for rank in range(world_size)
         ]
+        if store is not None:
+            self._follow(workers, store, progress)
         failed = []
         for child in workers:
             if child.proc.wait() != 0:
@@ -194,6 +216,19 @@ class LocalCluster:
                 f"{len(failed)} evaluation worker(s) failed; {child.name} exited with code "
                 f"{child.proc.returncode}; log {child.log_path}:\n{_tail(child.log_path)}"
             )
+
+    def _follow(self, workers: list[_Child], store: Any, progress: bool) -> None:
+        from ttt.eval import select_test_documents
+
+        total = len(select_test_documents(self.run, store))
+        spec_hash = self.run.stage_hash("eval")
+        with tqdm(total=total, desc="eval", unit="doc", disable=not progress) as bar:
+            while any(w.proc.poll() is None for w in workers):
+                bar.n = min(total, _documents_published(self.run, store, spec_hash))
+                bar.refresh()
+                time.sleep(PROGRESS_POLL_S)
+            bar.n = min(total, _documents_published(self.run, store, spec_hash))
+            bar.refresh()
 
     def stop(self) -> None:
         """SIGTERM every child (servers drain), then SIGKILL what is left after a grace period."""
@@ -268,7 +303,7 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
                 _stage(f"serve: {shards} shard server(s)")
                 cluster.start_servers(store)
                 _stage(f"eval: {world} worker(s)")
-                cluster.run_workers(world)
+                cluster.run_workers(world, store, progress)
         finally:
             cluster.stop()
             store.delete(f"{run.prefix}/registry/")
