@@ -426,6 +426,90 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     assert again["count"] == manifests[0]["count"]
 
 
+class Counting:
+    """A retriever that counts the documents it is asked about."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.texts = inner, []
+
+    def search(self, texts, k=None, with_text=True):
+        self.texts += list(texts)
+        return self.inner.search(texts, k=k, with_text=with_text)
+
+
+def test_results_deleted_from_the_store_are_evaluated_again_despite_a_local_copy(
+    tmp_path, model_dir, caplog
+):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
+        retrieval=TINY_RETRIEVAL,
+        eval={"portion": 0.5},
+    )
+    store = open_store(run.spec.storage)
+    inner = local_retriever(run, tmp_path / "shards")
+    mine = partition(select_test_documents(run), 0, 2)
+    prefix = f"{run.prefix}/eval/rank-00000"
+    work = tmp_path / "w"
+    first = Counting(inner)
+    evaluate_rank(run, store, 0, 2, retriever=first, work_dir=work, progress=False)
+    assert len(first.texts) == len(mine) > 0
+    local = work / "rank-00000-results.jsonl"
+    assert len(parse_results(local.read_bytes(), "local")) == len(mine)
+
+    # the results stay in the store, the manifest goes: the local copy is trusted, nothing redone
+    store.delete(f"{prefix}/manifest.json")
+    again = evaluate_rank(run, store, 0, 2, retriever=Refuse(), work_dir=work, progress=False)
+    assert again["count"] == len(mine)
+
+    # the user deletes the rank's results: the local copy is stale, every document is redone
+    assert store.delete(prefix) > 0
+    second = Counting(inner)
+    with caplog.at_level("INFO", logger="ttt"):
+        manifest = evaluate_rank(run, store, 0, 2, retriever=second, work_dir=work, progress=False)
+    assert len(second.texts) == len(mine)
+    assert manifest["count"] == len(mine) == len(_results_of(store, prefix))
+    assert f"discarding {len(mine)} record(s) of the local copy" in caplog.text
+    assert f"{len(mine)} documents, 0 done before, {len(mine)} to go" in caplog.text
+
+
+def _results_of(store, prefix: str) -> list[dict]:
+    return parse_results(store.get_bytes(f"{prefix}/results.jsonl"), prefix)
+
+
+def test_the_local_copy_counts_only_while_the_store_holds_results(tmp_path):
+    from ttt.results import load_existing, write_records
+    from ttt.store import open_store
+
+    run = parse_spec(
+        {
+            "apiVersion": "ttt.dev/v1alpha1",
+            "kind": "TTTRun",
+            "metadata": {"name": "gen"},
+            "spec": {"storage": {"root": str(tmp_path / "store")}},
+        },
+        environ={},
+    )
+    store = open_store(run.spec.storage)
+    key, local = "runs/gen/eval/rank-00000/results.jsonl", tmp_path / "local.jsonl"
+
+    def record(doc: str) -> dict:
+        return {k: 0 for k in ("bytes", "words", "tokens")} | {
+            "doc": doc,
+            "task": "Github",
+            "loglik": {"0": -1.0},
+            "spec_hash": "h",
+        }
+
+    write_records(local, [record("a"), record("b")])  # ahead of the store: b not uploaded yet
+    assert load_existing(store, key, local, "h") == []  # no store copy: a deleted evaluation
+    store.put_bytes(key, (json.dumps(record("a")) + "\n").encode())
+    assert [r["doc"] for r in load_existing(store, key, local, "h")] == ["a", "b"]
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, model_dir):

@@ -274,6 +274,9 @@ def evaluate_rank(
     wanted = {d.id for d in mine}
     records = [r for r in load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
     write_records(local, records)  # a clean file: a torn line must not precede new ones
+    # The store's file marks this evaluation as the one the local copy belongs to (see
+    # load_existing): upload it now, so a crash before the first flush loses nothing.
+    store.put_file(local, key)
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(

@@ -107,11 +107,25 @@ def load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dic
     """What earlier attempts of a rank finished: the store's copy and any local file, merged.
 
     A local file survives a process restart in the same pod and may be ahead of the store.
+    It is trusted only while the store holds a results file for the rank (a worker uploads
+    one as it starts): without one, the results were deleted from the store, and the local
+    copy belongs to an evaluation the user threw away.
     """
     groups = []
+    in_store = store.exists(key)
     if local.exists():
-        groups.append(parse_results(local.read_bytes(), str(local)))
-    if store.exists(key):
+        records = parse_results(local.read_bytes(), str(local))
+        if in_store:
+            groups.append(records)
+        elif records:
+            log.warning(
+                "%s: no results in the store (deleted?): discarding %d record(s) of the "
+                "local copy %s and evaluating from scratch",
+                key,
+                len(records),
+                local,
+            )
+    if in_store:
         groups.append(parse_results(store.get_bytes(key), key))
     records = merge_records(groups)
     stale = [r for r in records if r["spec_hash"] != spec_hash]
