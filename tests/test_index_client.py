@@ -250,6 +250,88 @@ def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restor
             stop(p)
 
 
+@pytest.mark.integration
+def test_a_shard_server_restarted_on_another_port_is_found_again(published, servers):
+    spec, run, store, _, _ = published
+    registry = f"{run.prefix}/registry"
+    for s in (0, 2):  # in-process servers: registered here, as `ttt serve` does
+        store.put_json(f"{registry}/shard-{s:05d}.json", {"url": servers[s]})
+    key = f"{registry}/shard-00001.json"
+
+    def serve_shard_1() -> tuple[object, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(spec, 1, port, TOKEN)
+        wait_ready(url)
+        deadline = time.monotonic() + 10
+        while store.get_json(key)["url"] != url:  # it registers itself once ready
+            assert time.monotonic() < deadline, "the restarted server never registered"
+            time.sleep(0.02)
+        return proc, url
+
+    proc, old_url = serve_shard_1()
+    try:
+        q = queries(4, seed=5)
+        table = {f"q{i}": v for i, v in enumerate(q)}
+        texts = list(table)
+        with ShardedRetriever.from_run(
+            run,
+            TableEncoder(table),
+            store,
+            TOKEN,
+            k=8,
+            timeout=2,
+            retries=1,
+            backoff=0.05,
+            down_seconds=0.3,
+        ) as sharded:
+            assert sharded.endpoints == [[servers[0]], [old_url], [servers[2]]]
+            full = sharded.search(texts)
+            assert not any(r.partial for r in full)
+            stop(proc)  # SIGKILL: its registry file still names the old port
+            assert all(r.failed_shards == [1] for r in sharded.search(texts))
+            proc, new_url = serve_shard_1()
+            assert new_url != old_url
+            time.sleep(0.35)  # past down_seconds: the shard is looked up again, then retried
+            restored = sharded.search(texts)
+            assert not any(r.partial for r in restored)
+            assert [r.neighbors for r in restored] == [r.neighbors for r in full]
+            assert sharded.endpoints[1] == [new_url]
+    finally:
+        stop(proc)
+
+
+def test_rediscovery_once_per_down_period_and_its_errors_keep_the_old_urls(servers, caplog):
+    calls = []
+
+    def rediscover():
+        calls.append(time.monotonic())
+        raise RetrievalError("registry unreadable")
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    table = {"q": queries(1)[0]}
+    with ShardedRetriever(
+        TableEncoder(table),
+        [servers[0], dead],
+        TOKEN,
+        k=4,
+        retries=0,
+        down_seconds=0.2,
+        rediscover=rediscover,
+    ) as sharded:
+        assert sharded.search(["q"])[0].failed_shards == [1]
+        assert calls == []  # the first failure only marks the shard down
+        sharded.search(["q"])
+        assert calls == []  # still down: not even looked up
+        time.sleep(0.25)
+        with caplog.at_level("WARNING", logger="ttt.index.client"):
+            assert sharded.search(["q"])[0].failed_shards == [1]
+        assert len(calls) == 1 and "registry unreadable" in caplog.text
+        assert sharded.endpoints[1] == [dead]  # the old URLs stay
+        sharded.search(["q"])
+        assert len(calls) == 1  # one look-up per down period
+
+
 def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path):
     base = "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: disco}\nspec:\n"
     static = loads_spec(
@@ -282,6 +364,7 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
         store.put_json(f"runs/disco/registry/{name}.json", {"url": url})
     with pytest.raises(RetrievalError, match=r"shard\(s\) 1 under runs/disco/registry/"):
         discover_endpoints(local)
+    assert discover_endpoints(local, missing_ok=True)[1] == []  # what a running client asks
     store.put_json("runs/disco/registry/shard-00001.json", {"url": "http://h:4"})
     assert discover_endpoints(local) == [
         ["http://127.0.0.1:1", "http://h:3"],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
@@ -57,8 +58,11 @@ class ShardedRetriever(BaseRetriever):
     `endpoints[s]` lists the URLs serving shard s (replicas: the next one is tried when one
     fails). A shard that fails after `retries` (with backoff) is left out: the retrieval comes
     back `partial`, is logged and counted, and the shard is skipped for `down_seconds` so that
-    a dead shard costs its timeout once, not on every query. Misconfiguration (a bad token,
-    a wrong vector dimension) raises `RetrievalError`.
+    a dead shard costs its timeout once, not on every query. With `rediscover` (a function
+    returning every shard's URLs, as `discover_endpoints`), a down shard's URLs are looked up
+    again once its down period is over, before it is retried: a server restarted elsewhere
+    (a local one on another port) is found again. Misconfiguration (a bad token, a wrong
+    vector dimension) raises `RetrievalError`.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class ShardedRetriever(BaseRetriever):
         batch_size: int = 64,
         rows_per_request: int = 1024,
         exclude_margin: int = 8,
+        rediscover: Callable[[], Sequence[Sequence[str]]] | None = None,
     ) -> None:
         super().__init__(
             encoder, k, distance_threshold, exclude_identical, identical_distance, exclude_margin
@@ -105,6 +110,9 @@ class ShardedRetriever(BaseRetriever):
         self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints), thread_name_prefix="shard")
         self._down_until = [0.0] * len(self.endpoints)
         self._preferred = [0] * len(self.endpoints)
+        self._rediscover = rediscover
+        # per shard, the down period (its end) whose endpoints were looked up again
+        self._rediscovered = [0.0] * len(self.endpoints)
         self._lock = threading.Lock()
 
     @classmethod
@@ -116,10 +124,14 @@ class ShardedRetriever(BaseRetriever):
         token: str | None = None,
         **options: Any,
     ) -> ShardedRetriever:
-        """A retriever for a run's shard servers, found by `discover_endpoints`."""
+        """A retriever for a run's shard servers, found (and found again after a failure)
+        by `discover_endpoints`."""
         from ttt.index.shard import read_token
 
         endpoints = discover_endpoints(run, store)
+        rediscover = None  # a static list or a Service: looking again finds the same URLs
+        if not (run.spec.retrieval.servers or run.spec.retrieval.service):
+            rediscover = functools.partial(discover_endpoints, run, store, missing_ok=True)
         r = run.spec.retrieval
         return cls(
             encoder or run_encoder(run),
@@ -129,6 +141,7 @@ class ShardedRetriever(BaseRetriever):
                 **retrieval_options(run),
                 "timeout": r.timeout_seconds,
                 "retries": r.retries,
+                "rediscover": rediscover,
                 **options,
             },
         )
@@ -145,8 +158,11 @@ class ShardedRetriever(BaseRetriever):
 
     def _post(self, shard: int, path: str, payload: dict) -> dict:
         """One shard's answer, trying replicas and retrying with backoff; _ShardDown if none."""
-        if time.monotonic() < self._down_until[shard]:
+        down_until = self._down_until[shard]
+        if time.monotonic() < down_until:
             raise _ShardDown(f"shard {shard} marked down")
+        if down_until and self._rediscover is not None:
+            self._refresh_endpoints(shard, down_until, self._rediscover)
         replicas, last = self.endpoints[shard], ""
         for attempt in range(self.retries + 1):
             for j in range(len(replicas)):
@@ -182,6 +198,23 @@ class ShardedRetriever(BaseRetriever):
             last,
         )
         raise _ShardDown(last)
+
+    def _refresh_endpoints(
+        self, shard: int, down_until: float, rediscover: Callable[[], Sequence[Sequence[str]]]
+    ) -> None:
+        """Look a down shard's URLs up again, at most once per down period."""
+        with self._lock:
+            if self._rediscovered[shard] == down_until:
+                return
+            self._rediscovered[shard] = down_until
+        try:
+            found = [normalize_url(u) for u in rediscover()[shard]]
+        except Exception as exc:  # noqa: BLE001 - discovery is a hint: the old URLs stay
+            log.warning("shard %d: discovering its servers again failed: %s", shard, exc)
+            return
+        if found and found != self.endpoints[shard]:
+            log.info("shard %d: servers %s now at %s", shard, self.endpoints[shard], found)
+            self.endpoints[shard], self._preferred[shard] = found, 0
 
     def _search_shard(self, shard: int, vectors: np.ndarray, k: int) -> list[Hits]:
         hits = []

@@ -16,12 +16,13 @@ def normalize_url(url: str) -> str:
     return url if re.match(r"^https?://", url) else f"http://{url}"
 
 
-def discover_endpoints(run: Any, store: Any = None) -> list[list[str]]:
+def discover_endpoints(run: Any, store: Any = None, *, missing_ok: bool = False) -> list[list[str]]:
     """URLs of each shard's servers: spec.retrieval.servers, a headless Service, or a registry.
 
     Server i of a static list or a StatefulSet serves shard i % shards (its replica i // shards).
     `service` is '<statefulset>.<service domain>[:port]'; pod i is '<statefulset>-i.<domain>'.
-    Without either, a local run's servers are read from runs/<name>/registry/ in the store.
+    Without either, a local run's servers are read from runs/<name>/registry/ in the store;
+    a shard none of them serves is an error, or (`missing_ok`) an empty list.
     """
     shards, r = run.spec.corpus.shards, run.spec.retrieval
     endpoints: list[list[str]] = [[] for _ in range(shards)]
@@ -54,7 +55,7 @@ def discover_endpoints(run: Any, store: Any = None) -> list[list[str]]:
     for shard, _, key in sorted(found):  # replica 0 first
         endpoints[shard].append(normalize_url(store.get_json(key)["url"]))
     missing = [s for s, e in enumerate(endpoints) if not e]
-    if missing:
+    if missing and not missing_ok:
         raise RetrievalError(
             f"no server registered for shard(s) {_ranges(missing)} under {prefix}: start them "
             "with `ttt serve --spec FILE --shard I`, or set spec.retrieval.servers or .service"
