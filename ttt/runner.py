@@ -125,8 +125,8 @@ class LocalCluster:
         log.info("started %s (pid %d): %s; log %s", name, proc.pid, " ".join(args), log_path)
         return child
 
-    def start_servers(self, store: Any) -> list[_Child]:
-        """One authenticated shard server per shard on loopback ports; registered in the store."""
+    def start_servers(self) -> list[_Child]:
+        """One authenticated shard server per shard on loopback ports; each registers itself."""
         servers = []
         for shard in range(self.run.spec.corpus.shards):
             port = _free_port()
@@ -144,19 +144,14 @@ class LocalCluster:
                     str(port),
                     "--threads",
                     "1",
+                    # the server writes its registry entry itself, whatever the store
+                    "--register",
                 ],
                 threads=1,  # a k-NN query over a shard is small; the cores are the workers'
             )
             child.url = f"http://127.0.0.1:{port}"
             servers.append(child)
         self._wait_ready(servers)
-        for shard, child in enumerate(servers):
-            # A server registers itself only in a local store (ttt.index.server.serve); with
-            # MinIO/S3 this is the one writer. Same record either way.
-            store.put_json(
-                f"{self.run.prefix}/registry/shard-{shard:05d}.json",
-                {"url": child.url, "shard": shard, "replica": 0},
-            )
         return servers
 
     def _wait_ready(self, servers: list[_Child]) -> None:
@@ -270,6 +265,7 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     and ranks are skipped, and unfinished workers skip the documents they have done.
     """
     from ttt.embed import embed_shard
+    from ttt.eval import rank_prefix
     from ttt.index.build import build_shard_index
     from ttt.report import build_report
 
@@ -291,9 +287,7 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
             _stage(f"{stage}: shard {shard + 1}/{shards}")
             build(run, store, shard)
 
-    eval_done = all(
-        is_done(run, store, f"{run.prefix}/eval/rank-{r:05d}", "eval") for r in range(world)
-    )
+    eval_done = all(is_done(run, store, rank_prefix(run, r), "eval") for r in range(world))
     if eval_done:
         log.info("eval: all %d rank(s) already finished, skipping", world)
     else:
@@ -301,7 +295,7 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
         try:
             with _terminate_raises():
                 _stage(f"serve: {shards} shard server(s)")
-                cluster.start_servers(store)
+                cluster.start_servers()
                 _stage(f"eval: {world} worker(s)")
                 cluster.run_workers(world, store, progress)
         finally:

@@ -40,6 +40,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-batch", type=int, default=256, help="most query vectors per request")
     p.add_argument("--max-body", type=int, default=16 * 2**20, help="largest request in bytes")
     p.add_argument("--threads", type=int, help="FAISS threads per search (default: all cores)")
+    p.add_argument(
+        "--register",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write this server's URL to the run's registry in the store once ready "
+        "(default: only when the store is a local directory)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -61,4 +68,5 @@ def _serve(args: argparse.Namespace) -> int:
         limits=Limits(max_k=args.max_k, max_batch=args.max_batch, max_body=args.max_body),
         drain_seconds=args.drain_seconds,
         threads=args.threads,
+        register=args.register,
     )

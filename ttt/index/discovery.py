@@ -63,6 +63,12 @@ def discover_endpoints(run: Any, store: Any = None, *, missing_ok: bool = False)
     return endpoints
 
 
+def registry_key(run: Any, shard: int, replica: int = 0) -> str:
+    """Where a local run's server of `shard` (and `replica`) registers its URL in the store."""
+    name = f"shard-{shard:05d}" + (f".{replica}" if replica else "")
+    return f"{run.prefix}/registry/{name}.json"
+
+
 def _split_port(host: str) -> tuple[str, int]:
     if ":" in host:
         host, _, port = host.rpartition(":")

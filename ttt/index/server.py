@@ -32,6 +32,7 @@ from ttt.index.api import (
     query_matrix,
     read_json,
 )
+from ttt.index.discovery import registry_key
 from ttt.index.rerank import RerankedIndex
 from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
 
@@ -70,6 +71,9 @@ class ShardState:
             if ivf is not None:
                 ivf.make_direct_map()
             self.can_reconstruct = _can_reconstruct(index)
+            # Registered before /readyz answers 200: whoever waits for ready finds the URL.
+            if on_ready is not None:
+                on_ready()
             self.index, self.texts = index, texts
         except Exception as exc:  # noqa: BLE001 - any load failure is reported by /readyz
             self.error = f"{type(exc).__name__}: {exc}"
@@ -86,8 +90,6 @@ class ShardState:
             index.d,
             time.perf_counter() - start,
         )
-        if on_ready is not None:
-            on_ready()
 
     @property
     def ready(self) -> bool:
@@ -388,8 +390,7 @@ def serve(
     bound = sock.getsockname()[1]
     advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
     url = f"http://{'[' + advertised + ']' if ':' in advertised else advertised}:{bound}"
-    name = f"shard-{shard:05d}" + (f".{replica}" if replica else "")
-    key = f"{run.prefix}/registry/{name}.json"
+    key = registry_key(run, shard, replica)
     if register is None:
         register = run.spec.storage.endpoint is None
 

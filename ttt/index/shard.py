@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 
 from ttt.errors import TTTError
+from ttt.stages import open_text_store
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def load_shard(run: Any, store: Any, shard: int) -> tuple[faiss.Index, Any]:
     index = load_shard_index(store.fetch(f"{prefix}/{INDEX}", sha256=sha), run.spec.index.nprobe)
     if run.spec.index.rerank and manifest.get("type", run.spec.index.type) != "flat":
         index = _reranked(run, store, shard, index, manifest)
-    texts = open_text_store(run, store, shard)
+    texts = open_text_store(run, store, shard, ShardError)
     if len(texts) != index.ntotal:
         raise ShardError(
             f"shard {shard}: the index holds {index.ntotal} vectors but the text store "
@@ -82,13 +83,6 @@ def _reranked(run: Any, store: Any, shard: int, index: faiss.Index, manifest: di
         return RerankedIndex(index, vectors, run.spec.index.rerank)
     except ValueError as exc:
         raise ShardError(f"shard {shard}: {prefix}/{EMBEDDINGS}: {exc}") from None
-
-
-def open_text_store(run: Any, store: Any, shard: int) -> Any:
-    """The published text store of a shard (see `ttt.stages.open_text_store`)."""
-    from ttt.stages import open_text_store as open_published
-
-    return open_published(run, store, shard, ShardError)
 
 
 def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
