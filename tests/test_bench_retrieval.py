@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttt.bench_retrieval import bench_retrieval
+from ttt.bench.retrieval import bench_retrieval
 
 
 @pytest.mark.integration

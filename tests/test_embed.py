@@ -217,7 +217,7 @@ def test_shard_out_of_range_is_clear(tmp_path: Path, encoder: Encoder) -> None:
 
 
 def test_paper_reference_path_gives_the_same_vectors(knobs: Encoder) -> None:
-    from ttt.bench_embed import reference_encode
+    from ttt.bench.embed import reference_encode
 
     knobs.batch_tokens = 128
     assert np.allclose(reference_encode(knobs, TEXTS, batch=3), knobs.encode(TEXTS), atol=2e-5)
@@ -225,7 +225,7 @@ def test_paper_reference_path_gives_the_same_vectors(knobs: Encoder) -> None:
 
 @pytest.mark.slow
 def test_bench_embed_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
-    from ttt.bench_embed import bench_embed
+    from ttt.bench.embed import bench_embed
 
     figures = bench_embed(documents=12, max_tokens=32, batch_tokens=256)
     assert figures["documents"] == 12 and figures["tokens"] > 12

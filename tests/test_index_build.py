@@ -183,7 +183,7 @@ def test_stage_bad_type_names_shard_and_field(tmp_path) -> None:
 
 
 def test_bench_index_compares_flat_and_ivf_pq(capsys: pytest.CaptureFixture[str]) -> None:
-    from ttt.bench_index import bench_index
+    from ttt.bench.index import bench_index
 
     figures = bench_index(vectors=3000, dim=64, index_type="IVF16,PQ8", nprobe=4, queries=50)
     assert figures["flat_recall@50"] == 1.0 and 0 < figures["approx_recall@50"] <= 1

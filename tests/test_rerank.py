@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from index_shards import app_server, make_run
 
-from ttt.bench_index import embedding_like
+from ttt.bench.index import embedding_like
 from ttt.index.build import build_index, build_shard_index, measure_recall
 from ttt.index.rerank import RerankedIndex, search_reranked
 from ttt.index.server import create_app

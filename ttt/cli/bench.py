@@ -7,7 +7,7 @@ import json
 
 
 def _embed(args: argparse.Namespace) -> dict:
-    from ttt.bench_embed import bench_embed
+    from ttt.bench.embed import bench_embed
 
     return bench_embed(
         preset=args.preset,
@@ -22,7 +22,7 @@ def _embed(args: argparse.Namespace) -> dict:
 
 
 def _index(args: argparse.Namespace) -> dict:
-    from ttt.bench_index import bench_index
+    from ttt.bench.index import bench_index
 
     return bench_index(
         preset=args.preset,
@@ -40,7 +40,7 @@ def _index(args: argparse.Namespace) -> dict:
 
 
 def _retrieval(args: argparse.Namespace) -> dict:
-    from ttt.bench_retrieval import bench_retrieval
+    from ttt.bench.retrieval import bench_retrieval
 
     return bench_retrieval(
         args.preset,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ttt.bench_embed import print_figures, reproduce_command
+from ttt.bench.figures import print_figures, reproduce_command
 from ttt.index.build import build_index, gpu_count, index_bytes, measure_recall
 from ttt.index.rerank import RerankedIndex
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttt.bench.figures import print_figures, reproduce_command
 from ttt.embed import Encoder, mean_pool
 
 # name -> (documents, batch token budget, device). The CPU preset finishes within a minute
@@ -19,25 +19,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"documents": 8192, "batch_tokens": 131072, "device": "cuda"},
 }
 REFERENCE_BATCH = 16  # the paper's reference code: 16 documents per batch, in corpus order
-
-
-def print_figures(title: str, figures: dict[str, Any], command: str) -> None:
-    """Print a benchmark's figures, one per line, and the command that reproduces them."""
-    print(f"== {title}")
-    for name, value in figures.items():
-        shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
-        print(f"  {name:<32} {shown}")
-    print(f"  reproduce: {command}")
-
-
-def reproduce_command(name: str, preset: str, overrides: dict[str, Any]) -> str:
-    """`ttt bench NAME --preset P` plus one --flag per argument that was given (kwarg names)."""
-    parts = [f"ttt bench {name} --preset {preset}"]
-    for key, value in overrides.items():
-        if value is not None:
-            shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
-            parts.append(f"--{key.replace('_', '-')} {shlex.quote(str(shown))}")
-    return " ".join(parts)
 
 
 def synthetic_documents(n: int, seed: int = 0) -> list[str]:
