@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ttt.cli import main
-from ttt.spec import SpecError, json_schema, load_spec, loads_spec
+from ttt.spec import STAGE_INPUTS, SpecError, json_schema, load_spec, loads_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MINIMAL = "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: t}\n"
@@ -108,3 +108,23 @@ def test_cli_validate(tmp_path, capsys):
     assert "spec.index.typ: unknown field" in capsys.readouterr().err
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "TTTRun"
+
+
+def test_operational_fields_stay_out_of_every_stage_hash():
+    base = {"metadata": {"name": "a"}}
+    a = parse_spec(base, environ={})
+    scaled = parse_spec(
+        {
+            **base,
+            "spec": {
+                "index": {"replicas": 3},
+                "retrieval": {"timeoutSeconds": 60, "retries": 5, "servers": ["http://x:1"]},
+            },
+        },
+        environ={},
+    )
+    for stage in STAGE_INPUTS:
+        assert a.stage_hash(stage) == scaled.stage_hash(stage), stage
+    # what changes the results still does
+    moved = parse_spec({**base, "spec": {"index": {"nprobe": 7}}}, environ={})
+    assert a.stage_hash("index") != moved.stage_hash("index")

@@ -176,6 +176,15 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "report": ("corpus", "embedding", "index", "retrieval", "ttt", "eval"),
 }
 
+# Operational fields: how a stage's output is served or reached, never what it contains.
+# They stay out of every stage hash, so scaling the index servers (`helm upgrade --set
+# index.replicas=3`) or giving retrieval a longer timeout neither makes the servers refuse
+# their index nor discards finished eval records.
+OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
+    "index": frozenset({"replicas"}),
+    "retrieval": frozenset({"timeout_seconds", "retries", "servers", "service", "in_process"}),
+}
+
 
 class TTTRun(_Section):
     """A whole run: `apiVersion`, `kind`, `metadata` and `spec`, as a Kubernetes object."""
@@ -203,7 +212,12 @@ class TTTRun(_Section):
 
     def stage_hash(self, stage: str) -> str:
         """A digest of the spec sections that a stage's output depends on."""
-        sections = {s: getattr(self.spec, s).model_dump(mode="json") for s in STAGE_INPUTS[stage]}
+        sections = {
+            s: getattr(self.spec, s).model_dump(
+                mode="json", exclude=set(OPERATIONAL_FIELDS.get(s, ()))
+            )
+            for s in STAGE_INPUTS[stage]
+        }
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
