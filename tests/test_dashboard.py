@@ -1,9 +1,9 @@
 """Every Grafana panel query returns data from a real Prometheus scraping real ttt processes.
 
 Prometheus (and the Pushgateway) are the Debian packages `prometheus` and
-`prometheus-pushgateway`; CI installs them (.ci/run). Prometheus scrapes, every second, a
-running `ttt serve` shard server, a running `ttt eval` worker and this test process while it
-embeds the shard; each panel's PromQL must then answer through /api/v1/query.
+`prometheus-pushgateway`; `make test` installs them (scripts/install-servers). Prometheus
+scrapes, every second, a running `ttt serve` shard server, a running `ttt eval` worker and
+this test process while it embeds the shard; each panel's PromQL must then answer through /api/v1/query.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def binary(name: str) -> str:
     if found:
         return found
     if os.environ.get("CI"):
-        pytest.fail(f"{name} not found: apt-get install {name} (.ci/run does)")
+        pytest.fail(f"{name} not found: run scripts/install-servers (`make test` does)")
     pytest.skip(f"{name} not installed (apt-get install {name})")
 
 

@@ -28,7 +28,7 @@ EPILOG = """examples:
   ttt validate examples/demo.yaml          print the resolved run spec
   ttt corpus stats examples/data/test.jsonl.zst
   ttt run examples/demo.yaml               the whole pipeline on this machine
-  ttt query --spec examples/demo.yaml "def fibonacci(n):" --k 5
+  ttt query --spec examples/demo.yaml "grep searches for PATTERNS in each FILE" --k 3
 """
 
 

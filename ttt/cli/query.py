@@ -13,7 +13,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "query",
         help="nearest neighbors of a text: domain, distance and a snippet of each",
-        epilog='example: ttt query --spec examples/demo.yaml "def fibonacci(n):" --k 5',
+        epilog="example: ttt query --spec examples/demo.yaml "
+        '"grep searches for PATTERNS in each FILE" --k 3',
     )
     p.add_argument("--spec", required=True, metavar="FILE", help="TTTRun YAML file")
     p.add_argument("text", help="query text (embedded with the run's encoder)")
