@@ -19,6 +19,7 @@ from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
 from ttt.errors import TTTError
+from ttt.index.retrieval import euclidean
 from ttt.results import (
     RESULTS,
     checkpoint_score,
@@ -40,11 +41,14 @@ class EvalError(TTTError, RuntimeError):
 
 
 def select_test_documents(run: Any, store: Any = None) -> list[Document]:
-    """The evaluation set: per task, the spec's portion of its test documents, seeded-shuffled.
+    """The evaluation set: per task, the spec's portion of its test documents, shuffled.
 
-    Deterministic: the same spec and test files give the same documents in the same order
-    (tasks sorted by name, each task in its shuffled order). Each task is shuffled with its
-    own generator seeded by (seed, task), so adding a task never changes another's selection.
+    spec.eval.selection "reference" (the default) is the paper's code exactly: per task, the
+    documents in the test files' order, `rnd = random.Random(); rnd.seed(seed);
+    rnd.shuffle(docs)`, then the first `int(portion * len(docs))` (a task of too few
+    documents gives none, as there). "sorted-ids" is our earlier option: ids sorted as
+    strings (the files' order does not matter), one generator seeded by (seed, task) per task,
+    and at least one document per task. Either way deterministic, tasks sorted by name.
     """
     spec = run.spec
     if not spec.corpus.test:
@@ -66,9 +70,16 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
         tasks = sorted(set(spec.eval.tasks))
     order: list[str] = []
     for task in tasks:
-        pool = sorted(by_task[task])  # the order of the files must not matter
-        random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
-        count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
+        if spec.eval.selection == "reference":
+            pool = list(by_task[task])  # the test files' order
+            rnd = random.Random()
+            rnd.seed(spec.eval.seed)
+            rnd.shuffle(pool)
+            count = int(spec.eval.portion * len(pool))
+        else:
+            pool = sorted(by_task[task])  # the order of the files must not matter
+            random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
+            count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
         if spec.eval.max_documents_per_task is not None:
             count = min(count, spec.eval.max_documents_per_task)
         order.extend(pool[:count])
@@ -142,13 +153,14 @@ def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tupl
 
     The rule is train.select_neighbors' (one definition); it is applied neighbor by neighbor
     here so that the record can name which neighbors were used and which were excluded.
+    Neighbors carry FAISS's squared L2; the rule compares Euclidean distances.
     """
     kept, excluded = [], []
     for n in sorted(neighbors, key=lambda n: n.distance):
         verdict = select_neighbors(
             text,
             [n.text or ""],
-            [n.distance],
+            [euclidean(n.distance)],
             distance_threshold=retrieval.distance_threshold,
             exclude_identical=retrieval.exclude_identical,
             identical_distance=retrieval.identical_distance,
@@ -364,7 +376,9 @@ def _evaluate_document(
         retriever_excluded = int(getattr(result, "excluded", 0))
         partial, failed = bool(result.partial), sorted(result.failed_shards)
     retrieve_seconds = time.perf_counter() - start
-    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=[n.distance for n in kept])
+    # Euclidean distances from here on: the in-context threshold and the record speak them
+    distances = [euclidean(n.distance) for n in kept]
+    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=distances)
     return result_record(
         doc,
         outcome,
@@ -374,7 +388,8 @@ def _evaluate_document(
         excluded=len(excluded) + retriever_excluded,
         neighbor_ids=[n.id for n in kept],
         excluded_ids=[n.id for n in excluded],
-        distances=[float(n.distance) for n in kept],
+        distances=distances,
+        distance_unit="euclidean",
         partial=partial,
         failed_shards=failed,
         seconds={

@@ -77,7 +77,12 @@ class RetrievalSpec(_Section):
     """How test documents find their neighbors across the shard servers."""
 
     neighbors: int = Field(50, ge=0, le=10_000)
-    distance_threshold: float | None = Field(4.0, ge=0)
+    distance_threshold: float | None = Field(
+        4.0,
+        ge=0,
+        description="Euclidean (not squared) L2 distance: a neighbor is used when its "
+        "distance is < this (the reference's 4.0); null = no threshold",
+    )
     timeout_seconds: float = Field(10.0, gt=0)
     retries: int = Field(2, ge=0)
     servers: list[str] = Field(default_factory=list, description="static shard URLs")
@@ -86,7 +91,9 @@ class RetrievalSpec(_Section):
         False, description="search the published indexes inside the worker (no servers)"
     )
     exclude_identical: bool = Field(True, description="the leakage guard")
-    identical_distance: float = Field(1e-6, ge=0)
+    identical_distance: float = Field(
+        1e-3, ge=0, description="Euclidean distance at or under which a neighbor is the query"
+    )
 
 
 class TTTSpec(_Section):
@@ -127,6 +134,11 @@ class EvalSpec(_Section):
     tasks: Literal["all"] | list[str] = "all"
     portion: float = Field(0.2, gt=0, le=1)
     seed: int = 1216
+    selection: Literal["reference", "sorted-ids"] = Field(
+        "reference",
+        description="reference = the paper's code (test-file order, random.Random(seed) "
+        "shuffle, first int(portion * n)); sorted-ids = ids sorted, seeded per task",
+    )
     max_documents_per_task: int | None = Field(None, ge=1)
     workers: int = Field(1, ge=1, description="ranks (world size)")
 

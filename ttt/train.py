@@ -45,9 +45,12 @@ def select_neighbors(
     *,
     distance_threshold: float | None = None,
     exclude_identical: bool = True,
-    identical_distance: float = 1e-6,
+    identical_distance: float = 1e-3,
 ) -> NeighborSelection:
     """Sort by distance, drop neighbors beyond the threshold, and exclude the document itself.
+
+    `distances` and both thresholds are Euclidean (not FAISS's squared L2): a neighbor is used
+    when its distance is < `distance_threshold`, as the reference's `norm(...) < 4.0`.
 
     A neighbor is the document itself when its text equals the document's (ignoring leading
     and trailing whitespace) or its distance is at most `identical_distance`: training on the
@@ -64,7 +67,7 @@ def select_neighbors(
         if (
             distance is not None
             and distance_threshold is not None
-            and distance > distance_threshold
+            and not distance < distance_threshold
         ):
             far += 1
         elif exclude_identical and is_leak(text, neighbor, distance, identical_distance):
