@@ -324,7 +324,13 @@ def evaluate_rank(
         )
         try:
             with local.open("a", encoding="utf-8") as out:
+                task = None
                 for i, doc in enumerate(bar):
+                    if doc.domain != task:
+                        # resetOptimizer false carries Adam's state within a task only, as the
+                        # reference's one optimizer per task (a rank's tasks are contiguous)
+                        ttt.new_task()
+                        task = doc.domain
                     record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()

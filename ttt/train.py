@@ -374,5 +374,13 @@ class TTTNN:
             self.optimizer.state.clear()
         self.model.eval()
 
+    def new_task(self) -> None:
+        """A new task begins: the optimizer's state starts afresh (the reference: one per task).
+
+        With resetOptimizer false the state carries across the documents of a task, as the
+        reference's one AdamW per task does; the caller calls this between tasks.
+        """
+        self.optimizer.state.clear()
+
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
