@@ -224,7 +224,7 @@ def embed_shard(
     n = len(texts)
     n_parts = math.ceil(n / part_size)
     parts_prefix = f"{prefix}/parts/{spec_hash}"
-    storage = np.dtype(run.spec.embedding.storage)
+    storage = run.spec.embedding.storage
     label = str(shard)
     totals = {"tokens": 0, "seconds": 0.0, "resumed_parts": 0}
     bar = tqdm(total=n, desc=f"embed shard {shard}", unit="doc", disable=not progress)
@@ -302,7 +302,7 @@ def _embed_part(
     store: Any,
     bar: tqdm,
     label: str,
-    storage: np.dtype = np.dtype(np.float32),
+    storage: str = "float32",
 ) -> dict:
     """Embed one part, save it to the store (vectors first, then its small json record)."""
     start = time.perf_counter()
@@ -342,7 +342,7 @@ def _assemble(
     dim: int,
     ids: list[str],
     tmp: Path,
-    storage: np.dtype = np.dtype(np.float32),
+    storage: str = "float32",
 ) -> dict[str, Path]:
     """Concatenate the parts into one embeddings.npy (memory-mapped, not in RAM)."""
     path = tmp / EMBEDDINGS
