@@ -68,8 +68,10 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
         "spec.retrieval.neighbors": (r.neighbors, k, f"{k} neighbors"),
         "spec.retrieval.distanceThreshold": (
             r.distance_threshold,
-            4.0,
-            "Euclidean distance < 4.0",
+            None if method == "interpolation" else 4.0,
+            "the interpolation baseline mixes every neighbor"
+            if method == "interpolation"
+            else "Euclidean distance < 4.0",
         ),
         "spec.retrieval.excludeIdentical": (
             r.exclude_identical,
