@@ -514,6 +514,42 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     assert again["count"] == manifests[0]["count"]
 
 
+def test_carried_optimizer_state_starts_afresh_with_each_task(tmp_path, model_dir):
+    """resetOptimizer false: Adam's state crosses documents within a task, never tasks."""
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+
+    def github_scores(tasks, root, reset):
+        run = make_run(
+            tmp_path,
+            ttt={
+                **TINY_TTT,
+                "model": str(model_dir),
+                "evalAfter": [0, 2],
+                "optimizer": "adamw",
+                "weightDecay": 0.01,
+                "resetOptimizer": reset,
+            },
+            retrieval=TINY_RETRIEVAL,
+            eval={"portion": 0.5, "tasks": tasks},
+            storage={"root": str(tmp_path / root)},
+        )
+        store = open_store(run.spec.storage)
+        retriever = local_retriever(run, tmp_path / f"shards-{root}")
+        evaluate_rank(
+            run, store, 0, 1, retriever=retriever, work_dir=tmp_path / root, progress=False
+        )
+        return [r["loglik"]["2"] for r in _results(store, run) if r["task"] == "Github"]
+
+    both = github_scores(["ArXiv", "Github"], "both", reset=False)  # ArXiv's documents first
+    alone = github_scores(["Github"], "alone", reset=False)
+    assert len(both) == 2 and both == alone  # Github starts with a fresh optimizer either way
+    fresh = github_scores(["Github"], "fresh", reset=True)
+    assert fresh[0] == alone[0]  # the task's first document: nothing carried yet
+    assert fresh[1] != alone[1]  # the second trains with the first one's Adam moments
+
+
 class Counting:
     """A retriever that counts the documents it is asked about."""
 
