@@ -56,3 +56,23 @@ def test_a_gpt_neo_spec_at_gpt2s_rate_is_told_the_neo_rate():
     found = {d.field: d for d in departures(run)}
     assert found["spec.ttt.learningRate"].paper == 5e-6
     assert found["spec.ttt.maxLength"].paper == 2048
+
+
+def test_every_spec_and_override_in_the_papers_table_is_at_parity():
+    """docs/paper.md: each row's spec (with its overrides) departs from the paper in nothing."""
+    import re
+
+    doc = (EXAMPLES.parent / "docs" / "paper.md").read_text()
+    named = set(re.findall(r"`(examples/pile-[\w-]+\.yaml)`", doc))
+    assert named == {f"examples/{n}" for n in PAPER}
+    overrides = re.findall(r"\| `((?:TTT_\w+=\S* ?)+)` \|", doc)
+    assert len(overrides) == 2  # in-context and interpolation
+    for line in overrides:
+        env = dict(pair.split("=", 1) for pair in line.split())
+        for name in ("pile-gpt2-large.yaml", "pile-gpt-neo.yaml"):
+            run = load_spec(EXAMPLES / name, environ=env)
+            assert departures(run) == [], (name, line)
+    split = load_spec(EXAMPLES / "pile-gpt2.yaml", environ={"TTT_TTT__SPLIT_TEXT": "true"})
+    assert departures(split) == []
+    for figure in ("1.208", "0.992", "1.072", "0.854", "0.739", "0.710", "1.064", "0.99"):
+        assert figure in doc
