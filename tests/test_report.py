@@ -178,8 +178,9 @@ def test_cost_as_the_paper_counts_it_and_loss_per_neighbor_rank():
     assert s["cost"]["paper_seconds_per_neighbor"] == pytest.approx(3.0)
     assert s["cost"]["tasks"]["Github"]["paper_seconds_per_neighbor"] == pytest.approx(3.0)
     assert s["training_loss_by_rank"] == {"1": 2.0, "2": 1.0}
-    table = format_table(s)
-    assert "3.000 as the paper counts" in table and "2.000 training only" in table
+    assert "seconds per neighbor" not in format_table(s)  # seconds vary between re-runs
+    table = format_table(s)  # deterministic: losses, not seconds
+    assert "Mean training loss by neighbor rank: 2.000 (rank 1) -> 1.000 (rank 2)" in table
 
 
 def test_interpolation_reports_the_best_mixing_weight_per_task():
@@ -249,6 +250,7 @@ def test_cli_report_prints_the_table_and_where_it_is(tmp_path, capsys):
     assert main(["report", "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "| Github | 2 |" in out and "Pile-weighted mean" in out
+    assert "seconds per neighbor:" not in out  # these records trained on no neighbor
     assert f"{run.prefix}/report/" in out
     empty = tmp_path / "empty.yaml"
     empty.write_text(run.to_yaml().replace(str(tmp_path / "store"), str(tmp_path / "none")))

@@ -184,13 +184,8 @@ def format_table(summary: dict[str, Any]) -> str:
             "1,000 resamples, 10-90 % quantiles."
         ),
     ]
-    cost = summary.get("cost", {})
-    if cost.get("paper_seconds_per_neighbor") is not None:
-        notes.append(
-            f"Seconds per neighbor: {cost['paper_seconds_per_neighbor']:.3f} as the paper counts "
-            f"them (training plus one scoring pass), {cost['train_seconds_per_neighbor']:.3f} "
-            "training only."
-        )
+    # seconds (per neighbor, as the paper counts them and training only) are in summary.json
+    # and the CLI's output, not here: this table is the same on every re-run of a spec
     losses = summary.get("training_loss_by_rank", {})
     if losses:
         ranks = sorted(losses, key=int)
