@@ -264,3 +264,22 @@ def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
     assert value(telemetry.TRAIN_STEPS) - steps == outcome.train_steps > 0
     assert value(telemetry.TRAIN_TOKENS) - tokens == outcome.train_tokens
     assert value(telemetry.TRAIN_TOKENS_PER_SECOND) > 0
+
+
+def test_baseline_outcomes_reach_the_result_record(tiny_gpt2, gpt2_tokenizer):
+    from types import SimpleNamespace
+
+    from ttt.results import result_record
+
+    doc = SimpleNamespace(id="d", domain="Github")
+    model = tiny_gpt2()
+    mix = TTTNN(model, gpt2_tokenizer, spec(method="interpolation")).evaluate(DOC, RELATED)
+    record = result_record(doc, mix)
+    assert record["mix_loglik"]["2"] == mix.mixtures["2"] and len(record["mix_loglik"]["2"]) == 20
+    assert record["score_passes"] == 1 and record["train_losses"] == []
+    ctx = TTTNN(model, gpt2_tokenizer, spec(method="in-context"))
+    assert result_record(doc, ctx.evaluate(DOC, RELATED))["fits_window"] is True
+    assert result_record(doc, ctx.evaluate(DOC * 2, RELATED))["fits_window"] is False
+    trained = TTTNN(model, gpt2_tokenizer, spec()).evaluate(DOC, RELATED)
+    assert result_record(doc, trained)["train_losses"] == trained.train_losses
+    assert "mix_loglik" not in result_record(doc, trained)

@@ -43,12 +43,10 @@ class EvalError(TTTError, RuntimeError):
 def select_test_documents(run: Any, store: Any = None) -> list[Document]:
     """The evaluation set: per task, the spec's portion of its test documents, shuffled.
 
-    spec.eval.selection "reference" (the default) is the paper's code exactly: per task, the
-    documents in the test files' order, `rnd = random.Random(); rnd.seed(seed);
-    rnd.shuffle(docs)`, then the first `int(portion * len(docs))` (a task of too few
-    documents gives none, as there). "sorted-ids" is our earlier option: ids sorted as
-    strings (the files' order does not matter), one generator seeded by (seed, task) per task,
-    and at least one document per task. Either way deterministic, tasks sorted by name.
+    selection "reference" (default) is tttlm's: per task in the test files' order,
+    `random.Random()` seeded with `seed` shuffles, the first `int(portion * n)` are taken (a
+    small task may give none). "sorted-ids": ids sorted, a generator seeded by (seed, task),
+    at least one per task. Both deterministic, tasks sorted by name.
     """
     spec = run.spec
     if not spec.corpus.test:
@@ -72,9 +70,7 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
     for task in tasks:
         if spec.eval.selection == "reference":
             pool = list(by_task[task])  # the test files' order
-            rnd = random.Random()
-            rnd.seed(spec.eval.seed)
-            rnd.shuffle(pool)
+            random.Random(spec.eval.seed).shuffle(pool)  # = Random(); seed(1216) as tttlm
             count = int(spec.eval.portion * len(pool))
         else:
             pool = sorted(by_task[task])  # the order of the files must not matter
@@ -326,9 +322,7 @@ def evaluate_rank(
             with local.open("a", encoding="utf-8") as out:
                 task = None
                 for i, doc in enumerate(bar):
-                    if doc.domain != task:
-                        # resetOptimizer false carries Adam's state within a task only, as the
-                        # reference's one optimizer per task (a rank's tasks are contiguous)
+                    if doc.domain != task:  # a carried optimizer state stays within a task
                         ttt.new_task()
                         task = doc.domain
                     record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
@@ -382,8 +376,7 @@ def _evaluate_document(
         retriever_excluded = int(getattr(result, "excluded", 0))
         partial, failed = bool(result.partial), sorted(result.failed_shards)
     retrieve_seconds = time.perf_counter() - start
-    # Euclidean distances from here on: the in-context threshold and the record speak them
-    distances = [euclidean(n.distance) for n in kept]
+    distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
     outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=distances)
     return result_record(
         doc,
