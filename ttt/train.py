@@ -165,7 +165,8 @@ class TTTNN:
     `ttt_spec` is the run spec's `spec.ttt` section (ttt.spec.TTTSpec). The model's weights are
     copied once here and copied back after every document, so the model is bit-identical
     between documents. The optimizer's state is cleared after every document unless
-    `reset_optimizer` is false (the reference code's behaviour, kept for parity).
+    `reset_optimizer` is false (the reference code's behaviour, kept for parity): then it
+    carries across documents until `new_task()`, which the eval worker calls between tasks.
     """
 
     def __init__(
