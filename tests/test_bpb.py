@@ -17,7 +17,9 @@ from ttt.bpb import (
     pile_weighted_mean,
     rolling_windows,
     score_document,
+    score_in_one_window,
     task_weights,
+    token_logprobs,
 )
 
 EOT = 256  # the byte tokenizer's end-of-text id
@@ -141,6 +143,34 @@ def test_context_prefix_leads_every_window_and_is_not_scored():
     assert prefixed.loglik == pytest.approx(5 * math.log(0.9))
     with pytest.raises(ValueError, match="no room"):
         score_document(model, ByteTokenizer(), "xx", 4, context_prefix_ids=[1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("max_length", [2, 7, 100])
+def test_token_logprobs_are_each_tokens_and_sum_to_the_score(max_length):
+    torch.manual_seed(0)
+    model = BigramModel(torch.randn(257, 257, dtype=torch.float64))
+    text = "the cat sat on the mat"
+    ids, logps = token_logprobs(model, ByteTokenizer(), text, max_length, eot_id=EOT)
+    assert ids == list(text.encode())
+    pairs = list(itertools.pairwise([EOT, *ids]))
+    assert logps == pytest.approx([model.table[a, b].item() for a, b in pairs], rel=1e-6)
+    whole = score_document(model, ByteTokenizer(), text, max_length)
+    assert sum(logps) == pytest.approx(whole.loglik, rel=1e-6)
+
+
+def test_one_window_scoring_puts_the_contexts_tail_right_before_the_text():
+    probs = {(EOT, ord("x")): 0.01, (ord("p"), ord("x")): 0.9, (ord("q"), ord("x")): 0.5}
+    model = FirstTokenModel(bigram_with(probs).table.detach())
+    tok = ByteTokenizer()
+    # window 4: 'xx' leaves room for 4 + 1 - 2 = 3 context tokens: the tail 'p p p' of 'qppp'
+    tail = score_in_one_window(model, tok, "xx", 4, [ord(c) for c in "qppp"], eot_id=EOT)
+    assert tail.loglik == pytest.approx(2 * math.log(0.9))
+    # a short context leads the window whole; none at all is the plain harness score
+    lead = score_in_one_window(model, tok, "xx", 4, [ord("q")], eot_id=EOT)
+    assert lead.loglik == pytest.approx(2 * math.log(0.5))
+    bare = score_in_one_window(model, tok, "xx", 4, [], eot_id=EOT)
+    assert bare.loglik == pytest.approx(score_document(model, tok, "xx", 4).loglik)
+    assert score_in_one_window(model, tok, "xxxxx", 4, [1], eot_id=EOT) is None  # two windows
 
 
 def test_empty_document_scores_zero():

@@ -144,7 +144,19 @@ def load_published(store, run: TTTRun) -> tuple[np.ndarray, list[str], dict]:
     return vectors, ids, manifest
 
 
-def test_embed_shard_publishes_float16_rows_in_text_store_order(
+def test_embed_shard_float16_storage_is_an_option(tmp_path: Path, encoder: Encoder) -> None:
+    from ttt.spec import parse_spec
+
+    raw = make_run(tmp_path, n_docs=3).model_dump(mode="json", by_alias=True)
+    raw["spec"]["embedding"]["storage"] = "float16"
+    run = parse_spec(raw, environ={})
+    store = open_store(run.spec.storage)
+    embed_shard(run, store, 0, encoder=encoder, progress=False)
+    vectors, _, manifest = load_published(store, run)
+    assert vectors.dtype == np.float16 and manifest["dtype"] == "float16"
+
+
+def test_embed_shard_publishes_float32_rows_in_text_store_order(
     tmp_path: Path, encoder: Encoder
 ) -> None:
     from ttt.embed import open_text_store
@@ -155,11 +167,13 @@ def test_embed_shard_publishes_float16_rows_in_text_store_order(
     result = embed_shard(run, store, 0, encoder=encoder, part_size=4, progress=False)
     vectors, ids, manifest = load_published(store, run)
     assert result == manifest
-    assert vectors.dtype == np.float16 and vectors.shape == (11, 384)
+    # float32, as the paper's index (float16 storage is our option, below)
+    assert vectors.dtype == np.float32 and vectors.shape == (11, 384)
+    assert manifest["dtype"] == "float32"
     texts = open_text_store(run, store, 0)
     assert ids == texts.ids
     expected = encoder.encode([texts.text(i) for i in range(len(texts))])
-    assert np.allclose(vectors.astype(np.float32), expected, atol=2e-3)
+    assert np.allclose(vectors, expected, atol=1e-6)
     assert manifest["spec_hash"] == run.stage_hash("embed")
     assert manifest["dim"] == 384 and manifest["count"] == 11 and manifest["parts"] == 3
     assert manifest["encoder"] == "all-minilm-l6-v2" and manifest["resumed_parts"] == 0

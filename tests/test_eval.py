@@ -226,9 +226,45 @@ def _selection_corpus(tmp: Path) -> None:
     write_jsonl(tmp / "test.jsonl", docs)
 
 
+def test_the_default_selection_is_the_reference_codes(tmp_path):
+    """Per task in file order, random.Random() seeded 1216, shuffled, the first int(0.2 n)."""
+    import random
+
+    from ttt.corpus import iter_documents
+
+    # tasks interleaved in the file, ids that do not sort in file order
+    docs = [(("Github", "ArXiv")[i % 3 == 0], f"text {i}") for i in range(61)]
+    write_jsonl(tmp_path / "test.jsonl", docs)
+    run = make_run(tmp_path)
+    assert run.spec.eval.selection == "reference"
+    expected = []
+    for task in ("ArXiv", "Github"):
+        pool = [d.id for d in iter_documents([str(tmp_path / "test.jsonl")]) if d.domain == task]
+        rnd = random.Random()
+        rnd.seed(1216)
+        rnd.shuffle(pool)
+        expected += pool[: int(0.2 * len(pool))]  # ArXiv: 21 -> 4, Github: 40 -> 8
+    assert [d.id for d in select_test_documents(run)] == expected and len(expected) == 12
+
+
+def test_eval_list_prints_the_selection_without_any_stage(tmp_path, capsys):
+    from ttt.cli import main
+
+    _selection_corpus(tmp_path)
+    run = make_run(tmp_path, eval={"workers": 3})
+    spec = tmp_path / "run.yaml"
+    spec.write_text(run.to_yaml())
+    assert main(["eval", "--spec", str(spec), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    selected = select_test_documents(run)
+    assert lines == [f"{d.id}\t{d.domain}" for d in selected]
+    assert len(lines) == 3  # Github 10 -> 2, ArXiv 5 -> 1, Enron 1 -> int(0.2) = 0
+    assert not (tmp_path / "store" / "runs").exists()  # nothing evaluated, nothing written
+
+
 def test_selection_is_deterministic_and_takes_the_portion(tmp_path):
     _selection_corpus(tmp_path)
-    run = make_run(tmp_path)
+    run = make_run(tmp_path, eval={"selection": "sorted-ids"})
     first = select_test_documents(run)
     assert [d.id for d in first] == [d.id for d in select_test_documents(run)]
     per_task = {}
@@ -237,15 +273,18 @@ def test_selection_is_deterministic_and_takes_the_portion(tmp_path):
     # 20% rounded, at least one per task; tasks sorted by name
     assert {t: len(v) for t, v in per_task.items()} == {"ArXiv": 1, "Enron Emails": 1, "Github": 2}
     assert [d.domain for d in first] == sorted(d.domain for d in first)
-    half = select_test_documents(make_run(tmp_path, eval={"portion": 0.5}))
+    ours = {"selection": "sorted-ids"}
+    half = select_test_documents(make_run(tmp_path, eval={"portion": 0.5, **ours}))
     assert sum(d.domain == "Github" for d in half) == 5
     # a different seed shuffles differently; a task's selection ignores the other tasks
-    other_seed = make_run(tmp_path, eval={"portion": 0.5, "seed": 7})
+    other_seed = make_run(tmp_path, eval={"portion": 0.5, "seed": 7, **ours})
     assert [d.id for d in select_test_documents(other_seed)] != [d.id for d in half]
-    only = select_test_documents(make_run(tmp_path, eval={"portion": 0.5, "tasks": ["Github"]}))
+    only = select_test_documents(
+        make_run(tmp_path, eval={"portion": 0.5, "tasks": ["Github"], **ours})
+    )
     assert [d.id for d in only] == [d.id for d in half if d.domain == "Github"]
     capped = select_test_documents(
-        make_run(tmp_path, eval={"portion": 1.0, "maxDocumentsPerTask": 3})
+        make_run(tmp_path, eval={"portion": 1.0, "maxDocumentsPerTask": 3, **ours})
     )
     assert {t: sum(d.domain == t for d in capped) for t in ("Github", "ArXiv")} == {
         "Github": 3,
@@ -353,14 +392,62 @@ def test_leakage_guard_excludes_the_document_itself(tmp_path):
         Neighbor("a", "Github", 0.5, 0, 0, "something else"),
         Neighbor("b", "Github", 0.3, 0, 1, doc),  # its copy, at a distance (other encoder noise)
         Neighbor("c", "Github", 0.0, 0, 2, "a near-duplicate"),  # distance ~ 0
-        Neighbor("d", "Github", 9.0, 0, 3, "far away"),  # beyond the threshold (4.0)
+        Neighbor("d", "Github", 16.0, 0, 3, "far away"),  # Euclidean 4.0: not < 4.0
+        Neighbor("e", "Github", 9.0, 0, 4, "within"),  # squared 9 = Euclidean 3 < 4.0: used
     ]
     kept, excluded = guard_neighbors(doc, neighbors, run.spec.retrieval)
-    assert [n.id for n in kept] == ["a"]
+    assert [n.id for n in kept] == ["a", "e"]
     assert [n.id for n in excluded] == ["c", "b"]  # nearest first
     off = make_run(tmp_path, retrieval={"excludeIdentical": False}).spec.retrieval
     kept, excluded = guard_neighbors(doc, neighbors, off)
-    assert [n.id for n in kept] == ["c", "b", "a"] and excluded == []
+    assert [n.id for n in kept] == ["c", "b", "a", "e"] and excluded == []
+
+
+class _Texts:
+    """A shard's text store of hand-written rows (id, domain, text)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def meta(self, r):
+        return self.rows[r][:2]
+
+    def text(self, r):
+        return self.rows[r][2]
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def test_the_threshold_is_euclidean_on_hand_placed_vectors(tmp_path):
+    """Vectors at Euclidean 1, 3, 3.9, 4 and 5 from the query: 4.0 keeps the first three.
+
+    FAISS returns squared L2 (1, 9, 15.21, 16, 25): comparing 4.0 against those would keep one.
+    """
+    import faiss
+
+    from ttt.index.retrieval import LocalRetriever
+    from ttt.train import select_neighbors
+
+    at = [1.0, 3.0, 3.9, 4.0, 5.0]
+    vectors = np.zeros((len(at), 4), dtype=np.float32)
+    vectors[:, 0] = at
+    index = faiss.IndexFlatL2(4)
+    index.add(vectors)
+    texts = _Texts([(f"n{i}", "Github", f"neighbor {i}") for i in range(len(at))])
+    query = np.zeros((1, 4), dtype=np.float32)
+    retriever = LocalRetriever(None, [index], [texts], k=5, distance_threshold=4.0)
+    (result,) = retriever.search_vectors(query)
+    assert [n.id for n in result.neighbors] == ["n0", "n1", "n2"]
+    assert [n.distance for n in result.neighbors] == pytest.approx([1.0, 9.0, 15.21], rel=1e-5)
+    # the eval guard, on every candidate: the same cut
+    (everything,) = LocalRetriever(None, [index], [texts], k=5).search_vectors(query)
+    run = make_run(tmp_path)  # spec default distanceThreshold: 4.0
+    kept, _ = guard_neighbors("the test document", everything.neighbors, run.spec.retrieval)
+    assert [n.id for n in kept] == ["n0", "n1", "n2"]
+    # train's rule takes Euclidean distances and keeps those < 4.0
+    chosen = select_neighbors("doc", ["a", "b", "c", "d", "e"], at, distance_threshold=4.0)
+    assert chosen.texts == ["a", "b", "c"] and chosen.dropped_distance == 2
 
 
 # --- the worker ------------------------------------------------------------------------------
@@ -407,6 +494,7 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     for rec in records:
         assert set(rec["loglik"]) == {"0", "1", "2"}
         assert rec["neighbors"] == 2 and len(rec["distances"]) == 2
+        assert rec["distance_unit"] == "euclidean"
         assert rec["distances"] == sorted(rec["distances"])
         assert rec["bytes"] == len(next(d for d in selected if d.id == rec["doc"]).text)
         assert set(rec["seconds"]) == {"retrieve", "train", "score"}
@@ -424,6 +512,42 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     # a finished rank is not redone
     again = evaluate_rank(run, store, 0, 2, retriever=Refuse(), progress=False)
     assert again["count"] == manifests[0]["count"]
+
+
+def test_carried_optimizer_state_starts_afresh_with_each_task(tmp_path, model_dir):
+    """resetOptimizer false: Adam's state crosses documents within a task, never tasks."""
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+
+    def github_scores(tasks, root, reset):
+        run = make_run(
+            tmp_path,
+            ttt={
+                **TINY_TTT,
+                "model": str(model_dir),
+                "evalAfter": [0, 2],
+                "optimizer": "adamw",
+                "weightDecay": 0.01,
+                "resetOptimizer": reset,
+            },
+            retrieval=TINY_RETRIEVAL,
+            eval={"portion": 0.5, "tasks": tasks},
+            storage={"root": str(tmp_path / root)},
+        )
+        store = open_store(run.spec.storage)
+        retriever = local_retriever(run, tmp_path / f"shards-{root}")
+        evaluate_rank(
+            run, store, 0, 1, retriever=retriever, work_dir=tmp_path / root, progress=False
+        )
+        return [r["loglik"]["2"] for r in _results(store, run) if r["task"] == "Github"]
+
+    both = github_scores(["ArXiv", "Github"], "both", reset=False)  # ArXiv's documents first
+    alone = github_scores(["Github"], "alone", reset=False)
+    assert len(both) == 2 and both == alone  # Github starts with a fresh optimizer either way
+    fresh = github_scores(["Github"], "fresh", reset=True)
+    assert fresh[0] == alone[0]  # the task's first document: nothing carried yet
+    assert fresh[1] != alone[1]  # the second trains with the first one's Adam moments
 
 
 class Counting:

@@ -129,8 +129,9 @@ def test_threshold_and_leakage_guard(published, servers):
         (unguarded,) = sharded.search(["own"])
         assert (unguarded.neighbors[0].shard, unguarded.neighbors[0].row) == (1, 5)
         assert unguarded.neighbors[1:] == guarded.neighbors[:4]
+        # the threshold is Euclidean (used when < it); neighbors carry FAISS's squared L2
         cut = unguarded.neighbors[2].distance
-        sharded.distance_threshold = cut
+        sharded.distance_threshold = cut**0.5 * (1 + 1e-6)
         (near,) = sharded.search(["own"])
         assert len(near.neighbors) == 3 and all(n.distance <= cut for n in near.neighbors)
         (none,) = sharded.search(["far"])

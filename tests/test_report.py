@@ -86,19 +86,115 @@ def test_summary_pinned_against_hand_computed_sums():
 def test_table_is_the_papers():
     table = format_table(summarize(records("h"), [0, 2]))
     lines = table.splitlines()
-    assert lines[0] == "| task | docs | before (k=0) | after (k=2) | difference |"
+    assert lines[0] == (
+        "| task | docs | before (k=0) | after (k=2) | difference | after 10-90 % "
+        "| ref. docs | ref. before | ref. after |"
+    )
+    s = summarize(records("h"), [0, 2])
+    lo, hi = s["tasks"]["Github"]["error_bars"]["2"]
+    # the reference's median rule keeps g:2 only (int(median([3, 2])) = 2: tttlm's code)
     assert lines[3] == (
         f"| Github | 2 | {GITHUB_BEFORE:.3f} | {GITHUB_AFTER:.3f} "
-        f"| {GITHUB_AFTER - GITHUB_BEFORE:+.3f} |"
+        f"| {GITHUB_AFTER - GITHUB_BEFORE:+.3f} | {lo:.3f}-{hi:.3f} "
+        f"| 1 | {60 / 50 / LN2:.3f} | {40 / 50 / LN2:.3f} |"
     )
     mean_before, mean_after = (
         weighted(GITHUB_BEFORE, ARXIV_BEFORE),
         weighted(GITHUB_AFTER, ARXIV_AFTER),
     )
-    assert lines[4] == (
+    assert lines[4].startswith(
         f"| **Pile-weighted mean** | 3 | {mean_before:.3f} | {mean_after:.3f} "
         f"| {mean_after - mean_before:+.3f} |"
     )
+    assert "| 2 |" in lines[4][-30:]  # the reference's rule counts 2 documents
+    assert "bootstrap over documents, 1,000 resamples, 10-90 % quantiles" in table
+
+
+def _curve_records(h: str = "h") -> list[dict]:
+    """Github: two documents with 2 neighbors, one with 1 (the median rule drops it)."""
+
+    def rec(doc, nbytes, loglik, neighbors):
+        return {
+            "doc": doc, "task": "Github", "bytes": nbytes, "words": 10, "tokens": 10,
+            "loglik": loglik, "spec_hash": h, "neighbors": neighbors,
+            "checkpoint_neighbors": {k: min(int(k), neighbors) for k in loglik},
+        }  # fmt: skip
+
+    return [
+        rec("g:1", 100, {"0": -100.0, "2": -80.0}, 2),
+        rec("g:2", 100, {"0": -120.0, "2": -70.0}, 2),
+        rec("g:3", 50, {"0": -90.0, "2": -85.0}, 1),  # fewer than k neighbors
+    ]
+
+
+def test_both_aggregations_side_by_side_with_their_document_counts():
+    s = summarize(_curve_records(), [0, 2])
+    assert s["tasks"]["Github"]["documents"] == 3
+    assert s["tasks"]["Github"]["after"] == pytest.approx(235 / 250 / LN2)
+    ref = s["reference_aggregation"]
+    assert ref["documents"] == 2 and ref["tasks"]["Github"]["documents"] == 2
+    assert ref["tasks"]["Github"]["before"] == pytest.approx(220 / 200 / LN2)
+    assert ref["tasks"]["Github"]["after"] == pytest.approx(150 / 200 / LN2)
+    assert ref["mean"]["after"] == pytest.approx(150 / 200 / LN2)
+
+
+def test_bootstrap_error_bars_per_task_and_for_the_mean():
+    from ttt.aggregate import bootstrap
+
+    rows = _curve_records()
+    s = summarize(rows, [0, 2])
+    per_doc = [-r["loglik"]["2"] / r["bytes"] / LN2 for r in rows]
+    lo, hi = s["tasks"]["Github"]["error_bars"]["2"]
+    assert min(per_doc) <= lo < s["tasks"]["Github"]["after"] < hi <= max(per_doc)
+    assert s["mean"]["error_bars"]["2"] == pytest.approx([lo, hi])  # one task: the same
+    # one document: every resample is that document
+    one = bootstrap(rows[:1], [0, 2])
+    assert one["tasks"]["Github"]["2"] == pytest.approx([0.8 / LN2, 0.8 / LN2])
+    # 1,000 resamples, 10 % and 90 % quantiles: against a plain resampling loop
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    many = [dict(rows[i % 3], doc=f"d{i}", bytes=50 + 7 * i) for i in range(30)]
+    ll = np.array([r["loglik"]["2"] for r in many])
+    nb = np.array([r["bytes"] for r in many], float)
+    samples = []
+    for _ in range(4000):
+        idx = rng.integers(0, 30, 30)
+        samples.append(-ll[idx].sum() / nb[idx].sum() / LN2)
+    want = np.quantile(samples, [0.1, 0.9])
+    got = bootstrap(many, [2])["tasks"]["Github"]["2"]
+    assert got == pytest.approx(want, rel=0.02)
+
+
+def test_cost_as_the_paper_counts_it_and_loss_per_neighbor_rank():
+    rows = [
+        dict(r, seconds={"retrieve": 0.0, "train": 4.0, "score": 3.0}, score_passes=3,
+             train_losses=[2.0, 1.0])
+        for r in _curve_records()[:2]
+    ]  # fmt: skip
+    s = summarize(rows, [0, 2])
+    # training 8 s over 4 neighbors; one scoring pass is 1 s, charged once per neighbor
+    assert s["cost"]["train_seconds_per_neighbor"] == pytest.approx(2.0)
+    assert s["cost"]["paper_seconds_per_neighbor"] == pytest.approx(3.0)
+    assert s["cost"]["tasks"]["Github"]["paper_seconds_per_neighbor"] == pytest.approx(3.0)
+    assert s["training_loss_by_rank"] == {"1": 2.0, "2": 1.0}
+    assert "seconds per neighbor" not in format_table(s)  # seconds vary between re-runs
+    table = format_table(s)  # deterministic: losses, not seconds
+    assert "Mean training loss by neighbor rank: 2.000 (rank 1) -> 1.000 (rank 2)" in table
+
+
+def test_interpolation_reports_the_best_mixing_weight_per_task():
+    mix_good = [-100.0 + i for i in range(10)] + [-92.0 - i for i in range(10)]  # best a = 0.09
+    rows = [
+        dict(r, loglik={"0": -100.0, "2": -100.0}, mix_loglik={"0": [-100.0] * 20, "2": mix_good})
+        for r in _curve_records()[:2]
+    ]
+    s = summarize(rows, [0, 2])
+    g = s["tasks"]["Github"]
+    assert g["mixing_weight"]["2"] == 0.09
+    assert g["after"] == pytest.approx(2 * 91 / 200 / LN2)
+    assert g["before"] == pytest.approx(2 * 100 / 200 / LN2)
+    assert "Interpolation: the best mixing weight per task at k=2: Github 0.09" in format_table(s)
 
 
 def _publish_ranks(run, store) -> None:
@@ -154,8 +250,22 @@ def test_cli_report_prints_the_table_and_where_it_is(tmp_path, capsys):
     assert main(["report", "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "| Github | 2 |" in out and "Pile-weighted mean" in out
+    assert "seconds per neighbor:" not in out  # these records trained on no neighbor
     assert f"{run.prefix}/report/" in out
     empty = tmp_path / "empty.yaml"
     empty.write_text(run.to_yaml().replace(str(tmp_path / "store"), str(tmp_path / "none")))
     assert main(["report", "--spec", str(empty)]) == 1
     assert "no eval results" in capsys.readouterr().err
+
+
+def test_the_plots_draw_the_error_bars(tmp_path):
+    from ttt.report import plot_before_after, plot_bpb_vs_neighbors
+
+    s = summarize(_curve_records(), [0, 2])
+    bare = json.loads(json.dumps(s))
+    for v in [*bare["tasks"].values(), bare["mean"]]:
+        del v["error_bars"]
+    for plot in (plot_bpb_vs_neighbors, plot_before_after):
+        with_bars = plot(s, tmp_path / "a.png").read_bytes()
+        without = plot(bare, tmp_path / "b.png").read_bytes()
+        assert with_bars != without, plot.__name__

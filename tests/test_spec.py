@@ -25,10 +25,29 @@ def test_paper_defaults():
     assert s.ttt.order == "nearest-first" and s.ttt.steps_per_neighbor == 1
     assert s.eval.portion == 0.2 and s.eval.seed == 1216
     assert s.embedding.pooling == "mean"
+    # the paper's encoder and a float32 index, by default
+    assert s.embedding.model == "socialfoundations/roberta-large-pile-lr2e-5-bs16-8gpu-1700000"
+    assert s.embedding.storage == "float32"
+    assert s.eval.selection == "reference"
     assert s.storage.endpoint is None  # the local store is the default
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "pile-gpt2-large.yaml"])
+def test_dynamic_evaluation_without_split_text_is_refused():
+    with pytest.raises(SpecError, match="dynamic-eval needs spec.ttt.splitText"):
+        loads_spec(MINIMAL + "spec:\n  ttt: {method: dynamic-eval}\n", environ={})
+    text = MINIMAL + "spec:\n  ttt: {method: dynamic-eval, splitText: true}\n"
+    assert loads_spec(text, environ={}).spec.ttt.method == "dynamic-eval"
+
+
+def test_the_offline_examples_and_tests_name_their_encoder():
+    # the paper's encoder is the default; nothing offline may fall back to downloading it
+    for path in [EXAMPLES / "demo.yaml", EXAMPLES.parent / "tests" / "tiny_run.py"]:
+        assert "all-minilm-l6-v2" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "pile-gpt2.yaml", "pile-gpt2-large.yaml", "pile-gpt-neo.yaml"]
+)
 def test_examples_validate(name):
     run = load_spec(EXAMPLES / name, environ={})
     assert run.kind == "TTTRun" and run.prefix == f"runs/{run.name}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from ttt.train import (
     DocOutcome,
     chunk_tokens,
     select_neighbors,
-    split_document,
+    split_tokens,
 )
 
 DOC = "The harbour master logged every ship that entered the bay before dawn. " * 2
@@ -53,15 +55,13 @@ def test_chunks_cover_the_tokens_as_the_reference_code_cuts_them():
     assert chunk_tokens([], 4, 4) == []
 
 
-def test_split_document_cuts_at_the_whitespace_nearest_the_middle_byte():
-    query, scored = split_document("aaaa bb cccc")
-    assert (query, scored) == ("aaaa bb", " cccc")
-    # bytes, not characters: 'é' is two bytes, so the middle byte is further left
-    text = "éééééé x yyyyyy"
-    query, scored = split_document(text)
-    assert query + scored == text and query == "éééééé"
-    assert split_document("abcdef") == ("abc", "def")
-    assert split_document("") == ("", "")
+def test_split_tokens_is_the_references_cut():
+    # the query is min(1024, n // 2) tokens, as tttlm's _split_text
+    assert split_tokens(list(range(10))) == 5
+    assert split_tokens(list(range(11))) == 5
+    assert split_tokens(list(range(2048))) == 1024
+    assert split_tokens(list(range(5000))) == 1024
+    assert split_tokens([]) == 0
 
 
 def test_select_neighbors_applies_the_threshold_and_the_leakage_guard():
@@ -158,39 +158,101 @@ def test_order_follows_distances_nearest_or_farthest_first(tiny_gpt2, gpt2_token
         assert outcome.train_tokens == len(gpt2_tokenizer.encode(first)), order
 
 
-def test_split_text_queries_with_the_first_half_and_scores_the_second(tiny_gpt2, gpt2_tokenizer):
+def test_split_text_queries_with_the_first_tokens_and_scores_the_rest(tiny_gpt2, gpt2_tokenizer):
     ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(split_text=True))
     query, scored = ttt.query_text(DOC), ttt.scored_text(DOC)
-    assert query + scored == DOC and abs(len(query) - len(scored)) < 12
+    ids = gpt2_tokenizer.encode(DOC)
+    half = len(ids) // 2
+    # a token split, not a byte split: the scored part is exactly the tokens after the query
+    assert gpt2_tokenizer.encode(query) == ids[:half]
+    assert scored == gpt2_tokenizer.decode(ids[half:]) and query + scored == DOC
     outcome = ttt.evaluate(DOC, RELATED)
     assert outcome.at(0).bytes == len(scored.encode()) < len(DOC.encode())
     whole = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec()).evaluate(DOC, [])
     assert whole.at(0).bytes == len(DOC.encode()) and whole.checkpoints[-1].neighbors == 0
 
 
-def test_dynamic_evaluation_trains_on_the_document_itself(tiny_gpt2, gpt2_tokenizer):
-    ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(method="dynamic-eval", eval_after=[0, 1, 3]))
+def test_dynamic_evaluation_trains_on_the_query_and_scores_the_rest(tiny_gpt2, gpt2_tokenizer):
+    with pytest.raises(ValueError, match="dynamic-eval needs splitText"):
+        TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(method="dynamic-eval")).evaluate(DOC, [])
+    s = spec(method="dynamic-eval", split_text=True, eval_after=[0, 1, 3])
+    ttt = TTTNN(tiny_gpt2(), gpt2_tokenizer, s)
     outcome = ttt.evaluate(DOC, UNRELATED)  # neighbors play no part
-    n_tokens = len(gpt2_tokenizer.encode(DOC))
-    assert outcome.train_tokens == 3 * n_tokens  # one pass per checkpoint step, as the reference
+    query, scored = ttt.split(DOC)
+    assert outcome.train_tokens == 3 * len(gpt2_tokenizer.encode(query))  # one step per pass
+    assert outcome.train_steps == 3 and len(outcome.train_losses) == 3
+    assert outcome.at(0).bytes == len(scored.encode())  # the query is never scored
     bpb = [outcome.at(n).bits_per_byte for n in (0, 1, 3)]
-    assert bpb[2] < bpb[1] < bpb[0]
+    assert bpb[2] < bpb[0]
 
 
-def test_in_context_conditions_on_neighbors_without_training(tiny_gpt2, gpt2_tokenizer):
+def test_training_loss_is_recorded_per_neighbor(tiny_gpt2, gpt2_tokenizer):
+    outcome = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec()).evaluate(DOC, RELATED)
+    assert len(outcome.train_losses) == 2 and all(v > 0 for v in outcome.train_losses)
+    assert outcome.score_passes == 2  # checkpoints 0 and 2
+
+
+def test_in_context_prefix_conditions_on_neighbors_without_training(tiny_gpt2, gpt2_tokenizer):
     model = tiny_gpt2()
     saved = snapshot(model)
     base = TTTNN(model, gpt2_tokenizer, spec()).evaluate(DOC, [])
-    ttt = TTTNN(model, gpt2_tokenizer, spec(method="in-context", eval_after=[0, 1, 2]))
+    ttt = TTTNN(model, gpt2_tokenizer, spec(method="in-context-prefix", eval_after=[0, 1, 2]))
     outcome = ttt.evaluate(DOC, RELATED)
     assert_identical(model, saved)
-    assert outcome.train_steps == 0 and outcome.method == "in-context"
+    assert outcome.train_steps == 0 and outcome.method == "in-context-prefix"
     assert outcome.at(0).loglik == base.at(0).loglik  # no context: the base model
     assert outcome.at(1).loglik != outcome.at(0).loglik
     assert outcome.at(1).tokens == outcome.at(0).tokens  # context tokens are never scored
     # a context far longer than the window is cut to the budget (nearest text kept)
-    long = TTTNN(model, gpt2_tokenizer, spec(method="in-context", eval_after=[2]))
+    long = TTTNN(model, gpt2_tokenizer, spec(method="in-context-prefix", eval_after=[2]))
     assert long.evaluate(DOC, ["word " * 500, "more " * 500]).at(2).neighbors == 2
+
+
+def test_in_context_is_the_references(tiny_gpt2, gpt2_tokenizer):
+    """Neighbors < 2.3 concatenated nearest first, the window's tail of it before the text."""
+    from ttt.bpb import _window_logliks
+
+    model = tiny_gpt2()
+    tok = gpt2_tokenizer
+    short = "The harbour master logged every ship."  # fits the 32-token window
+    s = spec(method="in-context", eval_after=[0, 1, 2])
+    ttt = TTTNN(model, tok, s)
+    near, far = RELATED
+    # distances out of order: sorted nearest first; one beyond 2.3 is never used
+    outcome = ttt.evaluate(short, [far, near, "ignored"], distances=[2.0, 1.0, 2.5])
+    assert outcome.fits_window is True and outcome.train_steps == 0
+    ids = tok.encode(short)
+    tail = (tok.encode(near) + tok.encode(far))[-(32 + 1 - len(ids)) :]
+    assert outcome.at(2).loglik == pytest.approx(_window_logliks(model, [(tail, ids)], 8192))
+    assert outcome.at(2).neighbors == 2 and outcome.at(0).neighbors == 0
+    base = TTTNN(model, tok, spec()).evaluate(short, [])
+    assert outcome.at(0).loglik == base.at(0).loglik
+    # a text longer than one window gets no context at all, as the reference
+    long = TTTNN(model, tok, s).evaluate(DOC * 3, RELATED, distances=[1.0, 1.1])
+    assert long.fits_window is False and {c.neighbors for c in long.checkpoints} == {0}
+    assert len({c.loglik for c in long.checkpoints}) == 1
+
+
+def test_interpolation_mixes_the_neighbors_unigrams(tiny_gpt2, gpt2_tokenizer):
+    import numpy as np
+
+    from ttt.baselines import MIX_WEIGHTS, knn_probabilities
+
+    model = tiny_gpt2()
+    tok = gpt2_tokenizer
+    ttt = TTTNN(model, tok, spec(method="interpolation", eval_after=[0, 2]))
+    outcome = ttt.evaluate(DOC, RELATED, distances=[1.0, 2.0])
+    base = TTTNN(model, tok, spec()).evaluate(DOC, [])
+    assert MIX_WEIGHTS[0] == 0 and MIX_WEIGHTS[-1] == 0.19 and len(MIX_WEIGHTS) == 20
+    assert outcome.at(2).loglik == pytest.approx(base.at(0).loglik)  # a = 0 is the base model
+    mix = outcome.mixtures["2"]
+    assert mix[0] == pytest.approx(base.at(0).loglik)
+    assert max(mix) > mix[0]  # related neighbors' unigrams help at some a > 0
+    assert outcome.mixtures["0"] == [mix[0]] * 20  # no neighbors, nothing to mix
+    # p_knn: unigram frequencies weighted by softmax(-distance)
+    p = knn_probabilities([1, 2], [[1, 1, 2, 3], [2]], [0.0, math.log(3)])
+    w = np.array([3, 1]) / 4
+    assert p == pytest.approx([w[0] * 2 / 4, w[0] * 1 / 4 + w[1] * 1.0])
 
 
 def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
@@ -202,3 +264,22 @@ def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
     assert value(telemetry.TRAIN_STEPS) - steps == outcome.train_steps > 0
     assert value(telemetry.TRAIN_TOKENS) - tokens == outcome.train_tokens
     assert value(telemetry.TRAIN_TOKENS_PER_SECOND) > 0
+
+
+def test_baseline_outcomes_reach_the_result_record(tiny_gpt2, gpt2_tokenizer):
+    from types import SimpleNamespace
+
+    from ttt.results import result_record
+
+    doc = SimpleNamespace(id="d", domain="Github")
+    model = tiny_gpt2()
+    mix = TTTNN(model, gpt2_tokenizer, spec(method="interpolation")).evaluate(DOC, RELATED)
+    record = result_record(doc, mix)
+    assert record["mix_loglik"]["2"] == mix.mixtures["2"] and len(record["mix_loglik"]["2"]) == 20
+    assert record["score_passes"] == 1 and record["train_losses"] == []
+    ctx = TTTNN(model, gpt2_tokenizer, spec(method="in-context"))
+    assert result_record(doc, ctx.evaluate(DOC, RELATED))["fits_window"] is True
+    assert result_record(doc, ctx.evaluate(DOC * 2, RELATED))["fits_window"] is False
+    trained = TTTNN(model, gpt2_tokenizer, spec()).evaluate(DOC, RELATED)
+    assert result_record(doc, trained)["train_losses"] == trained.train_losses
+    assert "mix_loglik" not in result_record(doc, trained)

@@ -160,6 +160,85 @@ def score_document(
     )
 
 
+def _window_token_logprobs(
+    model: PreTrainedModel, windows: list[tuple[list[int], list[int]]], batch_tokens: int
+) -> list[float]:
+    """log p of every target token, in token order (the interpolation baseline mixes them)."""
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in windows]
+    by_length: dict[int, list[int]] = {}
+    for i, (context, target) in enumerate(windows):
+        by_length.setdefault(len(context) + len(target) - 1, []).append(i)
+    with torch.no_grad():
+        for length, group in by_length.items():
+            per_batch = max(1, batch_tokens // length)
+            for start in range(0, len(group), per_batch):
+                batch = group[start : start + per_batch]
+                inputs = torch.tensor(
+                    [(windows[i][0] + windows[i][1])[:-1] for i in batch], device=device
+                )
+                logits = model(input_ids=inputs).logits
+                for row, i in enumerate(batch):
+                    target = windows[i][1]
+                    scores = logits[row, -len(target) :].float()
+                    idx = torch.tensor(target, device=device).unsqueeze(-1)
+                    out[i] = scores.log_softmax(dim=-1).gather(-1, idx).squeeze(-1).tolist()
+    return [lp for window in out for lp in window]
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    max_length: int,
+    *,
+    eot_id: int,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> tuple[list[int], list[float]]:
+    """(token ids, natural-log probability of each) under the harness's rolling windows."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    windows = rolling_windows(ids, max_length, eot_id)
+    was_training = model.training
+    model.eval()
+    try:
+        logps = _window_token_logprobs(model, windows, batch_tokens) if windows else []
+    finally:
+        model.train(was_training)
+    return ids, logps
+
+
+def score_in_one_window(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    max_length: int,
+    context_ids: list[int],
+    *,
+    eot_id: int,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> DocScore | None:
+    """The reference's in-context scoring: `text` in one window after the tail of context_ids.
+
+    As tttlm's loglikelihood_rolling(texts=...): the window is filled with the end of the
+    context (no separator) right before the text; a text longer than one window gets None
+    (the reference then scores it without context). No context: the plain harness score.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > max_length:
+        return None
+    room = max_length + 1 - len(ids)
+    context = list(context_ids[-room:]) if context_ids else [eot_id]
+    was_training = model.training
+    model.eval()
+    try:
+        loglik = _window_logliks(model, [(context, ids)], batch_tokens) if ids else 0.0
+    finally:
+        model.train(was_training)
+    return DocScore(
+        loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text)
+    )
+
+
 @dataclass
 class TaskTotals:
     """Sums over a task's documents, from which the harness's three perplexity metrics come."""

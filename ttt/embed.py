@@ -1,4 +1,4 @@
-"""The encoder and the embedding shards: documents -> mean-pooled vectors -> float16 shards."""
+"""The encoder and the embedding shards: documents -> mean-pooled vectors -> vector shards."""
 
 from __future__ import annotations
 
@@ -199,7 +199,9 @@ def embed_shard(
     on_part: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Embed every document of a shard into embeddings.npy (float16) and publish it.
+    """Embed every document of a shard into embeddings.npy and publish it.
+
+    The rows are float32 (the paper's index) or float16 (spec.embedding.storage, our option).
 
     Work is saved part by part under `<prefix>/parts/<spec hash>/`, so a crashed run resumes
     at the first unfinished part. `on_part(i)` is called after part i is saved. When the
@@ -222,6 +224,7 @@ def embed_shard(
     n = len(texts)
     n_parts = math.ceil(n / part_size)
     parts_prefix = f"{prefix}/parts/{spec_hash}"
+    storage = run.spec.embedding.storage
     label = str(shard)
     totals = {"tokens": 0, "seconds": 0.0, "resumed_parts": 0}
     bar = tqdm(total=n, desc=f"embed shard {shard}", unit="doc", disable=not progress)
@@ -236,7 +239,7 @@ def embed_shard(
                 totals["resumed_parts"] += 1
                 bar.update(info["count"])
             else:
-                info = _embed_part(encoder, texts, rows, Path(tmp), key, store, bar, label)
+                info = _embed_part(encoder, texts, rows, Path(tmp), key, store, bar, label, storage)
                 log.info(
                     "embed shard %d: part %d/%d, %.0f tokens/s, %.1f docs/s",
                     shard,
@@ -251,7 +254,7 @@ def embed_shard(
             if on_part is not None:
                 on_part(p)
         bar.close()
-        files = _assemble(store, parts_prefix, infos, n, encoder.dim, texts.ids, Path(tmp))
+        files = _assemble(store, parts_prefix, infos, n, encoder.dim, texts.ids, Path(tmp), storage)
         seconds = max(totals["seconds"], 1e-9)
         manifest = {
             "stage": "embed",
@@ -261,7 +264,7 @@ def embed_shard(
             "pooling": encoder.pooling,
             "max_tokens": encoder.max_tokens,
             "normalize": encoder.normalize,
-            "dtype": "float16",
+            "dtype": run.spec.embedding.storage,
             "dim": encoder.dim,
             "count": n,
             "ids": IDS,
@@ -299,11 +302,12 @@ def _embed_part(
     store: Any,
     bar: tqdm,
     label: str,
+    storage: str = "float32",
 ) -> dict:
     """Embed one part, save it to the store (vectors first, then its small json record)."""
     start = time.perf_counter()
     part_texts = [texts.text(r) for r in rows]
-    out = np.zeros((len(part_texts), encoder.dim), dtype=np.float16)
+    out = np.zeros((len(part_texts), encoder.dim), dtype=storage)
     tokens = 0
     for batch_rows, vectors, batch_tokens in encoder.encode_batches(part_texts):
         out[batch_rows] = vectors
@@ -338,10 +342,11 @@ def _assemble(
     dim: int,
     ids: list[str],
     tmp: Path,
+    storage: str = "float32",
 ) -> dict[str, Path]:
-    """Concatenate the parts into one float16 embeddings.npy (memory-mapped, not in RAM)."""
+    """Concatenate the parts into one embeddings.npy (memory-mapped, not in RAM)."""
     path = tmp / EMBEDDINGS
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=storage, shape=(n, dim))
     for p, info in enumerate(infos):
         key = f"{parts_prefix}/part-{p:05d}.npy"
         part = np.load(store.fetch(key, sha256=info.get("sha256")), allow_pickle=False)

@@ -19,6 +19,7 @@ from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
 from ttt.errors import TTTError
+from ttt.index.retrieval import euclidean
 from ttt.results import (
     RESULTS,
     checkpoint_score,
@@ -40,11 +41,12 @@ class EvalError(TTTError, RuntimeError):
 
 
 def select_test_documents(run: Any, store: Any = None) -> list[Document]:
-    """The evaluation set: per task, the spec's portion of its test documents, seeded-shuffled.
+    """The evaluation set: per task, the spec's portion of its test documents, shuffled.
 
-    Deterministic: the same spec and test files give the same documents in the same order
-    (tasks sorted by name, each task in its shuffled order). Each task is shuffled with its
-    own generator seeded by (seed, task), so adding a task never changes another's selection.
+    selection "reference" (default) is tttlm's: per task in the test files' order,
+    `random.Random()` seeded with `seed` shuffles, the first `int(portion * n)` are taken (a
+    small task may give none). "sorted-ids": ids sorted, a generator seeded by (seed, task),
+    at least one per task. Both deterministic, tasks sorted by name.
     """
     spec = run.spec
     if not spec.corpus.test:
@@ -66,9 +68,14 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
         tasks = sorted(set(spec.eval.tasks))
     order: list[str] = []
     for task in tasks:
-        pool = sorted(by_task[task])  # the order of the files must not matter
-        random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
-        count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
+        if spec.eval.selection == "reference":
+            pool = list(by_task[task])  # the test files' order
+            random.Random(spec.eval.seed).shuffle(pool)  # = Random(); seed(1216) as tttlm
+            count = int(spec.eval.portion * len(pool))
+        else:
+            pool = sorted(by_task[task])  # the order of the files must not matter
+            random.Random(f"{spec.eval.seed}:{task}").shuffle(pool)
+            count = max(1, math.floor(spec.eval.portion * len(pool) + 0.5))
         if spec.eval.max_documents_per_task is not None:
             count = min(count, spec.eval.max_documents_per_task)
         order.extend(pool[:count])
@@ -142,13 +149,14 @@ def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tupl
 
     The rule is train.select_neighbors' (one definition); it is applied neighbor by neighbor
     here so that the record can name which neighbors were used and which were excluded.
+    Neighbors carry FAISS's squared L2; the rule compares Euclidean distances.
     """
     kept, excluded = [], []
     for n in sorted(neighbors, key=lambda n: n.distance):
         verdict = select_neighbors(
             text,
             [n.text or ""],
-            [n.distance],
+            [euclidean(n.distance)],
             distance_threshold=retrieval.distance_threshold,
             exclude_identical=retrieval.exclude_identical,
             identical_distance=retrieval.identical_distance,
@@ -312,7 +320,11 @@ def evaluate_rank(
         )
         try:
             with local.open("a", encoding="utf-8") as out:
+                task = None
                 for i, doc in enumerate(bar):
+                    if doc.domain != task:  # a carried optimizer state stays within a task
+                        ttt.new_task()
+                        task = doc.domain
                     record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()
@@ -364,7 +376,8 @@ def _evaluate_document(
         retriever_excluded = int(getattr(result, "excluded", 0))
         partial, failed = bool(result.partial), sorted(result.failed_shards)
     retrieve_seconds = time.perf_counter() - start
-    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=[n.distance for n in kept])
+    distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
+    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=distances)
     return result_record(
         doc,
         outcome,
@@ -374,7 +387,8 @@ def _evaluate_document(
         excluded=len(excluded) + retriever_excluded,
         neighbor_ids=[n.id for n in kept],
         excluded_ids=[n.id for n in excluded],
-        distances=[float(n.distance) for n in kept],
+        distances=distances,
+        distance_unit="euclidean",
         partial=partial,
         failed_shards=failed,
         seconds={

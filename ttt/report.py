@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ttt.aggregate import best_mixing_weights, bootstrap, cost_and_loss, median_rule
 from ttt.bpb import pile_weighted_mean
 from ttt.results import RESULTS, ResultsError, merge_records, parse_results, task_totals
 
@@ -30,6 +31,8 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
         raise ResultsError("no result records to summarize")
     checkpoints = sorted({int(c) for c in checkpoints})
     first, last = checkpoints[0], checkpoints[-1]
+    # the interpolation baseline: each task at its best mixing weight (as the reference)
+    records, mixing = best_mixing_weights(records, checkpoints)
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
@@ -68,9 +71,29 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
         )
         for n in checkpoints
     }
+    bars = bootstrap(records, checkpoints)
+    for task, v in tasks.items():
+        v["error_bars"] = bars["tasks"][task]  # bootstrap 10-90 % per checkpoint
+        if task in mixing:
+            v["mixing_weight"] = mixing[task]
     n_docs = len(records)
     total_seconds = {p: sum(v["seconds"][p] for v in tasks.values()) for p in PHASES}
+    extra = {
+        "reference_aggregation": _reference_aggregation(records, checkpoints),
+        "training_loss_by_rank": {},
+    }
+    fits = [r["fits_window"] for r in records if "fits_window" in r]
+    if fits:
+        extra["in_context"] = {
+            "documents": len(fits),
+            "with_context": sum(fits),
+            "note": "as the reference, only texts that fit one window get neighbors' text; "
+            "longer ones are scored without context",
+        }
+    paper_cost = cost_and_loss(records)
+    extra["training_loss_by_rank"] = paper_cost.pop("training_loss_by_rank")
     return {
+        **extra,
         "checkpoints": checkpoints,
         "documents": n_docs,
         "tasks": tasks,
@@ -79,34 +102,108 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
             "before": mean_curve[str(first)],
             "after": mean_curve[str(last)],
             "difference": mean_curve[str(last)] - mean_curve[str(first)],
+            "error_bars": bars["mean"],
         },
         "neighbors_excluded": sum(v["neighbors_excluded"] for v in tasks.values()),
         "partial_retrievals": sum(v["partial_retrievals"] for v in tasks.values()),
         "cost": {
             "seconds": total_seconds,
             "seconds_per_document": {p: s / n_docs for p, s in total_seconds.items()},
+            # the paper's Figure 9: training plus one scoring pass, per neighbor; ours: training
+            **paper_cost,
         },
     }
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """The paper's table in Markdown: bits per byte per task before and after, and the mean."""
-    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
-    lines = [
-        f"| task | docs | before (k={first}) | after (k={last}) | difference |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for task, v in summary["tasks"].items():
-        lines.append(
-            f"| {task} | {v['documents']} | {v['before']:.3f} | {v['after']:.3f} "
-            f"| {v['difference']:+.3f} |"
+def _reference_aggregation(
+    records: Sequence[dict[str, Any]], checkpoints: Sequence[int]
+) -> dict[str, Any]:
+    """The reference's figures: documents shorter than their task's median curve dropped."""
+    first, last = checkpoints[0], checkpoints[-1]
+    kept = median_rule(records, last)
+    at = {n: task_totals(kept, n) for n in checkpoints}
+    tasks = {}
+    for task in sorted(at[first]):
+        curve = {str(n): at[n][task].bits_per_byte for n in checkpoints}
+        tasks[task] = {
+            "documents": at[first][task].documents,
+            "bits_per_byte": curve,
+            "before": curve[str(first)],
+            "after": curve[str(last)],
+        }
+    test_bytes = {t: at[first][t].bytes for t in tasks}
+    mean = {
+        str(n): pile_weighted_mean(
+            {t: v["bits_per_byte"][str(n)] for t, v in tasks.items()}, test_bytes
         )
+        for n in checkpoints
+    }
+    return {
+        "rule": "per task, only documents whose curve has the median length (tttlm)",
+        "documents": len(kept),
+        "tasks": tasks,
+        "mean": {"bits_per_byte": mean, "before": mean[str(first)], "after": mean[str(last)]},
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The paper's table in Markdown: before and after with 10-90 % bootstrap bars, our
+    aggregation (every document) beside the reference's (median rule), then notes."""
+    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
+    ref = summary.get("reference_aggregation", {"tasks": {}, "mean": {}, "documents": 0})
+    lines = [
+        (
+            f"| task | docs | before (k={first}) | after (k={last}) | difference "
+            "| after 10-90 % | ref. docs | ref. before | ref. after |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(name: str, docs: int, v: dict[str, Any], r: dict[str, Any]) -> str:
+        bars = v.get("error_bars", {}).get(str(last))
+        interval = f"{bars[0]:.3f}-{bars[1]:.3f}" if bars else "-"
+        ref_cells = (
+            f"| {r['documents']} | {r['before']:.3f} | {r['after']:.3f} |" if r else "| 0 | - | - |"
+        )
+        return (
+            f"| {name} | {docs} | {v['before']:.3f} | {v['after']:.3f} "
+            f"| {v['difference']:+.3f} | {interval} " + ref_cells
+        )
+
+    for task, v in summary["tasks"].items():
+        lines.append(row(task, v["documents"], v, ref["tasks"].get(task, {})))
     m = summary["mean"]
-    lines.append(
-        f"| **Pile-weighted mean** | {summary['documents']} | {m['before']:.3f} "
-        f"| {m['after']:.3f} | {m['difference']:+.3f} |"
-    )
-    return "\n".join(lines) + "\n"
+    ref_mean = {**ref["mean"], "documents": ref["documents"]} if ref["mean"] else {}
+    lines.append(row("**Pile-weighted mean**", summary["documents"], m, ref_mean))
+    notes = [
+        "",
+        (
+            f"Every document counts in the first columns ({summary['documents']} documents); "
+            "the reference's rule (tttlm) drops those whose curve is shorter than their task's "
+            f"median ({ref['documents']} documents remain). Bars: bootstrap over documents, "
+            "1,000 resamples, 10-90 % quantiles."
+        ),
+    ]
+    # seconds (per neighbor, as the paper counts them and training only) are in summary.json
+    # and the CLI's output, not here: this table is the same on every re-run of a spec
+    losses = summary.get("training_loss_by_rank", {})
+    if losses:
+        ranks = sorted(losses, key=int)
+        notes.append(
+            f"Mean training loss by neighbor rank: {losses[ranks[0]]:.3f} (rank {ranks[0]}) -> "
+            f"{losses[ranks[-1]]:.3f} (rank {ranks[-1]})."
+        )
+    if "in_context" in summary:
+        ic = summary["in_context"]
+        notes.append(
+            f"In-context: {ic['with_context']} of {ic['documents']} documents fit one window and "
+            "got their neighbors' text; the others are scored without context (as the reference)."
+        )
+    mixing = {t: v["mixing_weight"] for t, v in summary["tasks"].items() if "mixing_weight" in v}
+    if mixing:
+        chosen = ", ".join(f"{t} {w[str(last)]:.2f}" for t, w in mixing.items())
+        notes.append(f"Interpolation: the best mixing weight per task at k={last}: {chosen}.")
+    return "\n".join(lines + notes) + "\n"
 
 
 def _figure(width: float, height: float) -> Any:
@@ -134,6 +231,16 @@ def plot_bpb_vs_neighbors(summary: dict[str, Any], path: str | Path) -> Path:
         linewidth=2,
         label="weighted mean",
     )
+    bars = summary["mean"].get("error_bars")
+    if bars:  # bootstrap 10-90 % of the weighted mean
+        ax.fill_between(
+            xs,
+            [bars[str(n)][0] for n in xs],
+            [bars[str(n)][1] for n in xs],
+            color="black",
+            alpha=0.15,
+            label="mean 10-90 %",
+        )
     ax.set_xticks(xs)  # the checkpoints of evalAfter, not a continuous axis
     ax.set_xlabel("neighbors trained on")
     ax.set_ylabel("bits per byte")
@@ -154,8 +261,20 @@ def plot_before_after(summary: dict[str, Any], path: str | Path) -> Path:
     fig = _figure(max(6, 0.7 * len(tasks) + 2), 4.5)
     ax = fig.add_subplot()
     xs = range(len(tasks))
-    ax.bar([x - 0.2 for x in xs], before, width=0.4, label=f"before (k={first})")
-    ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"after (k={last})")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        before,
+        width=0.4,
+        yerr=_yerr(summary, str(first), before),
+        label=f"before (k={first})",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        after,
+        width=0.4,
+        yerr=_yerr(summary, str(last), after),
+        label=f"after (k={last})",
+    )
     ax.set_xticks(list(xs), tasks, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("bits per byte")
     ax.set_title("bits per byte before and after TTT-NN")
@@ -163,6 +282,17 @@ def plot_before_after(summary: dict[str, Any], path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def _yerr(summary: dict[str, Any], n: str, values: list[float]) -> Any:
+    """Bootstrap 10-90 % bars as matplotlib's (below, above) offsets; None without bars."""
+    rows = [*summary["tasks"].values(), summary["mean"]]
+    bars = [r.get("error_bars", {}).get(n) for r in rows]
+    if any(b is None for b in bars):
+        return None
+    below = [max(v - b[0], 0.0) for v, b in zip(values, bars, strict=True)]
+    above = [max(b[1] - v, 0.0) for v, b in zip(values, bars, strict=True)]
+    return [below, above]
 
 
 def read_results(run: Any, store: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:

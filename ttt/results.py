@@ -33,7 +33,7 @@ def result_record(doc: Any, outcome: Any, **fields: Any) -> dict[str, Any]:
     if not outcome.checkpoints:
         raise ResultsError(f"document {doc.id}: the evaluation gave no checkpoint")
     first = outcome.checkpoints[0]
-    return {
+    record = {
         "doc": doc.id,
         "task": doc.domain,
         # in split-text mode these are the scored half's, the same at every checkpoint
@@ -44,8 +44,16 @@ def result_record(doc: Any, outcome: Any, **fields: Any) -> dict[str, Any]:
         "checkpoint_neighbors": {str(cp.after): int(cp.neighbors) for cp in outcome.checkpoints},
         "train_steps": int(outcome.train_steps),
         "train_tokens": int(outcome.train_tokens),
+        # the paper's cost and loss curves: one scoring pass's seconds, loss per neighbor
+        "score_passes": int(outcome.score_passes),
+        "train_losses": [float(v) for v in outcome.train_losses],
         **fields,
     }
+    if outcome.mixtures:  # interpolation: loglik at every mixing weight, per checkpoint
+        record["mix_loglik"] = {k: [float(v) for v in m] for k, m in outcome.mixtures.items()}
+    if outcome.fits_window is not None:  # in-context: whether the text got its context
+        record["fits_window"] = bool(outcome.fits_window)
+    return record
 
 
 def parse_results(data: bytes, source: str) -> list[dict[str, Any]]:

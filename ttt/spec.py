@@ -15,6 +15,8 @@ from pydantic.alias_generators import to_camel
 from ttt.errors import TTTError
 
 API_VERSION = "ttt.dev/v1alpha1"
+# The paper's encoder (Hardt & Sun 2024): RoBERTa-large fine-tuned one epoch on the Pile.
+PAPER_ENCODER = "socialfoundations/roberta-large-pile-lr2e-5-bs16-8gpu-1700000"
 ENV_PREFIX = "TTT_"
 
 
@@ -47,13 +49,22 @@ class CorpusSpec(_Section):
 class EmbeddingSpec(_Section):
     """The encoder that turns documents and queries into vectors (the paper: RoBERTa-large)."""
 
-    model: str = "roberta-large"
+    model: str = Field(
+        PAPER_ENCODER,
+        description="HF id or directory; the default is the paper's RoBERTa-large fine-tuned "
+        "one epoch on the Pile",
+    )
     pooling: Literal["mean", "cls"] = "mean"
     max_tokens: int = Field(512, ge=8, le=32768)
     normalize: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     batch_tokens: int = Field(16384, ge=64, description="token budget of one batch")
+    storage: Literal["float32", "float16"] = Field(
+        "float32",
+        description="dtype of the published vectors: float32 as the paper's index; float16 "
+        "halves the disk (our option; the index then holds float16-rounded vectors)",
+    )
 
 
 class IndexSpec(_Section):
@@ -77,7 +88,12 @@ class RetrievalSpec(_Section):
     """How test documents find their neighbors across the shard servers."""
 
     neighbors: int = Field(50, ge=0, le=10_000)
-    distance_threshold: float | None = Field(4.0, ge=0)
+    distance_threshold: float | None = Field(
+        4.0,
+        ge=0,
+        description="Euclidean (not squared) L2 distance: a neighbor is used when its "
+        "distance is < this (the reference's 4.0); null = no threshold",
+    )
     timeout_seconds: float = Field(10.0, gt=0)
     retries: int = Field(2, ge=0)
     servers: list[str] = Field(default_factory=list, description="static shard URLs")
@@ -86,7 +102,9 @@ class RetrievalSpec(_Section):
         False, description="search the published indexes inside the worker (no servers)"
     )
     exclude_identical: bool = Field(True, description="the leakage guard")
-    identical_distance: float = Field(1e-6, ge=0)
+    identical_distance: float = Field(
+        1e-3, ge=0, description="Euclidean distance at or under which a neighbor is the query"
+    )
 
 
 class TTTSpec(_Section):
@@ -95,7 +113,9 @@ class TTTSpec(_Section):
     model: str = "gpt2-large"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    method: Literal["ttt-nn", "dynamic-eval", "in-context"] = "ttt-nn"
+    method: Literal[
+        "ttt-nn", "dynamic-eval", "in-context", "in-context-prefix", "interpolation"
+    ] = "ttt-nn"
     learning_rate: float = Field(2e-5, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
     eps: float = Field(1e-8, gt=0)
@@ -106,7 +126,14 @@ class TTTSpec(_Section):
     steps_per_neighbor: int = Field(1, ge=1)
     order: Literal["nearest-first", "farthest-first"] = "nearest-first"
     reset_optimizer: bool = Field(True, description="false = the reference code's carry-over")
-    split_text: bool = Field(False, description="query with the first half, score the second")
+    split_text: bool = Field(
+        False,
+        description="as the reference: the query is the first min(1024, n/2) tokens, the "
+        "rest is scored",
+    )
+    in_context_threshold: float | None = Field(
+        2.3, ge=0, description="in-context: neighbors at Euclidean distance < this (reference)"
+    )
     eval_after: list[int] = Field(default_factory=lambda: [0, 50])
 
     @field_validator("eval_after")
@@ -127,6 +154,11 @@ class EvalSpec(_Section):
     tasks: Literal["all"] | list[str] = "all"
     portion: float = Field(0.2, gt=0, le=1)
     seed: int = 1216
+    selection: Literal["reference", "sorted-ids"] = Field(
+        "reference",
+        description="reference = the paper's code (test-file order, random.Random(seed) "
+        "shuffle, first int(portion * n)); sorted-ids = ids sorted, seeded per task",
+    )
     max_documents_per_task: int | None = Field(None, ge=1)
     workers: int = Field(1, ge=1, description="ranks (world size)")
 
@@ -199,6 +231,9 @@ class TTTRun(_Section):
         t = self.spec.ttt
         if t.chunk_stride > t.max_length:
             raise ValueError("spec.ttt.stride must not exceed spec.ttt.maxLength")
+        if t.method == "dynamic-eval" and not t.split_text:
+            # without the split it would train on the very tokens it scores
+            raise ValueError("spec.ttt.method dynamic-eval needs spec.ttt.splitText: true")
         return self
 
     @property

@@ -9,7 +9,6 @@ conditions on the neighbors' text instead of training on it.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,9 +20,6 @@ from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, score_document
 from ttt.index.retrieval import is_leak
 from ttt.lm import eot_token_id
-
-_WHITESPACE = re.compile(r"\s")
-
 
 # --- which neighbors a document trains on ----------------------------------------------------
 
@@ -45,9 +41,12 @@ def select_neighbors(
     *,
     distance_threshold: float | None = None,
     exclude_identical: bool = True,
-    identical_distance: float = 1e-6,
+    identical_distance: float = 1e-3,
 ) -> NeighborSelection:
     """Sort by distance, drop neighbors beyond the threshold, and exclude the document itself.
+
+    `distances` and both thresholds are Euclidean (not FAISS's squared L2): a neighbor is used
+    when its distance is < `distance_threshold`, as the reference's `norm(...) < 4.0`.
 
     A neighbor is the document itself when its text equals the document's (ignoring leading
     and trailing whitespace) or its distance is at most `identical_distance`: training on the
@@ -64,7 +63,7 @@ def select_neighbors(
         if (
             distance is not None
             and distance_threshold is not None
-            and distance > distance_threshold
+            and not distance < distance_threshold
         ):
             far += 1
         elif exclude_identical and is_leak(text, neighbor, distance, identical_distance):
@@ -79,23 +78,13 @@ def select_neighbors(
     )
 
 
-def split_document(text: str) -> tuple[str, str]:
-    """Cut a document in two at the whitespace nearest its middle byte: (query, scored).
+def split_tokens(token_ids: list[int], max_query: int = 1024) -> int:
+    """Where split-text mode cuts a document: after min(max_query, n // 2) tokens (reference).
 
-    The two halves partition the document exactly (their bytes add up); with no whitespace
-    the cut is at the middle character.
+    The query (the first part) retrieves neighbors or, for dynamic evaluation, is trained on;
+    the rest is scored, so the two never overlap.
     """
-    if not text:
-        return "", ""
-    middle_byte = len(text.encode("utf-8")) // 2
-    # the character index at which the UTF-8 prefix reaches half the bytes
-    middle, seen = 0, 0
-    while middle < len(text) and seen < middle_byte:
-        seen += len(text[middle].encode("utf-8"))
-        middle += 1
-    spaces = [m.start() for m in _WHITESPACE.finditer(text)]
-    cut = min(spaces, key=lambda i: (abs(i - middle), i)) if spaces else middle
-    return text[:cut], text[cut:]
+    return min(max_query, len(token_ids) // 2)
 
 
 def chunk_tokens(token_ids: list[int], max_length: int, stride: int) -> list[list[int]]:
@@ -140,6 +129,11 @@ class DocOutcome:
     train_tokens: int = 0
     seconds_training: float = 0.0
     seconds_scoring: float = 0.0
+    score_passes: int = 0  # scoring passes run (one pass's cost: seconds_scoring / this)
+    train_losses: list[float] = field(default_factory=list)  # mean loss per neighbor, in order
+    # interpolation: per evalAfter entry, the loglik at each mixing weight of MIX_WEIGHTS
+    mixtures: dict[str, list[float]] = field(default_factory=dict)
+    fits_window: bool | None = None  # in-context: the scored text fits one window
 
     def at(self, after: int) -> Checkpoint:
         """The checkpoint recorded for evalAfter entry `after`."""
@@ -171,7 +165,8 @@ class TTTNN:
     `ttt_spec` is the run spec's `spec.ttt` section (ttt.spec.TTTSpec). The model's weights are
     copied once here and copied back after every document, so the model is bit-identical
     between documents. The optimizer's state is cleared after every document unless
-    `reset_optimizer` is false (the reference code's behaviour, kept for parity).
+    `reset_optimizer` is false (the reference code's behaviour, kept for parity): then it
+    carries across documents until `new_task()`, which the eval worker calls between tasks.
     """
 
     def __init__(
@@ -193,7 +188,7 @@ class TTTNN:
         self.batch_tokens = batch_tokens
         self.max_length = int(ttt_spec.max_length)
         self.stride = int(ttt_spec.stride or ttt_spec.max_length)
-        # in-context: at most half the window goes to the neighbors, the rest to the document
+        # in-context-prefix: at most half the window goes to the neighbors, the rest to the text
         self.context_budget = context_budget if context_budget is not None else self.max_length // 2
         self.eot = eot_token_id(tokenizer)
         self.device = next(model.parameters()).device
@@ -212,13 +207,21 @@ class TTTNN:
 
     # -- texts --
 
+    def split(self, text: str) -> tuple[str, str]:
+        """(query, scored): the whole document twice, or the reference's token split."""
+        if not self.spec.split_text:
+            return text, text
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        cut = split_tokens(ids)
+        return self.tokenizer.decode(ids[:cut]), self.tokenizer.decode(ids[cut:])
+
     def query_text(self, text: str) -> str:
-        """What retrieves the neighbors: the document, or its first half in split-text mode."""
-        return split_document(text)[0] if self.spec.split_text else text
+        """What retrieves the neighbors: the document, or its first tokens in split-text mode."""
+        return self.split(text)[0]
 
     def scored_text(self, text: str) -> str:
-        """What is scored: the document, or its second half in split-text mode."""
-        return split_document(text)[1] if self.spec.split_text else text
+        """What is scored: the document, or the rest after the query in split-text mode."""
+        return self.split(text)[1]
 
     # -- the method --
 
@@ -237,16 +240,23 @@ class TTTNN:
                 raise ValueError(f"{len(neighbors)} neighbors but {len(distances)} distances")
             order = sorted(range(len(neighbors)), key=lambda i: distances[i])
             neighbors = [neighbors[i] for i in order]
+            distances = [distances[i] for i in order]
         if self.spec.order == "farthest-first":
             neighbors = neighbors[::-1]
+            distances = distances[::-1] if distances is not None else None
         method = self.spec.method
-        scored = self.scored_text(text)
-        if method == "in-context":
-            return self._in_context(scored, neighbors)
+        query, scored = self.split(text)
+        from ttt.baselines import BASELINES  # they build on this module's types
+
+        if method in BASELINES:
+            return BASELINES[method](self, scored, neighbors, distances)
         if method == "dynamic-eval":
-            # the reference code's dynamic evaluation: the query text in place of every neighbor
+            if not self.spec.split_text:  # it would train on the very tokens it scores
+                raise ValueError("dynamic-eval needs splitText (the reference's token split)")
+            # the reference's dynamic evaluation: the query in place of every neighbor, one
+            # pass per neighbor (evalAfter up to 20: 20 passes, a step per window each)
             passes = max(self.spec.eval_after, default=0) or 1
-            neighbors = [self.query_text(text)] * passes
+            neighbors = [query] * passes
         try:
             with torch.random.fork_rng(devices=self._rng_devices()):
                 torch.manual_seed(self.seed)  # the same dropout masks however documents are split
@@ -268,11 +278,15 @@ class TTTNN:
         for n, neighbor in enumerate(neighbors[:last], start=1):
             start = time.perf_counter()
             ids = self.tokenizer.encode(neighbor, add_special_tokens=False)
+            losses = []
             for _ in range(self.spec.steps_per_neighbor):
                 for chunk in chunk_tokens(ids, self.max_length, self.stride):
-                    self._step(chunk)
+                    losses.append(self._step(chunk))
                     outcome.train_steps += 1
                     outcome.train_tokens += len(chunk)
+            # the reference's training loss of a neighbor: the mean over its steps (one sync)
+            loss = torch.stack(losses).mean().item() if losses else float("nan")
+            outcome.train_losses.append(loss)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # charge queued kernels to training
             outcome.seconds_training += time.perf_counter() - start
@@ -280,8 +294,8 @@ class TTTNN:
             self._score_due(outcome, scored, n, checkpoints, last)
         return outcome
 
-    def _step(self, chunk: list[int]) -> None:
-        """One optimizer step on one chunk: next-token loss, clipped gradient, Adam(W)."""
+    def _step(self, chunk: list[int]) -> torch.Tensor:
+        """One optimizer step on one chunk: next-token loss, clipped gradient, Adam(W); the loss."""
         self.model.train()  # as the reference code: dropout on while training, if configured
         inputs = torch.tensor([chunk], device=self.device)
         loss = self.model(input_ids=inputs, labels=inputs).loss
@@ -291,6 +305,7 @@ class TTTNN:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        return loss.detach()
 
     def _score_due(
         self, outcome: DocOutcome, scored: str, n: int, checkpoints: list[int], last: int
@@ -310,11 +325,12 @@ class TTTNN:
         )
         seconds = time.perf_counter() - start
         outcome.seconds_scoring += seconds
+        outcome.score_passes += 1
         for c in due:
-            outcome.checkpoints.append(self._checkpoint(c, n, score, outcome, seconds))
+            outcome.checkpoints.append(self.checkpoint(c, n, score, outcome, seconds))
 
     @staticmethod
-    def _checkpoint(
+    def checkpoint(
         after: int, n: int, score: DocScore, outcome: DocOutcome, seconds: float
     ) -> Checkpoint:
         return Checkpoint(
@@ -329,36 +345,6 @@ class TTTNN:
             seconds_scoring=seconds,
         )
 
-    def _in_context(self, scored: str, neighbors: list[str]) -> DocOutcome:
-        """The in-context baseline: checkpoint n conditions on the first n neighbors' text."""
-        outcome = DocOutcome(method="in-context")
-        encoded: list[list[int]] = []
-        for after in self.spec.eval_after:
-            n = min(after, len(neighbors))
-            while len(encoded) < n:
-                encoded.append(
-                    self.tokenizer.encode(neighbors[len(encoded)], add_special_tokens=False)
-                )
-            prefix: list[int] = []
-            for ids in reversed(encoded[:n]):  # nearest last, right before the document
-                prefix = prefix + [self.eot] + ids if prefix else list(ids)
-            prefix = prefix[-self.context_budget :] if self.context_budget > 0 else []
-            start = time.perf_counter()
-            score = score_document(
-                self.model,
-                self.tokenizer,
-                scored,
-                self.max_length,
-                eot_id=self.eot,
-                context_prefix_ids=prefix or None,
-                batch_tokens=self.batch_tokens,
-            )
-            seconds = time.perf_counter() - start
-            outcome.seconds_scoring += seconds
-            outcome.neighbors_used = max(outcome.neighbors_used, n)
-            outcome.checkpoints.append(self._checkpoint(after, n, score, outcome, seconds))
-        return outcome
-
     # -- reset --
 
     def reset(self) -> None:
@@ -370,6 +356,14 @@ class TTTNN:
         if self.spec.reset_optimizer:
             self.optimizer.state.clear()
         self.model.eval()
+
+    def new_task(self) -> None:
+        """A new task begins: the optimizer's state starts afresh (the reference: one per task).
+
+        With resetOptimizer false the state carries across the documents of a task, as the
+        reference's one AdamW per task does; the caller calls this between tasks.
+        """
+        self.optimizer.state.clear()
 
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []

@@ -1,4 +1,4 @@
-"""shard-embed: one corpus shard to float16 embeddings (GPU)."""
+"""shard-embed: one corpus shard to embeddings (float32, or float16 by spec; GPU)."""
 
 from kfp import dsl
 

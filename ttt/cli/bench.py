@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--rerank",
         type=int,
-        help="re-rank k x RERANK candidates exactly against the float16 vectors on disk "
+        help="re-rank k x RERANK candidates exactly against the vectors on disk "
         "(0 = off; default: the preset's)",
     )
     i.add_argument("--k", type=int, default=50)

@@ -1,4 +1,4 @@
-"""`ttt embed --spec FILE --shard I|all`: embed a shard's documents into float16 vectors."""
+"""`ttt embed --spec FILE --shard I|all`: embed a shard's documents into vectors."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="embed one shard (or all) of the corpus with the spec's encoder (resumable)",
         description="Encode every document of a shard with spec.embedding (mean pooling, "
-        "length-sorted token-budget batches) and publish embeddings.npy (float16), ids.json "
+        "length-sorted token-budget batches) and publish embeddings.npy (float32, or float16 "
+        "with spec.embedding.storage), ids.json "
         "and a manifest under runs/<name>/embed/shard-NNNNN/. Work is saved in parts, so a "
         "re-run after a crash resumes; a published shard with the same spec is skipped. "
         "Publishes the corpus shards first when they are missing.",

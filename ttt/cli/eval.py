@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from typing import Any
 
 from ttt.spec import load_spec
 
@@ -20,6 +21,8 @@ def _eval(args: argparse.Namespace) -> int:
     from ttt.store import open_store
 
     run = load_spec(args.spec)
+    if args.list:
+        return _list(run)
     rank, world_size = resolve_rank(args.rank, args.world_size, os.environ, run.spec.eval.workers)
     # A pod's eviction sends SIGTERM: unwind like Ctrl-C so the finished documents are
     # uploaded before the process ends (a restarted worker skips them).
@@ -42,6 +45,17 @@ def _eval(args: argparse.Namespace) -> int:
         )
         return 130
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, sort_keys=True))
+    return 0
+
+
+def _list(run: Any) -> int:
+    """The selected test documents of every rank, `id<TAB>task`, in the selection's order."""
+    from ttt.eval import select_test_documents
+    from ttt.store import open_store
+
+    # the store only reads s3:// test files; nothing of any stage is needed
+    for doc in select_test_documents(run, open_store(run.spec.storage)):
+        print(f"{doc.id}\t{doc.domain}")
     return 0
 
 
@@ -71,4 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="load the shard indexes into this process instead of querying shard servers",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print the selected test documents of all ranks (id<TAB>task) and evaluate nothing",
+    )
     p.set_defaults(func=_eval)

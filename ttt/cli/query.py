@@ -36,6 +36,7 @@ def _snippet(text: str | None, width: int) -> str:
 
 def _query(args: argparse.Namespace) -> int:
     from ttt.index.client import query
+    from ttt.index.retrieval import euclidean
     from ttt.spec import load_spec
 
     run = load_spec(args.spec)
@@ -51,6 +52,7 @@ def _query(args: argparse.Namespace) -> int:
     width = max(len("domain"), *(len(n.domain) for n in result.neighbors))
     print(f"{'#':>3}  {'distance':>9}  {'domain':<{width}}  {'id':<16}  text")
     for i, n in enumerate(result.neighbors, start=1):
-        line = f"{i:>3}  {n.distance:>9.4f}  {n.domain:<{width}}  {n.id:<16}  "
+        # Euclidean, the unit of spec.retrieval.distanceThreshold (the JSON keeps FAISS's squared)
+        line = f"{i:>3}  {euclidean(n.distance):>9.4f}  {n.domain:<{width}}  {n.id:<16}  "
         print(line + _snippet(n.text, args.snippet))
     return 0

@@ -15,6 +15,13 @@ def _report(args: argparse.Namespace) -> int:
     store = open_store(run.spec.storage)
     summary = build_report(run, store, out_dir=args.out)
     print(summary["table_markdown"], end="")
+    cost = summary["cost"]
+    if cost.get("paper_seconds_per_neighbor") is not None:
+        print(
+            f"\nseconds per neighbor: {cost['paper_seconds_per_neighbor']:.3f} as the paper "
+            f"counts them (training plus one scoring pass), "
+            f"{cost['train_seconds_per_neighbor']:.3f} training only"
+        )
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
     return 0
 

@@ -10,6 +10,11 @@ from ttt.spec import json_schema, load_spec
 
 def _validate(args: argparse.Namespace) -> int:
     run = load_spec(args.file)  # a SpecError lists every bad field: `ttt` prints it, exit 1
+    if args.paper:
+        from ttt.parity import format_departures
+
+        print(format_departures(run, args.file), end="")
+        return 0
     if args.json:
         print(json.dumps(run.model_dump(mode="json", by_alias=True), indent=2))
     else:
@@ -30,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="TTTRun YAML file")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="list every setting that departs from the paper's reference code, with the value "
+        "that restores parity (exit 0 either way)",
+    )
     p.set_defaults(func=_validate)
     s = sub.add_parser(
         "schema",

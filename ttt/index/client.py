@@ -75,7 +75,7 @@ class ShardedRetriever(BaseRetriever):
         timeout: float = 10.0,
         retries: int = 2,
         exclude_identical: bool = True,
-        identical_distance: float = 1e-6,
+        identical_distance: float = 1e-3,
         *,
         backoff: float = 0.1,
         down_seconds: float = 5.0,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,28 @@ from ttt import telemetry
 from ttt.errors import TTTError
 
 
+def euclidean(squared: float) -> float:
+    """The Euclidean distance from FAISS's squared L2 (rounding can make an exact 0 negative)."""
+    return math.sqrt(max(float(squared), 0.0))
+
+
+def within_threshold(squared: float, threshold: float | None) -> bool:
+    """The reference's rule: a neighbor is used when its *Euclidean* distance is < threshold.
+
+    `threshold` is Euclidean (spec.retrieval.distanceThreshold, the reference's 4.0); FAISS
+    returns squared L2, so the comparison is squared < threshold**2, never squared < threshold.
+    """
+    return threshold is None or float(squared) < threshold * threshold
+
+
 def is_leak(
     document: str | None, neighbor: str | None, distance: float | None, identical_distance: float
 ) -> bool:
     """The leakage guard's rule: the neighbor is the test document itself, retrieved.
 
-    Identical text (ignoring surrounding whitespace) or a distance of ~0; both the retrievers
-    and the training loop use this one definition.
+    Identical text (ignoring surrounding whitespace) or a Euclidean `distance` of ~0 (at most
+    `identical_distance`, also Euclidean); the retrievers and the training loop use this one
+    definition.
     """
     if distance is not None and distance <= identical_distance:
         return True
@@ -41,7 +57,10 @@ class Encoder(Protocol):
 
 @dataclass(frozen=True)
 class Neighbor:
-    """One retrieved document: squared-L2 `distance` to the query, `row` within `shard`."""
+    """One retrieved document: squared-L2 `distance` to the query (FAISS's), `row` in `shard`.
+
+    Thresholds and results speak Euclidean distances: see `euclidean` and `within_threshold`.
+    """
 
     id: str
     domain: str
@@ -97,7 +116,7 @@ class BaseRetriever:
         k: int = 50,
         distance_threshold: float | None = None,
         exclude_identical: bool = True,
-        identical_distance: float = 1e-6,
+        identical_distance: float = 1e-3,
         exclude_margin: int = 8,
     ) -> None:
         self.encoder, self.k = encoder, k
@@ -145,10 +164,10 @@ class BaseRetriever:
     def _select(self, neighbors: list[Neighbor], k: int, query: str | None):
         kept, excluded = [], 0
         for n in neighbors:  # ascending distance
-            if self.distance_threshold is not None and n.distance > self.distance_threshold:
+            if not within_threshold(n.distance, self.distance_threshold):
                 break
             if self.exclude_identical and is_leak(
-                query, n.text, n.distance, self.identical_distance
+                query, n.text, euclidean(n.distance), self.identical_distance
             ):
                 excluded += 1
                 continue

@@ -1,0 +1,150 @@
+"""Where a run spec departs from the paper's reference code (tttlm), and what restores parity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ttt.spec import PAPER_ENCODER
+
+# The paper's three language models and their settings (its Table / Figure 4 runs).
+PAPER_MODELS: dict[str, dict[str, Any]] = {
+    "gpt2": {"learningRate": 2e-5, "maxLength": 1024},
+    "gpt2-large": {"learningRate": 2e-5, "maxLength": 1024},
+    "EleutherAI/gpt-neo-1.3B": {"learningRate": 5e-6, "maxLength": 2048},
+}
+# What the paper's baselines ran with (GPT-2 Large): 20 neighbors, 20 dynamic-eval passes.
+BASELINE_NEIGHBORS = 20
+
+
+@dataclass(frozen=True)
+class Departure:
+    """One setting that differs from the reference: the spec's value and the paper's."""
+
+    field: str  # camelCase path, as written in the YAML
+    value: Any
+    paper: Any
+    why: str
+
+    def line(self) -> str:
+        return f"{self.field}: {_show(self.value)} -> {_show(self.paper)}  # {self.why}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list) and len(value) > 6 and value == list(range(value[0], value[-1] + 1)):
+        return f"[{value[0]}, {value[1]}, ..., {value[-1]}]"
+    return str(value)
+
+
+def _paper_model(name: str) -> dict[str, Any] | None:
+    for key, settings in PAPER_MODELS.items():
+        if name == key or name.rsplit("/", 1)[-1] == key.rsplit("/", 1)[-1]:
+            return settings
+    return None
+
+
+def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
+    """Every checked setting: {path: (the spec's value, the paper's value, why it matters)}."""
+    s = run.spec
+    e, r, t, ev = s.embedding, s.retrieval, s.ttt, s.eval
+    method = t.method
+    k = BASELINE_NEIGHBORS if method in ("interpolation", "in-context") else 50
+    model = _paper_model(t.model)
+    lr = model["learningRate"] if model else 2e-5
+    length = model["maxLength"] if model else 1024
+    paper_models = ", ".join(PAPER_MODELS)
+    checks: dict[str, tuple[Any, Any, str]] = {
+        "spec.embedding.model": (e.model, PAPER_ENCODER, "the paper's encoder"),
+        "spec.embedding.pooling": (e.pooling, "mean", "mean of the last hidden states"),
+        "spec.embedding.maxTokens": (e.max_tokens, 512, "the encoder reads 512 tokens"),
+        "spec.embedding.normalize": (e.normalize, False, "unnormalized vectors"),
+        "spec.embedding.dtype": (e.dtype, "float32", "the encoder ran in float32"),
+        "spec.embedding.storage": (e.storage, "float32", "a float32 index"),
+        "spec.index.type": (s.index.type, "flat", "exact L2 (IndexFlatL2)"),
+        "spec.retrieval.neighbors": (r.neighbors, k, f"{k} neighbors"),
+        "spec.retrieval.distanceThreshold": (
+            r.distance_threshold,
+            None if method == "interpolation" else 4.0,
+            "the interpolation baseline mixes every neighbor"
+            if method == "interpolation"
+            else "Euclidean distance < 4.0",
+        ),
+        "spec.retrieval.excludeIdentical": (
+            r.exclude_identical,
+            False,
+            "the reference has no leakage guard (it trains on train/test duplicates)",
+        ),
+        "spec.ttt.model": (
+            t.model,
+            t.model if model else "gpt2-large",
+            f"the paper's models: {paper_models}",
+        ),
+        "spec.ttt.dtype": (t.dtype, "float32", "float32 training"),
+        "spec.ttt.optimizer": (t.optimizer, "adamw", "torch.optim.AdamW"),
+        "spec.ttt.weightDecay": (t.weight_decay, 0.01, "AdamW's default weight decay"),
+        "spec.ttt.eps": (t.eps, 1e-8, "Adam's epsilon"),
+        "spec.ttt.learningRate": (t.learning_rate, lr, "the paper's rate for this model"),
+        "spec.ttt.maxLength": (t.max_length, length, "the model's context"),
+        "spec.ttt.stride": (t.chunk_stride, t.max_length, "stride = maxLength"),
+        "spec.ttt.gradClip": (t.grad_clip, 1.0, "gradient norm clipped at 1.0"),
+        "spec.ttt.stepsPerNeighbor": (t.steps_per_neighbor, 1, "one step per window"),
+        "spec.ttt.order": (t.order, "nearest-first", "nearest first"),
+        "spec.ttt.resetOptimizer": (
+            t.reset_optimizer,
+            False,
+            "one AdamW per task, its state carried across the task's documents",
+        ),
+        "spec.eval.tasks": (ev.tasks, "all", "all 22 Pile tasks"),
+        "spec.eval.portion": (ev.portion, 0.2, "20 % of each task's test documents"),
+        "spec.eval.seed": (ev.seed, 1216, "random.Random seeded 1216"),
+        "spec.eval.selection": (ev.selection, "reference", "the reference's shuffle and cut"),
+        "spec.eval.maxDocumentsPerTask": (ev.max_documents_per_task, None, "no cap"),
+    }
+    if method == "ttt-nn":
+        checks["spec.ttt.evalAfter"] = (
+            list(t.eval_after),
+            list(range(r.neighbors + 1)),
+            "a score after every neighbor",
+        )
+    if method == "dynamic-eval":
+        checks["spec.ttt.splitText"] = (t.split_text, True, "the query is the first tokens")
+        checks["spec.ttt.evalAfter"] = (
+            max(t.eval_after, default=0),
+            BASELINE_NEIGHBORS,
+            "20 passes on the query",
+        )
+    if method == "in-context":
+        checks["spec.ttt.inContextThreshold"] = (
+            t.in_context_threshold,
+            2.3,
+            "neighbors at Euclidean distance < 2.3",
+        )
+    if method == "in-context-prefix":
+        checks["spec.ttt.method"] = (method, "in-context", "our in-context variant")
+    return checks
+
+
+def departures(run: Any) -> list[Departure]:
+    """The settings of `run` that differ from the paper's reference code, in spec order."""
+    out = []
+    for path, (value, paper, why) in paper_settings(run).items():
+        same = (
+            abs(value - paper) <= 1e-12 * max(abs(paper), 1.0)
+            if isinstance(value, float) and isinstance(paper, float)
+            else value == paper
+        )
+        if not same:
+            out.append(Departure(path, value, paper, why))
+    return out
+
+
+def format_departures(run: Any, source: str) -> str:
+    """A header, then one `field: ours -> paper  # why` line per departure (none: the header)."""
+    found = departures(run)
+    lines = [f"# {source}: {len(found)} departure(s) from the paper's reference code (tttlm)"]
+    lines += [d.line() for d in found]
+    return "\n".join(lines) + "\n"
