@@ -2,9 +2,10 @@
 
 from kfp import dsl
 
-from components import BASE_IMAGE
+from components import BASE_IMAGE, exec_python
 
 
+@exec_python
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def deploy_index(
     spec: str,

@@ -2,9 +2,10 @@
 
 from kfp import dsl
 
-from components import EMBED_IMAGE
+from components import EMBED_IMAGE, exec_python
 
 
+@exec_python
 @dsl.component(base_image=EMBED_IMAGE, install_kfp_package=False)
 def shard_embed(spec: str, shard: int, manifest: dsl.Output[dsl.Artifact]) -> None:
     """Embed every document of `shard`; resumable part by part."""
