@@ -20,7 +20,7 @@ INDEX_IMAGE = image("index")
 EVAL_IMAGE = image("eval")
 
 
-def exec_python(component):  # noqa: ANN001, ANN201 (a kfp PythonComponent)
+def exec_python(component):
     """Make the component's shell `exec` Python, so SIGTERM (a pod's eviction) reaches the
     Python process and its drain handler instead of stopping at `sh`."""
     container = component.component_spec.implementation.container

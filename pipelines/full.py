@@ -73,7 +73,7 @@ def observed(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_env_variable("TTT_METRICS_ADDR", "0.0.0.0")
 
 
-def build_full(accelerators: bool = True):  # noqa: ANN201 (kfp's GraphComponent)
+def build_full(accelerators: bool = True):
     """The full pipeline; `accelerators=False` is the CPU variant (kind CI: no GPU asked)."""
     gpu = on_gpu if accelerators else (lambda task: task)
     sizes = SIZES if accelerators else CPU_SIZES

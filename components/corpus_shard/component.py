@@ -1,6 +1,6 @@
 """corpus-shard: split the training corpus into the run's shards (text stores in the store)."""
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl
 
@@ -11,7 +11,7 @@ from components import BASE_IMAGE, exec_python
 @exec_python
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def corpus_shard(spec: str, manifest: dsl.Output[dsl.Artifact]) -> NamedTuple(
-    "Plan", shards=List[int], ranks=List[int], world_size=int
+    "Plan", shards=list[int], ranks=list[int], world_size=int
 ):
     """Publish every shard's text store; returns the shard and rank lists to fan out over."""
     import json

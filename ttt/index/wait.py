@@ -28,13 +28,16 @@ def ready(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def shards_down(endpoints: list[list[str]], probe: Callable[[str], bool] = ready) -> list[int]:
-    """The shards none of whose servers is ready."""
+def shards_down(
+    endpoints: list[list[str]], probe: Callable[[str], bool] | None = None
+) -> list[int]:
+    """The shards none of whose servers is ready (`probe`: `ready` unless given)."""
+    probe = probe or ready
     return [s for s, urls in enumerate(endpoints) if not any(probe(u) for u in urls)]
 
 
 def wait_for_shards(
-    run: Any, timeout_s: float, poll_s: float = 5.0, probe: Callable[[str], bool] = ready
+    run: Any, timeout_s: float, poll_s: float = 5.0, probe: Callable[[str], bool] | None = None
 ) -> None:
     """Return once every shard of `run` has a ready server; IndexNotReady after `timeout_s`.
 
