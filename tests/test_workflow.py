@@ -62,7 +62,7 @@ def test_steps_run_in_order(steps) -> None:
         r"kubectl apply -k \"github.com/kubeflow/pipelines/manifests",
         r"make_bucket",
         r"helm install .*-f charts/ttt/values-cpu.yaml",
-        r"kfp --endpoint .* run submit",
+        r"kfp --endpoint .* run create",
         r"wait_for_run_completion",
         r"rollout status \"statefulset/",
     ]
@@ -73,19 +73,32 @@ def test_steps_run_in_order(steps) -> None:
     assert step_index(steps, r"kind load docker-image") <= positions[1]
 
 
-def test_kfp_run_submit_command(steps) -> None:
-    run = steps[step_index(steps, r"run submit")]["run"]
+def test_kfp_run_create_command(steps) -> None:
+    run = steps[step_index(steps, r"run create")]["run"]
     command = " ".join(line.strip().rstrip("\\") for line in run.splitlines())
-    assert re.search(r"run submit\s+-e \S+ -f pipelines/smoke.yaml", command)
-    assert 'spec="$(cat smoke-run.yaml)"' in command
+    assert re.search(r"run create -e \S+ -f build/pipelines/full-cpu.yaml", command)
+    assert 'spec="$(cat kind-run.yaml)"' in command
+    assert "index_service=" in command and ".svc.cluster.local:8080" in command
     # The spec submitted is the chart's CPU run spec, so the index pods serve what it built.
     assert "charts/ttt/values-cpu.yaml" in run
-    # The pipeline spec, then the Kubernetes platform spec (the store Secret for every task).
+    # Compiled with the CI image tag: the images kind loaded.
+    assert "python -m pipelines.compile --tag ci build/pipelines" in WORKFLOW.read_text()
     compiled, platform = yaml.safe_load_all(
-        (ROOT / "pipelines" / "smoke.yaml").read_text(encoding="utf-8")
+        (ROOT / "pipelines" / "full-cpu.yaml").read_text(encoding="utf-8")
     )
-    assert "spec" in compiled["root"]["inputDefinitions"]["parameters"]
+    assert {"spec", "index_service", "auth_secret"} <= set(
+        compiled["root"]["inputDefinitions"]["parameters"]
+    )
     assert "kubernetes" in platform["platforms"]
+
+
+def test_the_kind_run_uses_servers_two_shards_and_two_ranks() -> None:
+    from ttt.spec import loads_spec
+
+    values = yaml.safe_load((ROOT / "charts" / "ttt" / "values-cpu.yaml").read_text())
+    run = loads_spec(yaml.safe_dump(values["run"]), "values-cpu.yaml", environ={})
+    assert run.spec.corpus.shards == 2 and run.spec.eval.workers == 2
+    assert not run.spec.retrieval.in_process  # eval searches the chart's servers
 
 
 def test_every_built_image_exists_and_secrets_are_not_literals(steps) -> None:
