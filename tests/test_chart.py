@@ -277,7 +277,7 @@ def test_dashboard_queries_use_documented_metrics() -> None:
         for t in p["targets"]:
             names = metric_names(t["expr"])
             assert names and names <= known, (p["title"], t["expr"])
-            assert not re.search(r"\[(?!1m\])", t["expr"]), t["expr"]  # rate windows of 1m
+            assert not re.search(r"\[(?!\$__rate_interval\])", t["expr"]), t["expr"]
             used |= names
     # Every histogram the issue names has its latency quantiles on the dashboard.
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
@@ -555,9 +555,125 @@ def test_a_pod_monitor_scrapes_the_kfp_pods(rendered) -> None:
         METRICS_LABEL[0]: METRICS_LABEL[1],
     }
     assert kfp["podMetricsEndpoints"][0]["portNumber"] == 9090
+    # The dashboard's `run` variable: every monitor maps a pod label to `run`.
+    endpoints = [
+        e
+        for m in (
+            *by_kind(rendered["gpu"], "PodMonitor"),
+            *by_kind(rendered["gpu"], "ServiceMonitor"),
+        )
+        for e in m["spec"].get("podMetricsEndpoints", m["spec"].get("endpoints", []))
+    ]
+    assert len(endpoints) == 3
+    assert all(r["targetLabel"] == "run" for e in endpoints for r in e["relabelings"])
 
 
 def test_notes_state_the_kfp_backend_and_the_rbac() -> None:
     notes = render()["ttt/templates/NOTES.txt"]
     assert "backend 2.14 or newer" in notes
     assert "kubeflow/pipeline-runner" in notes and "ttt-store-readonly" in notes
+
+
+# --- the alerts, evaluated by promtool ----------------------------------------------------
+
+RULE_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '0x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: ttt, shard: "1"}
+            exp_annotations:
+              summary: ttt index shard 1 has no ready server
+              description: >-
+                No server of shard 1 in ttt has loaded its index for 5m; retrievals are partial.
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Shard 1's only pod is gone: no series at all. Only the count sees it.
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Nothing scraped at all (the StatefulSet scaled to 0): still an alert.
+  - interval: 1m
+    input_series: []
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 0 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Every shard ready: silence.
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '1x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts: []
+"""
+
+
+def promtool() -> str:
+    found = shutil.which("promtool") or (
+        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    )
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
+    pytest.skip("promtool not installed (apt-get install prometheus)")
+
+
+def test_alert_rules_pass_promtool_tests(rendered, tmp_path) -> None:
+    (rule,) = by_kind(rendered["all-on"], "PrometheusRule")
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    (tmp_path / "tests.yml").write_text(RULE_TESTS)
+    check = subprocess.run(
+        [promtool(), "check", "rules", "rules.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.run(
+        [promtool(), "test", "rules", "tests.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -282,3 +282,86 @@ def test_smoke_pipeline_runs_locally(tmp_path, monkeypatch, smoke_spec_text):
     produced = {part for p in root.rglob("*") if p.is_file() for part in p.relative_to(root).parts}
     for task in ("corpus-shard", "shard-embed", "index-build", "ttt-eval", "report"):
         assert task in produced, (task, sorted(produced))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ttt_eval_reaches_real_servers_with_what_the_ir_gives_it(tmp_path, monkeypatch):
+    """The ttt_eval component's function against real `ttt serve` shard servers, with the
+    token file, environment and service address of the compiled full.yaml: no 401, no
+    partial retrieval. Shard i listens on 127.0.0.(i+1) at the service's port, and the
+    service's pod names resolve there (the cluster's DNS, played by getaddrinfo)."""
+    import socket
+
+    import httpx
+    from index_shards import start_server, stop, wait_ready
+    from tiny_run import tiny_spec
+
+    from components.ttt_eval.component import ttt_eval
+    from ttt.embed import embed_shard
+    from ttt.index.build import build_shard_index
+    from ttt.spec import loads_spec
+    from ttt.stages import publish_corpus
+    from ttt.store import open_store
+
+    spec_text = tiny_spec(tmp_path, name="ir", shards=2)
+    # One document per task, two neighbors, short sequences (as tests/test_dashboard.py).
+    for before, after in (
+        ("maxDocumentsPerTask: 2", "maxDocumentsPerTask: 1"),
+        ("neighbors: 4", "neighbors: 2"),
+        ("evalAfter: [0, 2, 4]", "evalAfter: [0, 2]"),
+        ("maxLength: 64", "maxLength: 32"),
+    ):
+        assert before in spec_text, before
+        spec_text = spec_text.replace(before, after)
+    run = loads_spec(spec_text, environ={})
+    store = open_store(run.spec.storage)
+    publish_corpus(run, store, progress=False)
+    for shard in range(2):
+        embed_shard(run, store, shard, progress=False)
+        build_shard_index(run, store, shard)
+
+    spec, platform = _dag("full.yaml")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-ttt-eval"]
+    env = spec["deploymentSpec"]["executors"]["exec-ttt-eval"]["container"]["env"]
+    service = spec["root"]["inputDefinitions"]["parameters"]["index_service"]["defaultValue"]
+    (volume,) = k8s["secretAsVolume"]
+    mount = tmp_path / "token-mount"  # the Secret's mount, here: key `token` -> file `token`
+    mount.mkdir()
+    (mount / "token").write_text("s3cret\n")
+    for e in env:
+        monkeypatch.setenv(e["name"], e["value"].replace(volume["mountPath"], str(mount)))
+    monkeypatch.setenv("TTT_METRICS_ADDR", "127.0.0.1")  # the test host, not a pod
+
+    host, port = service.rsplit(":", 1)
+    statefulset, domain = host.split(".", 1)
+    names = {f"{statefulset}-{i}.{domain}": f"127.0.0.{i + 1}" for i in range(2)}
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda h, *a, **k: real(names.get(h, h), *a, **k))
+    spec_path = tmp_path / "run.yaml"
+    spec_path.write_text(spec_text)
+    servers = [
+        start_server(spec_path, i, int(port), "s3cret", "--host", f"127.0.0.{i + 1}")
+        for i in range(2)
+    ]
+    try:
+        urls = [f"http://127.0.0.{i + 1}:{port}" for i in range(2)]
+        for url in urls:
+            wait_ready(url, timeout=60)
+        out = tmp_path / "results.json"
+        ttt_eval.python_func(
+            spec=spec_text,
+            rank=0,
+            world_size=1,
+            results=SimpleNamespace(path=str(out)),
+            index_service=service,
+        )
+        result = json.loads(out.read_text())
+        assert result["count"] > 0 and result["partial_retrievals"] == 0, result
+        for url in urls:
+            metrics = httpx.get(f"{url}/metrics", timeout=5).text
+            assert 'code="401"' not in metrics
+            assert re.search(r'ttt_index_requests_total\{code="200",shard="\d"\} [1-9]', metrics)
+    finally:
+        for proc in servers:
+            stop(proc)

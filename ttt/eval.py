@@ -190,21 +190,17 @@ class _Progress:
         self.totals = {phase: task_totals(records, n) for phase, n in self.phases.items()}
         self.documents = len(records)
         self.excluded = sum(int(r.get("excluded", 0)) for r in records)
-        for phase in self.phases:
-            for task in self.totals[phase]:
-                self._set(phase, task)
-
-    def _set(self, phase: str, task: str) -> None:
-        value = self.totals[phase][task].bits_per_byte
-        telemetry.BITS_PER_BYTE.labels(self.rank, task, phase).set(value)
 
     def add(self, record: dict[str, Any], pending: int) -> None:
         self.documents += 1
         self.excluded += int(record["excluded"])
         for phase, n in self.phases.items():
             totals = self.totals[phase].setdefault(record["task"], TaskTotals())
-            totals.add(checkpoint_score(record, n))
-            self._set(phase, record["task"])
+            score = checkpoint_score(record, n)
+            totals.add(score)
+            # Counters of what this process scored: a dashboard weights ranks by bytes.
+            telemetry.EVAL_LOSS_NATS.labels(self.rank, record["task"], phase).inc(-score.loglik)
+            telemetry.EVAL_BYTES.labels(self.rank, record["task"], phase).inc(score.bytes)
         telemetry.DOCUMENTS_DONE.labels(self.rank, record["task"]).inc()
         telemetry.DOCUMENTS_PENDING.labels(self.rank).set(pending)
         telemetry.NEIGHBORS_EXCLUDED.labels(self.rank).inc(record["excluded"])
