@@ -15,6 +15,7 @@ def image(stage: str) -> str:
 
 
 BASE_IMAGE = image("base")
+CPU_IMAGE = image("cpu")  # corpus-shard, deploy-index, report: no CUDA
 EMBED_IMAGE = image("embed")
 INDEX_IMAGE = image("index")
 EVAL_IMAGE = image("eval")

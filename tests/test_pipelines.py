@@ -156,11 +156,11 @@ def test_images_come_from_the_compile_time_registry_and_tag(tmp_path):
     )
     resources, _ = _executors_at(tmp_path / "full.yaml")
     images = {body["container"]["image"] for body in resources.values()}
-    assert images == {f"reg.example/me/ttt-{s}:1.2.3" for s in ("base", "embed", "index", "eval")}
+    assert images == {f"reg.example/me/ttt-{s}:1.2.3" for s in ("cpu", "embed", "index", "eval")}
     committed, _ = _executors("full.yaml")
     # The committed YAML assumes no registry: bare names at the package version.
     assert {b["container"]["image"] for b in committed.values()} == {
-        f"ttt-{s}:0.1.0" for s in ("base", "embed", "index", "eval")
+        f"ttt-{s}:0.1.0" for s in ("cpu", "embed", "index", "eval")
     }
 
 

@@ -4,12 +4,12 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components import BASE_IMAGE, exec_python
+from components import CPU_IMAGE, exec_python
 
 
 # List[int] (not list): the loop items then compile as NUMBER_INTEGER, what `shard` and `rank` take.
 @exec_python
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def corpus_shard(spec: str, manifest: dsl.Output[dsl.Artifact]) -> NamedTuple(
     "Plan", shards=list[int], ranks=list[int], world_size=int
 ):

@@ -2,11 +2,11 @@
 
 from kfp import dsl
 
-from components import BASE_IMAGE, exec_python
+from components import CPU_IMAGE, exec_python
 
 
 @exec_python
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def deploy_index(
     spec: str,
     indexes: dsl.Input[list[dsl.Artifact]],
