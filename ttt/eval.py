@@ -191,6 +191,14 @@ class _Progress:
         self.documents = len(records)
         self.excluded = sum(int(r.get("excluded", 0)) for r in records)
 
+    def start(self, tasks: set[str]) -> None:
+        """The bits-per-byte counters of every task left, at 0: `rate()` then sees the first
+        document's increase (a series born at its first value would hide it)."""
+        for task in sorted(tasks):
+            for phase in self.phases:
+                telemetry.EVAL_LOSS_NATS.labels(self.rank, task, phase)
+                telemetry.EVAL_BYTES.labels(self.rank, task, phase)
+
     def add(self, record: dict[str, Any], pending: int) -> None:
         self.documents += 1
         self.excluded += int(record["excluded"])
@@ -284,6 +292,7 @@ def evaluate_rank(
         len(todo),
     )
     progress_figures = _Progress(rank, sorted(run.spec.ttt.eval_after) or [0], records)
+    progress_figures.start({doc.domain for doc in todo})
     telemetry.DOCUMENTS_PENDING.labels(str(rank)).set(len(todo))
     if run.spec.metrics.enabled:
         try:
