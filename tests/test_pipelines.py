@@ -365,3 +365,31 @@ def test_ttt_eval_reaches_real_servers_with_what_the_ir_gives_it(tmp_path, monke
     finally:
         for proc in servers:
             stop(proc)
+
+
+def test_the_compiled_launch_script_execs_python(tmp_path):
+    """The shell KFP starts becomes Python (same pid), so a pod's SIGTERM reaches Python's
+    handler (the eval drain) instead of stopping at `sh`."""
+    import subprocess
+    import sys
+    import time
+
+    resources, _ = _executors("full.yaml")
+    command = resources["exec-ttt-eval"]["container"]["command"]
+    # The component source ($0) sleeps; Python must be the process the shell started.
+    source = "import time\ntime.sleep(30)\n"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*command[:3], source, "--help"], env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        argv0 = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            argv0 = Path(cmdline[0].decode()).name
+            if argv0.startswith("python"):
+                break
+            time.sleep(0.01)
+        assert argv0.startswith("python"), argv0
+    finally:
+        proc.kill()
+        proc.wait(10)
