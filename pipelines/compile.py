@@ -1,27 +1,51 @@
-"""Compile the pipelines to the YAML users submit: `python -m pipelines.compile [OUT_DIR]`."""
+"""Compile the pipelines to the YAML users submit:
+`python -m pipelines.compile [--registry REGISTRY] [--tag TAG] [--digests FILE] [OUT_DIR]`."""
 
-import sys
+import argparse
+import os
 from pathlib import Path
 
-from kfp import compiler
+NAMES = ("full.yaml", "full-cpu.yaml", "smoke.yaml")
 
-from pipelines.full import full
-from pipelines.smoke import smoke
 
-PIPELINES = {"full.yaml": full, "smoke.yaml": smoke}
+def pipelines() -> dict:
+    # Imported here: the components read the image registry and tag when they are imported.
+    from pipelines.full import full, full_cpu
+    from pipelines.smoke import smoke
+
+    return dict(zip(NAMES, (full, full_cpu, smoke), strict=True))
 
 
 def compile_all(out_dir: Path) -> list[Path]:
+    from kfp import compiler
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, pipeline in PIPELINES.items():
+    for name, pipeline in pipelines().items():
         path = out_dir / name
         compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(path))
         written.append(path)
     return written
 
 
-if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
-    for path in compile_all(target):
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
+    parser.add_argument("out_dir", nargs="?", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--registry", help="image registry, e.g. ghcr.io/me (default: none)")
+    parser.add_argument("--tag", help="image tag (default: the package version)")
+    parser.add_argument(
+        "--digests", type=Path, help='JSON {"cpu": "sha256:...", ...}: pin these images by digest'
+    )
+    args = parser.parse_args(argv)
+    if args.registry is not None:
+        os.environ["TTT_IMAGE_REGISTRY"] = args.registry
+    if args.tag is not None:
+        os.environ["TTT_IMAGE_TAG"] = args.tag
+    if args.digests is not None:
+        os.environ["TTT_IMAGE_DIGESTS"] = args.digests.read_text(encoding="utf-8")
+    for path in compile_all(args.out_dir):
         print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "ttt"
 RELEASE, NAMESPACE = "ttt", "ttt"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
-KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+KUBE_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Prometheus Operator CRDs: kubernetes-validate has no schema for them; checked by hand below.
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 ALL_ON = {
@@ -130,6 +130,7 @@ def check_prometheus_operator_object(doc: dict) -> None:
         assert all(e["port"] and e["path"] == "/metrics" for e in spec["endpoints"])
     elif doc["kind"] == "PodMonitor":
         assert spec["selector"]["matchLabels"] and spec["podMetricsEndpoints"]
+        assert all(e.get("port") or e.get("portNumber") for e in spec["podMetricsEndpoints"])
     else:
         known = telemetry_names()
         for group in spec["groups"]:
@@ -204,9 +205,14 @@ def test_gpu_resources_only_in_the_gpu_render(rendered) -> None:
 def test_secrets_are_referenced_never_created(rendered) -> None:
     for variant, docs in rendered.items():
         assert not by_kind(docs, "Secret"), variant
-        for spec in pod_specs(docs):
+        for doc in docs:
+            if doc["kind"] not in ("StatefulSet", "Job"):
+                continue
+            spec = doc["spec"]["template"]["spec"]
             secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-            assert secrets == {"ttt-auth", "ttt-store"}
+            # The index servers only read the store: they get the read-only keys.
+            store = "ttt-store-readonly" if doc["kind"] == "StatefulSet" else "ttt-store"
+            assert secrets == {"ttt-auth", store}, (variant, doc["kind"])
             for c in spec["containers"]:
                 # Files, not environment variables: nothing secret in `kubectl describe`.
                 assert not any("valueFrom" in e for e in c.get("env", [])), variant
@@ -271,7 +277,7 @@ def test_dashboard_queries_use_documented_metrics() -> None:
         for t in p["targets"]:
             names = metric_names(t["expr"])
             assert names and names <= known, (p["title"], t["expr"])
-            assert not re.search(r"\[(?!1m\])", t["expr"]), t["expr"]  # rate windows of 1m
+            assert not re.search(r"\[(?!\$__rate_interval\])", t["expr"]), t["expr"]
             used |= names
     # Every histogram the issue names has its latency quantiles on the dashboard.
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
@@ -354,3 +360,320 @@ def test_checkov_finds_nothing_insecure(tmp_path) -> None:
         if f["check_id"] not in CHECKOV_SKIPS
     ]
     assert not unexpected, "\n".join(unexpected)
+
+
+# --- upgrades: what `helm upgrade` would change ------------------------------------------
+
+IMMUTABLE = {
+    "StatefulSet": ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"),
+    "Job": ("template", "selector", "completionMode", "podFailurePolicy"),
+}
+
+
+def keyed(values: dict) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in objects(render(values))}
+
+
+def upgrade(before: dict, after: dict) -> tuple[dict, dict]:
+    """Render a release before and after an upgrade; check no immutable field changes in
+    an object kept under the same name (the API server would refuse the upgrade)."""
+    old, new = keyed(before), keyed(after)
+    for key in old.keys() & new.keys():
+        for field in IMMUTABLE.get(key[0], ()):
+            assert old[key]["spec"].get(field) == new[key]["spec"].get(field), (key, field)
+    return old, new
+
+
+def with_run(spec: dict, eval_on: bool = True, **values) -> dict:
+    base = yaml.safe_load((CHART / "values.yaml").read_text())["run"]
+    base["spec"] = {
+        section: {**base["spec"].get(section, {}), **spec.get(section, {})}
+        for section in {*base["spec"], *spec}
+    }
+    return {"run": base, "eval": {"enabled": eval_on}, **values}
+
+
+def index_template(docs: dict) -> dict:
+    return docs[("StatefulSet", "ttt-index")]["spec"]["template"]
+
+
+def test_operational_fields_leave_every_pod_template_alone() -> None:
+    from ttt.spec import OPERATIONAL_FIELDS, RetrievalSpec
+
+    aliases = {
+        "index": {"replicas": 3},
+        "retrieval": {
+            RetrievalSpec.model_fields[f].alias or f: v
+            for f, v in {
+                "timeout_seconds": 99,
+                "retries": 7,
+                "servers": [],
+                "service": "x.y:1",
+                "in_process": False,
+            }.items()
+        },
+    }
+    assert {s: set(v) for s, v in OPERATIONAL_FIELDS.items()} == {
+        "index": {"replicas"},
+        "retrieval": {"timeout_seconds", "retries", "servers", "service", "in_process"},
+    }, "a new operational field: add it to ttt.runChecksum in _helpers.tpl"
+    old, new = upgrade(with_run({}), with_run(aliases))
+    assert index_template(old) == index_template(new)
+    jobs = [k for k in old if k[0] == "Job"]
+    assert jobs and all(old[k] == new[k] for k in jobs)  # the running Job is left alone
+    assert new[("StatefulSet", "ttt-index")]["spec"]["replicas"] == 6  # 2 shards x 3
+
+
+def test_an_eval_only_change_replaces_the_job_and_leaves_the_index() -> None:
+    before = with_run({})
+    after = with_run({})
+    after["eval"]["resources"] = {"requests": {"cpu": "3", "memory": "1Gi"}, "limits": {"cpu": "4"}}
+    old, new = upgrade(before, after)
+    assert index_template(old) == index_template(new)
+    (old_job,) = [k for k in old if k[0] == "Job"]
+    (new_job,) = [k for k in new if k[0] == "Job"]
+    # A new name, not a patch of the immutable template: the new Job resumes from the store.
+    assert old_job != new_job and new_job[1].startswith("ttt-eval-pile-gpt2-large-")
+
+
+def test_a_build_change_rolls_the_servers() -> None:
+    old, new = upgrade(with_run({}), with_run({"corpus": {"shards": 3}}))
+    assert index_template(old) != index_template(new)
+
+
+# --- the eval Job: waits for the index, survives disruptions -----------------------------
+
+
+def test_eval_job_failure_policy(rendered) -> None:
+    (job,) = by_kind(rendered["all-on"], "Job")
+    spec = job["spec"]
+    assert spec["backoffLimitPerIndex"] == 3 and "backoffLimit" not in spec
+    assert spec["podReplacementPolicy"] == "Failed"
+    ignore, fail = spec["podFailurePolicy"]["rules"]
+    assert ignore == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert fail["action"] == "FailIndex" and fail["onExitCodes"]["containerName"] == "eval"
+
+
+def test_eval_waits_for_every_shard_with_the_rendered_command(rendered, tmp_path, monkeypatch):
+    from ttt.index import wait
+
+    docs = rendered["all-on"]
+    (job,) = by_kind(docs, "Job")
+    (init,) = job["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"][:3] == ["python", "-m", "ttt.index.wait"]
+    mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    assert "/etc/ttt" in mounts
+    # Run the rendered command's arguments against the rendered spec and environment: with
+    # no server up it must fail naming the shards, at the chart's service address.
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "ttt-run"]
+    (tmp_path / "run.yaml").write_text(cm["data"]["run.yaml"])
+    args = [a.replace("/etc/ttt", str(tmp_path)) for a in init["command"][3:]]
+    args[args.index("--timeout") + 1] = "0"
+    for e in init["env"]:
+        monkeypatch.setenv(e["name"], e["value"])
+    seen: list[str] = []
+    monkeypatch.setattr(wait, "ready", lambda url, timeout=2.0: seen.append(url) or False)
+    assert wait.main(args) == 1
+    assert seen == ["http://ttt-index-0.ttt-index:8080", "http://ttt-index-1.ttt-index:8080"]
+
+
+# --- network policy, disruption budget, monitoring of the KFP pods -------------------------
+
+
+def test_network_policy_admits_only_index_clients_and_limits_egress(rendered) -> None:
+    from pipelines.full import INDEX_CLIENT_LABEL
+
+    policies = {
+        p["metadata"]["name"]: p["spec"] for p in by_kind(rendered["default"], "NetworkPolicy")
+    }
+    index, worker = policies["ttt-index"], policies["ttt-eval"]
+    for spec in (index, worker):
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        for rule in spec["ingress"]:
+            for peer in rule["from"]:
+                # No "every pod of a namespace": each peer names the pods it admits.
+                assert peer.get("podSelector", {}).get("matchLabels"), peer
+    peers = index["ingress"][0]["from"]
+    assert {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "ttt",
+                "app.kubernetes.io/instance": "ttt",
+                "app.kubernetes.io/component": "eval",
+            }
+        }
+    } in peers
+    kfp = [
+        p
+        for p in peers
+        if p.get("namespaceSelector", {}).get("matchLabels")
+        == {"kubernetes.io/metadata.name": "kubeflow"}
+    ]
+    assert kfp == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+            "podSelector": {"matchLabels": {INDEX_CLIENT_LABEL[0]: INDEX_CLIENT_LABEL[1]}},
+        }
+    ]
+    egress_ports = [{p["port"] for p in rule["ports"]} for rule in worker["egress"]]
+    assert {53} in egress_ports and {9000} in egress_ports and {8080} in egress_ports
+    assert [{p["port"] for p in r["ports"]} for r in index["egress"]] == [{53}, {9000}]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "pdb", "expected"),
+    [
+        (1, {}, 0),
+        (1, {"allowEvictingSoleServer": True}, 1),
+        (2, {}, 1),
+        (2, {"maxUnavailable": 5}, 1),
+        (3, {"maxUnavailable": 2}, 2),
+        (1, {"maxUnavailable": "50%"}, 0),
+    ],
+)
+def test_pdb_never_silently_evicts_a_sole_server(replicas, pdb, expected) -> None:
+    values = {"run": {"spec": {"index": {"replicas": replicas}}}}
+    values["index"] = {"podDisruptionBudget": pdb}
+    (budget,) = by_kind(objects(render(values)), "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == expected
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    notes = render(values)["ttt/templates/NOTES.txt"]
+    assert ("no index pod may be evicted" in notes) == (expected == 0)
+
+
+def test_a_pod_monitor_scrapes_the_kfp_pods(rendered) -> None:
+    from pipelines.full import METRICS_LABEL
+
+    monitors = {m["metadata"]["name"]: m["spec"] for m in by_kind(rendered["gpu"], "PodMonitor")}
+    kfp = monitors["ttt-pipeline"]
+    assert kfp["namespaceSelector"] == {"matchNames": ["kubeflow"]}
+    assert kfp["selector"]["matchLabels"] == {
+        "app.kubernetes.io/part-of": "ttt",
+        METRICS_LABEL[0]: METRICS_LABEL[1],
+    }
+    assert kfp["podMetricsEndpoints"][0]["portNumber"] == 9090
+    # The dashboard's `run` variable: every monitor maps a pod label to `run`.
+    endpoints = [
+        e
+        for m in (
+            *by_kind(rendered["gpu"], "PodMonitor"),
+            *by_kind(rendered["gpu"], "ServiceMonitor"),
+        )
+        for e in m["spec"].get("podMetricsEndpoints", m["spec"].get("endpoints", []))
+    ]
+    assert len(endpoints) == 3
+    assert all(r["targetLabel"] == "run" for e in endpoints for r in e["relabelings"])
+
+
+def test_notes_state_the_kfp_backend_and_the_rbac() -> None:
+    notes = render()["ttt/templates/NOTES.txt"]
+    assert "backend 2.14 or newer" in notes
+    assert "kubeflow/pipeline-runner" in notes and "ttt-store-readonly" in notes
+
+
+# --- the alerts, evaluated by promtool ----------------------------------------------------
+
+RULE_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '0x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: ttt, shard: "1"}
+            exp_annotations:
+              summary: ttt index shard 1 has no ready server
+              description: >-
+                No server of shard 1 in ttt has loaded its index for 5m; retrievals are partial.
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Shard 1's only pod is gone: no series at all. Only the count sees it.
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Nothing scraped at all (the StatefulSet scaled to 0): still an alert.
+  - interval: 1m
+    input_series: []
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "ttt index: fewer than 2 shards have a ready server"
+              description: Only 0 of 2 shards in ttt have a ready server; retrievals are partial.
+  # Every shard ready: silence.
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x15'
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '1x15'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: TTTIndexShardDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: TTTIndexShardsMissing
+        exp_alerts: []
+"""
+
+
+def promtool() -> str:
+    found = shutil.which("promtool") or (
+        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    )
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
+    pytest.skip("promtool not installed (apt-get install prometheus)")
+
+
+def test_alert_rules_pass_promtool_tests(rendered, tmp_path) -> None:
+    (rule,) = by_kind(rendered["all-on"], "PrometheusRule")
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    (tmp_path / "tests.yml").write_text(RULE_TESTS)
+    check = subprocess.run(
+        [promtool(), "check", "rules", "rules.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.run(
+        [promtool(), "test", "rules", "tests.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

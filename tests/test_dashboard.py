@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,9 @@ DASHBOARD = ROOT / "charts" / "ttt" / "dashboards" / "ttt.json"
 TOKEN = "s3cret"
 RUN = "dash"
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# What Grafana puts in for the dashboard's variables before it sends a query: every
+# namespace and run (the local Prometheus's series have neither label), 1m rate windows.
+VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": ".*"}
 
 
 def binary(name: str) -> str:
@@ -52,14 +55,40 @@ def binary(name: str) -> str:
     pytest.skip(f"{name} not installed (apt-get install {name})")
 
 
+def substitute(expr: str) -> str:
+    for name, value in VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
 def panel_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every panel of the dashboard."""
+    """(panel title, PromQL as Grafana sends it) of every target of every panel."""
     dashboard = json.loads(DASHBOARD.read_text())
     return [
-        (panel["title"], target["expr"])
+        (panel["title"], substitute(target["expr"]))
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
     ]
+
+
+def test_the_committed_dashboard_is_the_generated_one() -> None:
+    pytest.importorskip("grafana_foundation_sdk", reason="pip install -e .[test]")
+    from ttt.dashboard import build
+
+    assert DASHBOARD.read_text(encoding="utf-8") == build(), "run `python -m ttt.dashboard`"
+
+
+def test_queries_use_rate_interval_and_the_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names == ["datasource", "namespace", "run"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            # Grafana's window, never a literal one (too short for a 30 s scrape interval).
+            assert all(w == "$__rate_interval" for w in re.findall(r"\[([^\]]+)\]", expr)), expr
+            for selector in re.findall(r"ttt_[a-z_]+\{([^}]*)\}", expr):
+                assert 'namespace=~"$namespace"' in selector and 'run=~"$run"' in selector, expr
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -159,6 +188,8 @@ def scrape_targets(prom: str) -> dict[str, str]:
     return {t["labels"]["job"]: t["health"] for t in reply["data"]["activeTargets"]}
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     queries = panel_queries()
     assert len(queries) >= 20, "the dashboard lost its panels"
@@ -281,6 +312,8 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
             time.sleep(0.25)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_push_final_reaches_a_real_pushgateway() -> None:
     with pushgateway() as gateway:
         telemetry.push_final(
@@ -309,6 +342,7 @@ def test_push_final_reaches_a_real_pushgateway() -> None:
     assert float(lines[key]) == 0.75
 
 
+@pytest.mark.integration
 def test_push_final_without_a_gateway_or_with_a_dead_one_is_not_fatal() -> None:
     telemetry.push_final(None, job="ttt-test", grouping={}, figures={"x": 1})
     telemetry.push_final(

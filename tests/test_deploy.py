@@ -1,13 +1,24 @@
-"""deploy-index: the StatefulSet patch, the rollout condition, the wait loop and its timeout."""
+"""deploy-index: the served-run check, the one annotation it owns, the wait, its RBAC."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from ttt.deploy import DeployError, deploy_index, rollout_complete, statefulset_patch
+from ttt.deploy import (
+    FIELD_MANAGER,
+    PUBLISHED,
+    DeployError,
+    deploy_index,
+    rollout_complete,
+    statefulset_patch,
+)
 from ttt.spec import loads_spec
+from ttt.stages import shard_prefix
+from ttt.store import open_store
 
 SPEC = """apiVersion: ttt.dev/v1alpha1
 kind: TTTRun
@@ -18,18 +29,22 @@ spec:
 """
 
 
-def test_patch_scales_to_shards_times_replicas_and_names_the_run():
+@pytest.fixture
+def store(tmp_path):
+    """A local store where the run's three shard indexes are published."""
     run = loads_spec(SPEC, environ={})
-    patch = statefulset_patch(run)
-    assert patch["spec"]["replicas"] == 6
-    env = {e["name"]: e["value"] for e in patch["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env == {
-        "TTT_METADATA__NAME": "pile",
-        "TTT_CORPUS__SHARDS": "3",
-        "TTT_INDEX__REPLICAS": "2",
+    store = open_store(run.spec.storage.model_copy(update={"root": str(tmp_path)}))
+    for shard in range(3):
+        f = tmp_path / f"index-{shard}.faiss"
+        f.write_bytes(b"index %d" % shard)
+        store.publish(shard_prefix(run, "index", shard), {"index.faiss": f}, {"stage": "index"})
+    return store
+
+
+def test_the_patch_is_one_annotation():
+    assert statefulset_patch("abc") == {
+        "spec": {"template": {"metadata": {"annotations": {PUBLISHED: "abc"}}}}
     }
-    annotations = patch["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["ttt.dev/index-hash"] == run.stage_hash("index")
 
 
 @pytest.mark.parametrize(
@@ -49,17 +64,43 @@ def test_rollout_complete(status, done):
     assert rollout_complete(4, 6, status) is done
 
 
-class _AppsApi:
-    """Stands in for the cluster's AppsV1Api: pods become ready one poll at a time."""
+class _Cluster:
+    """Stands in for AppsV1Api and CoreV1Api of a cluster where the chart is installed.
 
-    def __init__(self, ready_after: int) -> None:
-        self.ready_after, self.polls, self.patches = ready_after, 0, []
+    Records every call as (verb, resource, name), the way RBAC sees it.
+    """
 
-    def patch_namespaced_stateful_set(self, name, namespace, body):
-        self.patches.append((name, namespace, body))
+    def __init__(self, served_spec: str, ready_after: int, annotations=None) -> None:
+        self.served_spec, self.ready_after, self.polls = served_spec, ready_after, 0
+        self.calls: list[tuple[str, str, str]] = []
+        self.patches: list[tuple[dict, str]] = []
+        self.annotations = dict(annotations or {})
+
+    def read_namespaced_stateful_set(self, name, namespace):
+        self.calls.append(("get", "statefulsets", name))
+        env = [SimpleNamespace(name="TTT_STORAGE__CACHEDIR", value="/var/cache/ttt")]
+        container = SimpleNamespace(name="index", env=env)
+        volume = SimpleNamespace(name="run-spec", config_map=SimpleNamespace(name="ttt-run"))
+        template = SimpleNamespace(
+            metadata=SimpleNamespace(annotations=self.annotations),
+            spec=SimpleNamespace(containers=[container], volumes=[volume]),
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(name=name, generation=1),
+            spec=SimpleNamespace(replicas=6, template=template),
+        )
+
+    def read_namespaced_config_map(self, name, namespace):
+        self.calls.append(("get", "configmaps", name))
+        return SimpleNamespace(data={"run.yaml": self.served_spec})
+
+    def patch_namespaced_stateful_set(self, name, namespace, body, field_manager=None):
+        self.calls.append(("patch", "statefulsets", name))
+        self.patches.append((body, field_manager))
         return SimpleNamespace(metadata=SimpleNamespace(generation=2))
 
     def read_namespaced_stateful_set_status(self, name, namespace):
+        self.calls.append(("get", "statefulsets/status", name))
         self.polls += 1
         ready = 6 if self.polls >= self.ready_after else min(self.polls, 5)
         return SimpleNamespace(
@@ -69,27 +110,73 @@ class _AppsApi:
         )
 
 
-def test_deploy_waits_until_every_shard_is_ready():
-    api = _AppsApi(ready_after=3)
-    result = deploy_index(
+def deploy(cluster: _Cluster, store, **kwargs):
+    return deploy_index(
         loads_spec(SPEC, environ={}),
+        store,
         namespace="ttt",
         statefulset="ttt-index",
-        poll_s=0,
-        apps_api=api,
+        apps_api=cluster,
+        core_api=cluster,
+        **{"poll_s": 0, **kwargs},
     )
-    assert api.polls == 3 and result["readyReplicas"] == 6
-    assert api.patches[0][:2] == ("ttt-index", "ttt")
 
 
-def test_deploy_times_out_with_the_figures():
-    api = _AppsApi(ready_after=10**9)
+def test_deploy_restarts_onto_the_published_index_and_waits(store):
+    cluster = _Cluster(SPEC, ready_after=3)
+    result = deploy(cluster, store)
+    assert cluster.polls == 3 and result["readyReplicas"] == 6
+    ((body, manager),) = cluster.patches
+    assert manager == FIELD_MANAGER and body == statefulset_patch(result["published"])
+    # Helm's fields stay Helm's: no replicas, no env, no spec change.
+    assert set(body["spec"]) == {"template"}
+
+
+def test_deploy_again_restarts_nothing(store):
+    first = deploy(_Cluster(SPEC, ready_after=1), store)
+    cluster = _Cluster(SPEC, ready_after=1, annotations={PUBLISHED: first["published"]})
+    deploy(cluster, store)
+    assert cluster.patches == []
+
+
+def test_a_chart_serving_another_run_is_an_error_naming_both(store):
+    other = SPEC.replace("{name: pile}", "{name: other}")
+    with pytest.raises(DeployError, match=r"serves run 'other'.*not 'pile'.*helm upgrade"):
+        deploy(_Cluster(other, ready_after=1), store)
+    # Same name, another index (4 shards): the servers would load the wrong indexes.
+    changed = SPEC.replace("{shards: 3}", "{shards: 4}")
+    with pytest.raises(DeployError, match="serves run 'pile' \\(index"):
+        deploy(_Cluster(changed, ready_after=1), store)
+
+
+def test_a_replica_change_in_the_chart_is_still_this_run(store):
+    scaled = SPEC.replace("{replicas: 2}", "{replicas: 5}")
+    deploy(_Cluster(scaled, ready_after=1), store)
+
+
+def test_deploy_times_out_with_the_figures(store):
     with pytest.raises(DeployError, match="ttt/ttt-index: not ready"):
-        deploy_index(
-            loads_spec(SPEC, environ={}),
-            namespace="ttt",
-            statefulset="ttt-index",
-            timeout_s=0.05,
-            poll_s=0.01,
-            apps_api=api,
-        )
+        deploy(_Cluster(SPEC, ready_after=10**9), store, timeout_s=0.05, poll_s=0.01)
+
+
+def test_chart_rbac_covers_exactly_the_calls_deploy_makes(store):
+    helm = pytest.importorskip("helm_python")
+    cluster = _Cluster(SPEC, ready_after=1)
+    deploy(cluster, store)
+    made = {(verb, resource, name) for verb, resource, name in cluster.calls}
+    chart = Path(__file__).resolve().parents[1] / "charts" / "ttt"
+    rendered = helm.Chart.load(chart).render(values={}, name="ttt", namespace="ttt")
+    docs = list(yaml.safe_load_all(rendered["ttt/templates/pipelines-rbac.yaml"]))
+    (role,) = [d for d in docs if d and d["kind"] == "Role"]
+    granted = {
+        (verb, resource, name)
+        for rule in role["rules"]
+        for verb in rule["verbs"]
+        for resource in rule["resources"]
+        for name in rule["resourceNames"]
+    }
+    assert granted == made
+    (binding,) = [d for d in docs if d and d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+    ]

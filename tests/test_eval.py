@@ -475,6 +475,13 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     store = open_store(run.spec.storage)
     retriever = local_retriever(run, tmp_path / "shards")
     selected = select_test_documents(run)
+    from prometheus_client import REGISTRY
+
+    def scored_bytes(rank: str) -> float:
+        labels = {"rank": rank, "task": "Github", "phase": "after"}
+        return REGISTRY.get_sample_value("ttt_eval_scored_bytes_total", labels) or 0.0
+
+    bytes_before = [scored_bytes("0"), scored_bytes("1")]
     manifests = [
         evaluate_rank(
             run, store, r, 2, retriever=retriever, work_dir=tmp_path / "w", progress=False
@@ -503,12 +510,17 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     excluded = {r["doc"]: r["excluded"] for r in records}
     assert excluded.pop(leaked_id) == 1 and set(excluded.values()) == {0}
     # the worker's metrics: nothing pending, bits per byte before and after per task
-    from prometheus_client import REGISTRY
 
     assert REGISTRY.get_sample_value("ttt_eval_documents_pending", {"rank": "1"}) == 0
     for phase in ("before", "after"):
         labels = {"rank": "0", "task": "Github", "phase": phase}
-        assert REGISTRY.get_sample_value("ttt_eval_bits_per_byte", labels) > 0
+        nats = REGISTRY.get_sample_value("ttt_eval_loss_nats_total", labels)
+        scored = REGISTRY.get_sample_value("ttt_eval_scored_bytes_total", labels)
+        assert scored > 0 and nats > 0
+    # Counters of bytes per rank, so a dashboard weighs ranks by their bytes.
+    for r in range(2):
+        mine = [d.nbytes for d in partition(selected, r, 2) if d.domain == "Github"]
+        assert scored_bytes(str(r)) - bytes_before[r] == sum(mine)
     # a finished rank is not redone
     again = evaluate_rank(run, store, 0, 2, retriever=Refuse(), progress=False)
     assert again["count"] == manifests[0]["count"]

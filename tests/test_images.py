@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
-STAGES = {"base", "embed", "index", "eval"}
+STAGES = {"base", "cpu", "embed", "index", "eval"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -163,3 +163,76 @@ def test_default_command_is_a_ttt_command(stage: str) -> None:
 
     args = build_parser().parse_args(cmd)
     assert args.func
+
+
+def dockerfile_arg(stage: str, name: str) -> str:
+    text = (ROOT / "images" / stage / "Dockerfile").read_text(encoding="utf-8")
+    (value,) = set(re.findall(rf'^ARG {name}="?([^"\s]+)"?$', text, flags=re.MULTILINE))
+    return value
+
+
+CUDA_SUFFIX = re.compile(r"^nvidia-[a-z-]+?-cu(\d+)$")
+
+
+@pytest.mark.slow
+def test_torch_and_faiss_gpu_agree_on_the_cuda_major(tmp_path) -> None:
+    """pip's resolver report for the GPU images' torch and faiss-gpu, for Linux x86_64 and
+    the images' Python: one CUDA major among every nvidia-* package it would install."""
+    torch = f"torch=={dockerfile_arg('base', 'TORCH_VERSION')}"
+    faiss = dockerfile_arg("index", "FAISS_PACKAGE")
+    platforms = [
+        f"--platform={p}"
+        for p in (
+            "manylinux_2_28_x86_64",
+            "manylinux_2_27_x86_64",
+            "manylinux_2_17_x86_64",
+            "manylinux2014_x86_64",
+        )
+    ]
+    report = tmp_path / "report.json"
+    # --isolated: PyPI itself, not this machine's pip configuration (local CPU wheels).
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--isolated",
+            "--dry-run",
+            "--quiet",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--python-version=3.11",
+            f"--target={tmp_path / 'none'}",
+            f"--report={report}",
+            *platforms,
+            torch,
+            faiss,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+    )
+    if proc.returncode and "Could not fetch URL" in proc.stdout + proc.stderr:
+        if os.environ.get("CI"):
+            pytest.fail(f"PyPI unreachable: {proc.stderr[-500:]}")
+        pytest.skip("PyPI unreachable")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installed = {
+        item["metadata"]["name"]: item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert installed["torch"] == torch.split("==")[1] and faiss.split("==")[0] in installed
+    majors = {m.group(1) for name in installed if (m := CUDA_SUFFIX.match(name))}
+    assert majors == {"12"}, sorted(n for n in installed if n.startswith("nvidia"))
+    base = (ROOT / "images" / "base" / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^FROM nvidia/cuda:12\.", base, flags=re.MULTILINE)
+
+
+def test_no_image_exposes_every_gpu() -> None:
+    for dockerfile in DOCKERFILES:
+        assert "NVIDIA_VISIBLE_DEVICES" not in re.sub(
+            r"#.*", "", dockerfile.read_text(encoding="utf-8")
+        ), dockerfile

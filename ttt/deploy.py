@@ -1,4 +1,4 @@
-"""Point the index StatefulSet at a run's shards, scale it, and wait until every shard is ready."""
+"""deploy-index: check that the Helm-owned index StatefulSet serves a run, restart it, wait."""
 
 from __future__ import annotations
 
@@ -12,38 +12,51 @@ from ttt.spec import TTTRun
 log = logging.getLogger(__name__)
 
 CONTAINER = "index"  # the chart's container name in the index StatefulSet
+RUN_VOLUME = "run-spec"  # the chart's volume of the run ConfigMap (key run.yaml)
+# The one field deploy-index owns: a pod-template annotation the chart never renders, so a
+# later `helm upgrade` (three-way merge) leaves it, as it leaves `kubectl rollout restart`'s.
+PUBLISHED = "ttt.dev/index-published"
+FIELD_MANAGER = "ttt-deploy-index"
 
 
 class DeployError(TTTError, RuntimeError):
-    """The index StatefulSet could not be scaled or did not become ready in time."""
+    """The index StatefulSet does not serve this run, or did not become ready in time."""
 
 
-def statefulset_patch(run: TTTRun, container: str = CONTAINER) -> dict[str, Any]:
-    """The strategic-merge patch that serves `run`: shards x replicas pods, one run name.
+def published_digest(run: TTTRun, store: Any) -> str:
+    """A digest of every shard's published index manifest: changes when an index is rebuilt."""
+    import hashlib
+    import json
 
-    The run name and shard count go in as `TTT_` spec overrides, so every pod reads the
-    new run's index from the store; the annotation rolls the pods when the index changes.
-    """
-    replicas = run.spec.corpus.shards * run.spec.index.replicas
-    env = [
-        {"name": "TTT_METADATA__NAME", "value": run.name},
-        {"name": "TTT_CORPUS__SHARDS", "value": str(run.spec.corpus.shards)},
-        {"name": "TTT_INDEX__REPLICAS", "value": str(run.spec.index.replicas)},
-    ]
-    return {
-        "spec": {
-            "replicas": replicas,
-            "template": {
-                "metadata": {
-                    "annotations": {
-                        "ttt.dev/run": run.name,
-                        "ttt.dev/index-hash": run.stage_hash("index"),
-                    }
-                },
-                "spec": {"containers": [{"name": container, "env": env}]},
-            },
-        }
-    }
+    from ttt.stages import shard_prefix
+
+    digest = hashlib.sha256()
+    for shard in range(run.spec.corpus.shards):
+        manifest = store.read_manifest(shard_prefix(run, "index", shard))
+        if manifest is None:
+            raise DeployError(f"run {run.name}: shard {shard} has no published index")
+        digest.update(json.dumps(manifest.get("files", {}), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def statefulset_patch(digest: str) -> dict[str, Any]:
+    """The only change deploy-index makes: restart the servers onto the published indexes."""
+    return {"spec": {"template": {"metadata": {"annotations": {PUBLISHED: digest}}}}}
+
+
+def served_run(statefulset: Any, read_configmap: Any) -> TTTRun:
+    """The run the chart's StatefulSet serves: its run ConfigMap, with the container's
+    TTT_ overrides applied as the servers apply them."""
+    from ttt.spec import loads_spec
+
+    spec = statefulset.spec.template.spec
+    names = [v.config_map.name for v in spec.volumes or [] if v.name == RUN_VOLUME]
+    if not names:
+        raise DeployError(f"statefulset {statefulset.metadata.name}: no '{RUN_VOLUME}' volume")
+    text = read_configmap(names[0]).data["run.yaml"]
+    (container,) = [c for c in spec.containers if c.name == CONTAINER]
+    env = {e.name: e.value for e in container.env or [] if e.value is not None}
+    return loads_spec(text, f"configmap {names[0]}: run.yaml", env)
 
 
 def rollout_complete(generation: int, replicas: int, status: dict[str, Any]) -> bool:
@@ -56,39 +69,67 @@ def rollout_complete(generation: int, replicas: int, status: dict[str, Any]) -> 
     )
 
 
-def _apps_api() -> Any:
+def _apis() -> tuple[Any, Any]:
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.AppsV1Api()
+    return client.AppsV1Api(), client.CoreV1Api()
 
 
 def deploy_index(
     run: TTTRun,
+    store: Any,
     *,
     namespace: str,
     statefulset: str,
     timeout_s: float = 1800.0,
     poll_s: float = 5.0,
     apps_api: Any = None,
+    core_api: Any = None,
 ) -> dict[str, Any]:
-    """Scale `statefulset` to the run's shards x replicas and wait until all are ready."""
-    api = apps_api or _apps_api()
-    patch = statefulset_patch(run)
-    replicas = patch["spec"]["replicas"]
+    """Check that the Helm-owned `statefulset` serves `run`, restart it onto the published
+    indexes (only when they changed), and wait until every pod is updated and ready.
+
+    Helm owns the StatefulSet and the run spec (values `run:`): deploy-index never scales it
+    nor rewrites its spec, so `helm upgrade` after a pipeline run changes nothing it did.
+    """
+    if apps_api is None or core_api is None:
+        apps_api, core_api = _apis()
     where = f"statefulset {namespace}/{statefulset}"
     try:
-        patched = api.patch_namespaced_stateful_set(statefulset, namespace, patch)
+        current = apps_api.read_namespaced_stateful_set(statefulset, namespace)
+        served = served_run(
+            current, lambda name: core_api.read_namespaced_config_map(name, namespace)
+        )
+    except DeployError:
+        raise
     except Exception as exc:  # the kubernetes ApiException carries status and reason
-        raise DeployError(f"{where}: cannot patch: {getattr(exc, 'reason', exc)}") from exc
-    generation = patched.metadata.generation
-    log.info("%s: %d replicas for run %s (generation %d)", where, replicas, run.name, generation)
+        raise DeployError(f"{where}: cannot read: {getattr(exc, 'reason', exc)}") from exc
+    if (served.name, served.stage_hash("index")) != (run.name, run.stage_hash("index")):
+        raise DeployError(
+            f"{where} serves run {served.name!r} (index {served.stage_hash('index')}), not "
+            f"{run.name!r} (index {run.stage_hash('index')}): put this run's spec under `run:` "
+            "in the chart's values and `helm upgrade` the release"
+        )
+    digest = published_digest(run, store)
+    annotations = current.spec.template.metadata.annotations or {}
+    generation = current.metadata.generation
+    if annotations.get(PUBLISHED) != digest:
+        try:
+            patched = apps_api.patch_namespaced_stateful_set(
+                statefulset, namespace, statefulset_patch(digest), field_manager=FIELD_MANAGER
+            )
+        except Exception as exc:
+            raise DeployError(f"{where}: cannot patch: {getattr(exc, 'reason', exc)}") from exc
+        generation = patched.metadata.generation
+        log.info("%s: restarting onto index %s (generation %d)", where, digest, generation)
+    replicas = current.spec.replicas
     deadline = time.monotonic() + timeout_s
     while True:
-        status = api.read_namespaced_stateful_set_status(statefulset, namespace).status
+        status = apps_api.read_namespaced_stateful_set_status(statefulset, namespace).status
         figures = {
             "observedGeneration": status.observed_generation,
             "replicas": status.replicas,
@@ -96,12 +137,12 @@ def deploy_index(
             "readyReplicas": status.ready_replicas,
         }
         if rollout_complete(generation, replicas, figures):
-            log.info("%s: all %d shard pods ready", where, replicas)
+            log.info("%s: all %d index pods ready", where, replicas)
             return {
                 "statefulset": statefulset,
                 "namespace": namespace,
                 "run": run.name,
-                "replicas": replicas,
+                "published": digest,
                 **figures,
             }
         if time.monotonic() > deadline:

@@ -315,7 +315,6 @@ def _embed_part(
         elapsed = max(time.perf_counter() - start, 1e-9)
         telemetry.EMBED_TOKENS.labels(shard=label).inc(batch_tokens)
         telemetry.EMBED_DOCUMENTS.labels(shard=label).inc(len(batch_rows))
-        telemetry.EMBED_TOKENS_PER_SECOND.labels(shard=label).set(tokens / elapsed)
         bar.update(len(batch_rows))
         bar.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
     seconds = time.perf_counter() - start

@@ -198,21 +198,25 @@ class _Progress:
         self.totals = {phase: task_totals(records, n) for phase, n in self.phases.items()}
         self.documents = len(records)
         self.excluded = sum(int(r.get("excluded", 0)) for r in records)
-        for phase in self.phases:
-            for task in self.totals[phase]:
-                self._set(phase, task)
 
-    def _set(self, phase: str, task: str) -> None:
-        value = self.totals[phase][task].bits_per_byte
-        telemetry.BITS_PER_BYTE.labels(self.rank, task, phase).set(value)
+    def start(self, tasks: set[str]) -> None:
+        """The bits-per-byte counters of every task left, at 0: `rate()` then sees the first
+        document's increase (a series born at its first value would hide it)."""
+        for task in sorted(tasks):
+            for phase in self.phases:
+                telemetry.EVAL_LOSS_NATS.labels(self.rank, task, phase)
+                telemetry.EVAL_BYTES.labels(self.rank, task, phase)
 
     def add(self, record: dict[str, Any], pending: int) -> None:
         self.documents += 1
         self.excluded += int(record["excluded"])
         for phase, n in self.phases.items():
             totals = self.totals[phase].setdefault(record["task"], TaskTotals())
-            totals.add(checkpoint_score(record, n))
-            self._set(phase, record["task"])
+            score = checkpoint_score(record, n)
+            totals.add(score)
+            # Counters of what this process scored: a dashboard weights ranks by bytes.
+            telemetry.EVAL_LOSS_NATS.labels(self.rank, record["task"], phase).inc(-score.loglik)
+            telemetry.EVAL_BYTES.labels(self.rank, record["task"], phase).inc(score.bytes)
         telemetry.DOCUMENTS_DONE.labels(self.rank, record["task"]).inc()
         telemetry.DOCUMENTS_PENDING.labels(self.rank).set(pending)
         telemetry.NEIGHBORS_EXCLUDED.labels(self.rank).inc(record["excluded"])
@@ -296,6 +300,7 @@ def evaluate_rank(
         len(todo),
     )
     progress_figures = _Progress(rank, sorted(run.spec.ttt.eval_after) or [0], records)
+    progress_figures.start({doc.domain for doc in todo})
     telemetry.DOCUMENTS_PENDING.labels(str(rank)).set(len(todo))
     if run.spec.metrics.enabled:
         try:

@@ -263,11 +263,8 @@ class TTTNN:
                 outcome = self._train_and_score(scored, neighbors, method)
         finally:
             self.reset()
-        seconds = outcome.seconds_training
         telemetry.TRAIN_TOKENS.labels(self.rank).inc(outcome.train_tokens)
         telemetry.TRAIN_STEPS.labels(self.rank).inc(outcome.train_steps)
-        if seconds > 0:
-            telemetry.TRAIN_TOKENS_PER_SECOND.labels(self.rank).set(outcome.train_tokens / seconds)
         return outcome
 
     def _train_and_score(self, scored: str, neighbors: list[str], method: str) -> DocOutcome:

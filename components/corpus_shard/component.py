@@ -4,12 +4,14 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components import BASE_IMAGE
+from components import CPU_IMAGE, exec_python
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+# List[int] (not list): the loop items then compile as NUMBER_INTEGER, what `shard` and `rank` take.
+@exec_python
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def corpus_shard(spec: str, manifest: dsl.Output[dsl.Artifact]) -> NamedTuple(
-    "Plan", shards=list, ranks=list, world_size=int
+    "Plan", shards=list[int], ranks=list[int], world_size=int
 ):
     """Publish every shard's text store; returns the shard and rank lists to fan out over."""
     import json

@@ -2,10 +2,11 @@
 
 from kfp import dsl
 
-from components import BASE_IMAGE
+from components import CPU_IMAGE, exec_python
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+@exec_python
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def deploy_index(
     spec: str,
     indexes: dsl.Input[list[dsl.Artifact]],
@@ -14,14 +15,16 @@ def deploy_index(
     deployment: dsl.Output[dsl.Artifact],
     timeout_s: float = 1800.0,
 ) -> None:
-    """Point `statefulset` at this run's indexes (their manifests in `indexes`) and wait."""
+    """Restart the chart's `statefulset` onto this run's indexes (manifests in `indexes`); wait."""
     import json
 
     from ttt.deploy import deploy_index as deploy
     from ttt.spec import resolve_spec
+    from ttt.store import open_store
 
     run = resolve_spec(spec)
-    result = deploy(run, namespace=namespace, statefulset=statefulset, timeout_s=timeout_s)
+    store = open_store(run.spec.storage)
+    result = deploy(run, store, namespace=namespace, statefulset=statefulset, timeout_s=timeout_s)
     result["indexes"] = len(indexes)
     with open(deployment.path, "w") as f:
         json.dump(result, f)

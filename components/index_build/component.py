@@ -2,9 +2,10 @@
 
 from kfp import dsl
 
-from components import INDEX_IMAGE
+from components import INDEX_IMAGE, exec_python
 
 
+@exec_python
 @dsl.component(base_image=INDEX_IMAGE, install_kfp_package=False)
 def index_build(
     spec: str, shard: int, embeddings: dsl.Input[dsl.Artifact], manifest: dsl.Output[dsl.Artifact]

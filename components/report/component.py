@@ -2,10 +2,11 @@
 
 from kfp import dsl
 
-from components import BASE_IMAGE
+from components import CPU_IMAGE, exec_python
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+@exec_python
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def report(spec: str, summary: dsl.Output[dsl.Artifact], table: dsl.Output[dsl.Markdown]) -> None:
     """Write report/ to the store; the summary and the Markdown table also as KFP artifacts."""
     import json

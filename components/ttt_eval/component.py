@@ -2,19 +2,34 @@
 
 from kfp import dsl
 
-from components import EVAL_IMAGE
+from components import EVAL_IMAGE, exec_python
 
 
+@exec_python
 @dsl.component(base_image=EVAL_IMAGE, install_kfp_package=False)
-def ttt_eval(spec: str, rank: int, world_size: int, results: dsl.Output[dsl.Artifact]) -> None:
-    """Evaluate rank `rank` of `world_size`; a retried pod skips the documents it finished."""
+def ttt_eval(
+    spec: str,
+    rank: int,
+    world_size: int,
+    results: dsl.Output[dsl.Artifact],
+    index_service: str = "",
+) -> None:
+    """Evaluate rank `rank` of `world_size`; a retried pod skips the documents it finished.
+
+    `index_service` (the chart's headless Service, namespace-qualified) overrides
+    spec.retrieval.service, as TTT_RETRIEVAL__SERVICE would.
+    """
     import json
+    import os
 
     from ttt.eval import evaluate_rank
     from ttt.spec import resolve_spec
     from ttt.store import open_store
 
-    run = resolve_spec(spec)
+    environ = dict(os.environ)
+    if index_service:
+        environ["TTT_RETRIEVAL__SERVICE"] = index_service
+    run = resolve_spec(spec, environ)
     result = evaluate_rank(run, open_store(run.spec.storage), rank, world_size)
     with open(results.path, "w") as f:
         json.dump(result, f)

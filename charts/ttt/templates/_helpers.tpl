@@ -84,7 +84,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   mountPath: /home/ttt/.cache
 {{- end -}}
 
+{{/* Volumes shared by index servers and eval workers. `store` is the Secret values entry
+     of the store keys: the index servers get secrets.indexStore (read-only keys). */}}
 {{- define "ttt.commonVolumes" -}}
+{{- $store := .store -}}
+{{- with .root -}}
 - name: run-spec
   configMap:
     name: {{ include "ttt.fullname" . }}-run
@@ -97,12 +101,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
         path: token
 - name: store-credentials
   secret:
-    secretName: {{ .Values.secrets.store.name }}
+    secretName: {{ $store.name }}
     defaultMode: 0440
     items:
-      - key: {{ .Values.secrets.store.accessKeyKey }}
+      - key: {{ $store.accessKeyKey }}
         path: accesskey
-      - key: {{ .Values.secrets.store.secretKeyKey }}
+      - key: {{ $store.secretKeyKey }}
         path: secretkey
 - name: tmp
   emptyDir:
@@ -110,4 +114,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: home-cache
   emptyDir:
     sizeLimit: 2Gi
+{{- end -}}
+{{- end -}}
+
+{{/* The run spec's checksum without its operational fields (ttt/spec.py OPERATIONAL_FIELDS:
+     index.replicas, retrieval timeout/retries/servers/service/inProcess): scaling the
+     servers or tuning retrieval changes neither the index pod template nor the eval Job. */}}
+{{- define "ttt.runChecksum" -}}
+{{- $run := deepCopy .Values.run -}}
+{{- $spec := default dict $run.spec -}}
+{{- if $spec.index }}{{ $_ := set $spec "index" (omit $spec.index "replicas") }}{{ end -}}
+{{- if $spec.retrieval }}{{ $_ := set $spec "retrieval" (omit $spec.retrieval "timeoutSeconds" "retries" "servers" "service" "inProcess") }}{{ end -}}
+{{- toYaml $run | sha256sum -}}
 {{- end -}}

@@ -1,0 +1,69 @@
+"""The metric definitions: promtool's lint on their exposition, counters rather than gauges."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+from ttt import telemetry
+
+METRICS = [m for m in vars(telemetry).values() if isinstance(m, MetricWrapperBase)]
+
+
+def promtool() -> str:
+    found = shutil.which("promtool") or (
+        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    )
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
+    pytest.skip("promtool not installed (apt-get install prometheus)")
+
+
+def exposition() -> bytes:
+    """Every ttt metric with a sample (promtool lints names only where samples are), in a
+    registry of its own; the label sets made for it are removed again."""
+    registry = CollectorRegistry()
+    made = []
+    for metric in METRICS:
+        registry.register(metric)
+        if metric._labelnames:
+            values = ["promtool"] * len(metric._labelnames)
+            metric.labels(*values)
+            made.append((metric, values))
+    try:
+        return generate_latest(registry)
+    finally:
+        for metric, values in made:
+            metric.remove(*values)
+        for metric in METRICS:
+            registry.unregister(metric)
+
+
+def test_promtool_check_metrics_is_clean() -> None:
+    text = exposition()
+    for metric in METRICS:
+        suffix = "_total" if metric._type == "counter" else ""
+        assert f"# TYPE {metric._name}{suffix} ".encode() in text, metric._name
+    proc = subprocess.run(
+        [promtool(), "check", "metrics"], input=text, capture_output=True, check=False
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
+
+
+def test_no_gauge_duplicates_a_counter_rate() -> None:
+    gauges = [m._name for m in METRICS if m._type == "gauge"]
+    assert not [g for g in gauges if g.endswith(("_per_second", "_bits_per_byte"))], gauges
+
+
+def test_bits_per_byte_are_two_counters_with_the_same_labels() -> None:
+    nats, scored = telemetry.EVAL_LOSS_NATS, telemetry.EVAL_BYTES
+    assert nats._type == scored._type == "counter"
+    assert nats._labelnames == scored._labelnames == ("rank", "task", "phase")
