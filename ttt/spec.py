@@ -87,6 +87,31 @@ class RetrievalSpec(_Section):
     )
     exclude_identical: bool = Field(True, description="the leakage guard")
     identical_distance: float = Field(1e-6, ge=0)
+    # Beyond the paper: SIFT (Hübotter et al.) chooses the neighbors among K' candidates.
+    selection: Literal["nearest", "sift"] = Field(
+        "nearest", description="nearest = the paper's TTT-NN; sift = SIFT among `candidates`"
+    )
+    candidates: int | None = Field(
+        None, ge=1, le=1000, description="K', the candidates SIFT chooses among (4 x neighbors)"
+    )
+    sift_lambda: float = Field(0.01, gt=0, description="SIFT's lambda (observation noise)")
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> RetrievalSpec:
+        if self.candidates is not None and self.candidates < self.neighbors:
+            raise ValueError(
+                f"candidates ({self.candidates}) must be >= neighbors ({self.neighbors})"
+            )
+        return self
+
+    @property
+    def candidate_count(self) -> int:
+        """K': what the retriever is asked for (neighbors itself for nearest selection)."""
+        if self.selection == "nearest":
+            return self.neighbors
+        if self.candidates is not None:
+            return self.candidates
+        return max(self.neighbors, min(4 * self.neighbors, 1000))  # a server answers k <= 1024
 
 
 class TTTSpec(_Section):
