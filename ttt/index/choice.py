@@ -12,6 +12,7 @@ family's recall, the cheapest one that meets the target wins instead.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,15 @@ def code_of(factory: str) -> str:
 def bytes_per_vector(factory: str, n: float, dim: int) -> float | None:
     """Resident bytes per vector of a factory string's family (None: not one of ours)."""
     code = code_of(factory)
-    found = {c: b for c, _, b in families(n, dim)}
-    if code.startswith("PQ") and code[2:].isdigit() and code not in found:
-        return int(code[2:]) + 8 + nlist_for(n) * dim * 4 / max(n, 1)
-    return found.get("HNSW32" if code.startswith("HNSW") else code)
+    ivf = re.match(r"(?:OPQ\d+(?:_\d+)?,)?IVF(\d+)", factory)
+    centroids = (int(ivf.group(1)) if ivf else nlist_for(n)) * dim * 4 / max(n, 1)
+    if code.startswith("PQ") and code[2:].isdigit():
+        return int(code[2:]) + 8 + centroids
+    if code == "SQ8":
+        return dim + 8 + centroids
+    return {"Flat": 4.0 * dim, "HNSW32": 4.0 * dim + 256}.get(
+        "HNSW32" if code.startswith("HNSW") else code
+    )
 
 
 def choose_index(
