@@ -304,6 +304,8 @@ def load_profile(path: str) -> dict[str, Any]:
 def _num(value: float | None, unit: str = "", digits: int = 1) -> str:
     if value is None:
         return "-"
+    if abs(value) >= 1000:
+        digits = 0
     return f"{value:,.{digits}f}{unit}"
 
 
