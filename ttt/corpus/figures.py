@@ -81,8 +81,10 @@ def _lines(fh: Any, compressed: bool) -> Any:
     # plain loop, since `yield from` would close the handle when the caller stops early
     lines = fh
     if compressed:
-        raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
-        lines = io.BufferedReader(raw, buffer_size=1 << 16)
+        raw = zstandard.ZstdDecompressor().stream_reader(
+            fh, read_size=16_384, read_across_frames=True, closefd=False
+        )
+        lines = io.BufferedReader(raw, buffer_size=1 << 14)  # small read-ahead: tell() is near
     for line in lines:  # noqa: UP028 - see above
         yield line
 
