@@ -252,11 +252,16 @@ def plan_run(
     profile = profile or {}
     hw = Hardware(**_section(profile, "hardware", HARDWARE_KEYS, where))
     rates = _section(profile, "throughputs", RATE_KEYS, where)
-    measured = []
+    measured, sources = [], [rates.pop("source")] if "source" in rates else []
     for name, figures in bench:
-        rates.update(rates_from_bench(figures, f"ttt bench ({name})"))
+        device = " on CPU" if figures.get("faiss_gpus") == 0 else ""
+        found = rates_from_bench(figures, f"ttt bench{device} ({name})")
+        if found:
+            sources.append(found.pop("source"))
+        rates.update(found)
         if "approx_type" in figures:
             measured.append(figures)
+    rates["source"] = "; ".join(sources) or "given"
     max_tokens = run.spec.embedding.max_tokens
     given = profile.get("corpus")
     if given is not None:
