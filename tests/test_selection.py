@@ -124,3 +124,21 @@ def test_spec_selection_fields():
     a = _run({"selection": "sift"})
     assert a.stage_hash("eval") != _run({}).stage_hash("eval")
     assert a.stage_hash("index") == _run({}).stage_hash("index")
+    # under nearest selection SIFT's fields change nothing, so they stay out of the hash,
+    # and a run's hash is what it was before selection existed
+    assert _run({"candidates": 300, "siftLambda": 0.5}).stage_hash("eval") == _run({}).stage_hash(
+        "eval"
+    )
+    import hashlib
+    import json
+
+    run = _run({})
+    sections = {s: getattr(run.spec, s).model_dump(mode="json") for s in ("corpus", "embedding")}
+    sections["index"] = run.spec.index.model_dump(mode="json", exclude={"replicas"})
+    operational = {"timeout_seconds", "retries", "servers", "service", "in_process"}
+    new = {"selection", "candidates", "sift_lambda"}
+    sections["retrieval"] = run.spec.retrieval.model_dump(mode="json", exclude=operational | new)
+    for s in ("ttt", "eval"):
+        sections[s] = getattr(run.spec, s).model_dump(mode="json")
+    old = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+    assert run.stage_hash("eval") == old

@@ -243,6 +243,12 @@ class TTTRun(_Section):
             )
             for s in STAGE_INPUTS[stage]
         }
+        retrieval = sections.get("retrieval")
+        if retrieval is not None and retrieval.get("selection") == "nearest":
+            # SIFT's fields change nothing under nearest selection: they stay out of the hash,
+            # so runs from before selection existed keep their hashes (and their results)
+            for name in ("selection", "candidates", "sift_lambda"):
+                retrieval.pop(name, None)
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
