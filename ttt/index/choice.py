@@ -78,13 +78,19 @@ def choose_index(
     approx_recall@k (after re-ranking) are matched to the families.
     """
     recall: dict[str, float] = {"Flat": 1.0}  # exact: recall against itself
+    setting: dict[str, str] = {"Flat": ""}
     for m in measured:
         # recall@k at the run's k; else at the k the benchmark used (its default, 50)
         keys = [key for key in m if key.startswith("approx_recall@") and "_without" not in key]
         key = f"approx_recall@{k}" if f"approx_recall@{k}" in m else (keys[0] if keys else None)
         if key is not None and m[key] is not None:
             code = code_of(str(m["approx_type"]))
-            recall[code] = max(recall.get(code, 0.0), float(m[key]))
+            if float(m[key]) > recall.get(code, -1.0):
+                recall[code] = float(m[key])
+                setting[code] = (
+                    f" (measured: {m['approx_type']}, nprobe {m.get('approx_nprobe')}, "
+                    f"rerank {m.get('approx_rerank')}, {m.get('vectors')} vectors)"
+                )
     fitting = [f for f in families(n, dim) if f[2] <= budget]
     if not fitting:
         smallest = families(n, dim)[-1]
@@ -97,13 +103,14 @@ def choose_index(
         code, factory, bpv = min(meeting, key=lambda f: f[2])
         why = (
             f"the cheapest family within {budget:.1f} B/vector whose measured recall@{k} "
-            f"{recall[code]:.3f} >= {recall_target}"
+            f"{recall[code]:.3f} >= {recall_target}{setting[code]}"
         )
         return IndexChoice(factory, bpv, recall[code], why)
     code, factory, bpv = fitting[0]
     why = f"the most exact family within {budget:.1f} B/vector"
     if code in recall:
         why += f"; its measured recall@{k} {recall[code]:.3f} is below {recall_target}"
+        why += setting[code]
     else:
         why += f"; recall not measured: run `ttt bench index --type {factory}`"
     return IndexChoice(factory, bpv, recall.get(code), why)
