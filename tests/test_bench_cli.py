@@ -34,6 +34,8 @@ def test_bench_index_cli_prints_figures_and_command(capsys):
     assert figures["flat_recall@10"] == 1.0
     assert 0 < figures["approx_recall@10"] <= 1.0
     assert figures["flat_bytes_per_vector"] == 32 * 4
+    assert figures["approx_query_p50_ms"] > 0 and figures["flat_query_p50_ms"] > 0
+    assert figures["at_vectors"] == 210_000_000 and "at_formula" in figures
 
 
 def test_bench_retrieval_cli(capsys):

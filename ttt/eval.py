@@ -372,17 +372,28 @@ def _evaluate_document(
     retriever_excluded = 0
     partial, failed = False, []
     start = time.perf_counter()
+    sift = retrieval_spec.selection == "sift"
+    selected: dict[str, Any] = {}
     if retriever is not None and _needs_neighbors(run):
         query = ttt.query_text(doc.text)
-        (result,) = retriever.search([query], k=k, with_text=True)
+        if sift:  # K' candidates with their vectors; SIFT picks k of them below
+            (result,) = retriever.search(
+                [query], k=retrieval_spec.candidate_count, with_text=True, with_vectors=True
+            )
+        else:
+            (result,) = retriever.search([query], k=k, with_text=True)
         # The retriever guards against the query; in split-text mode that is half the
         # document, so the whole document is checked here too.
         kept, excluded = guard_neighbors(doc.text, result.neighbors, retrieval_spec)
         retriever_excluded = int(getattr(result, "excluded", 0))
         partial, failed = bool(result.partial), sorted(result.failed_shards)
-    retrieve_seconds = time.perf_counter() - start
+        if sift:
+            kept, selected = _sift(kept, result.query_vector, k, retrieval_spec)
+    retrieve_seconds = time.perf_counter() - start - selected.get("seconds", 0.0)
     distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
-    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=distances)
+    # SIFT's picks train in pick order (its most informative first), so the loop is not
+    # given distances to re-order by; the threshold was applied to the candidates already.
+    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=None if sift else distances)
     return result_record(
         doc,
         outcome,
@@ -400,5 +411,24 @@ def _evaluate_document(
             "retrieve": retrieve_seconds,
             "train": float(outcome.seconds_training),
             "score": float(outcome.seconds_scoring),
+            **({"select": selected["seconds"]} if sift else {}),
         },
+        **({"selection": "sift", **selected["facts"]} if sift else {}),
     )
+
+
+def _sift(candidates: list, query_vector: Any, k: int, retrieval: Any) -> tuple[list, dict]:
+    """SIFT's k picks among the guarded candidates, and what the record says about them."""
+    from ttt.index.selection import choose_neighbors
+
+    start = time.perf_counter()
+    picked, selection = choose_neighbors(candidates, query_vector, k, "sift", retrieval.sift_lambda)
+    seconds = time.perf_counter() - start
+    facts = {
+        "candidates": len(candidates),
+        # each neighbor's rank by distance among the candidates (0 = nearest): what SIFT
+        # chose that nearest neighbors would not have
+        "neighbor_ranks": selection.indices,
+        "sift_variances": selection.variances,
+    }
+    return picked, {"seconds": seconds, "facts": facts}

@@ -105,6 +105,31 @@ class RetrievalSpec(_Section):
     identical_distance: float = Field(
         1e-3, ge=0, description="Euclidean distance at or under which a neighbor is the query"
     )
+    # Beyond the paper: SIFT (Hübotter et al.) chooses the neighbors among K' candidates.
+    selection: Literal["nearest", "sift"] = Field(
+        "nearest", description="nearest = the paper's TTT-NN; sift = SIFT among `candidates`"
+    )
+    candidates: int | None = Field(
+        None, ge=1, le=1000, description="K', the candidates SIFT chooses among (4 x neighbors)"
+    )
+    sift_lambda: float = Field(0.01, gt=0, description="SIFT's lambda (observation noise)")
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> RetrievalSpec:
+        if self.candidates is not None and self.candidates < self.neighbors:
+            raise ValueError(
+                f"candidates ({self.candidates}) must be >= neighbors ({self.neighbors})"
+            )
+        return self
+
+    @property
+    def candidate_count(self) -> int:
+        """K': what the retriever is asked for (neighbors itself for nearest selection)."""
+        if self.selection == "nearest":
+            return self.neighbors
+        if self.candidates is not None:
+            return self.candidates
+        return max(self.neighbors, min(4 * self.neighbors, 1000))  # a server answers k <= 1024
 
 
 class TTTSpec(_Section):
@@ -253,6 +278,12 @@ class TTTRun(_Section):
             )
             for s in STAGE_INPUTS[stage]
         }
+        retrieval = sections.get("retrieval")
+        if retrieval is not None and retrieval.get("selection") == "nearest":
+            # SIFT's fields change nothing under nearest selection: they stay out of the hash,
+            # so runs from before selection existed keep their hashes (and their results)
+            for name in ("selection", "candidates", "sift_lambda"):
+                retrieval.pop(name, None)
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "report",
     "run",
     "bench",
+    "plan",
 ]
 
 EPILOG = """examples:

@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="index build seconds, bytes per vector and recall@k: flat vs approximate",
         epilog="example: ttt bench index --preset cpu --type IVF256,PQ32 --nprobe 16",
     )
-    i.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    i.add_argument("--preset", choices=["cpu", "cpu-1m", "gpu"], default="cpu")
     i.add_argument("--vectors", type=int)
     i.add_argument("--dim", type=int)
     i.add_argument("--type", help="FAISS factory string of the approximate index")

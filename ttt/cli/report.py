@@ -23,6 +23,16 @@ def _report(args: argparse.Namespace) -> int:
             f"{cost['train_seconds_per_neighbor']:.3f} training only"
         )
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
+    if args.compare:
+        from ttt.compare import compare_runs
+
+        others = [load_spec(path) for path in args.compare]
+        stores = [store] + [open_store(o.spec.storage) for o in others]
+        out = f"{args.out}/compare" if args.out else None
+        comparison = compare_runs([run, *others], stores, out_dir=out)
+        print(f"\ncomparison over {comparison['documents']} shared test documents:")
+        print(comparison["table_markdown"], end="")
+        print(f"\ncompare: {store.describe()} {run.prefix}/report/compare/")
     return 0
 
 
@@ -34,4 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--spec", required=True, help="TTTRun YAML file")
     p.add_argument("--out", default=None, help="also keep the report files in this directory")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another run's spec (e.g. SIFT vs nearest neighbors): a table per task at equal "
+        "k and the bits-per-byte curves of all (repeatable)",
+    )
     p.set_defaults(func=_report)

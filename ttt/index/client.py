@@ -44,6 +44,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Candidate vectors per search response (JSON, ~12 bytes a number): SIFT's K' x dim floats.
+VECTOR_RESPONSE_BYTES = 8 * 2**20
+
 # Responses that retrying cannot fix: the request or the configuration is wrong.
 _FATAL = {400, 401, 403, 404, 405, 413, 422}
 
@@ -216,16 +219,21 @@ class ShardedRetriever(BaseRetriever):
             log.info("shard %d: servers %s now at %s", shard, self.endpoints[shard], found)
             self.endpoints[shard], self._preferred[shard] = found, 0
 
-    def _search_shard(self, shard: int, vectors: np.ndarray, k: int) -> list[Hits]:
+    def _search_shard(
+        self, shard: int, vectors: np.ndarray, k: int, with_vectors: bool = False
+    ) -> list[Hits]:
         hits = []
-        for lo in range(0, len(vectors), self.batch_size):
-            body = self._post(
-                shard,
-                "/v1/search",
-                {"vectors": vectors[lo : lo + self.batch_size].tolist(), "k": k},
-            )
+        batch = self.batch_size
+        if with_vectors:  # k vectors per query come back: keep one response near 8 MB of JSON
+            batch = max(1, min(batch, VECTOR_RESPONSE_BYTES // (k * vectors.shape[1] * 12)))
+        for lo in range(0, len(vectors), batch):
+            payload = {"vectors": vectors[lo : lo + batch].tolist(), "k": k}
+            if with_vectors:
+                payload["include_vectors"] = True
+            body = self._post(shard, "/v1/search", payload)
             hits += [
-                Hits(r["distances"], r["rows"], r["ids"], r["domains"]) for r in body["results"]
+                Hits(r["distances"], r["rows"], r["ids"], r["domains"], r.get("vectors"))
+                for r in body["results"]
             ]
         return hits
 
@@ -236,9 +244,9 @@ class ShardedRetriever(BaseRetriever):
             texts += self._post(shard, "/v1/documents", {"rows": chunk})["texts"]
         return texts
 
-    def _fan_out(self, vectors, k, with_text):
+    def _fan_out(self, vectors, k, with_text, with_vectors=False):
         futures = {
-            s: self._pool.submit(self._search_shard, s, vectors, k)
+            s: self._pool.submit(self._search_shard, s, vectors, k, with_vectors)
             for s in range(len(self.endpoints))
         }
         per_shard, failed = self._gather(futures)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -68,6 +69,8 @@ class Neighbor:
     shard: int
     row: int
     text: str | None = None
+    # the stored vector, only when asked for (SIFT selects among candidates by their vectors)
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Retrieval:
     partial: bool = False
     failed_shards: list[int] = field(default_factory=list)
     excluded: int = 0  # neighbors dropped by the leakage guard
+    query_vector: np.ndarray | None = field(default=None, repr=False)  # with_vectors only
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Hits:
     rows: list[int]
     ids: list[str]
     domains: list[str]
+    vectors: list[list[float]] | None = None  # when the search asked for include_vectors
 
 
 def merge_topk(per_shard: dict[int, Hits], k: int) -> list[Neighbor]:
@@ -102,9 +107,15 @@ def merge_topk(per_shard: dict[int, Hits], k: int) -> list[Neighbor]:
         for i, (d, row) in enumerate(zip(hits.distances, hits.rows, strict=True))
     )
     return [
-        Neighbor(per_shard[s].ids[i], per_shard[s].domains[i], d, s, row)
+        Neighbor(
+            per_shard[s].ids[i], per_shard[s].domains[i], d, s, row, None, _vector(per_shard[s], i)
+        )
         for d, s, row, i in heapq.nsmallest(k, candidates)
     ]
+
+
+def _vector(hits: Hits, i: int) -> np.ndarray | None:
+    return None if hits.vectors is None else np.asarray(hits.vectors[i], dtype=np.float32)
 
 
 class BaseRetriever:
@@ -126,16 +137,26 @@ class BaseRetriever:
         self.exclude_margin = exclude_margin if exclude_identical else 0
 
     def search(
-        self, texts: Sequence[str], k: int | None = None, with_text: bool = True
+        self,
+        texts: Sequence[str],
+        k: int | None = None,
+        with_text: bool = True,
+        with_vectors: bool = False,
     ) -> list[Retrieval]:
-        """The neighbors of each query text (the query is embedded with the encoder)."""
+        """The neighbors of each query text (the query is embedded with the encoder).
+
+        `with_vectors`: each neighbor carries its stored vector and each retrieval the query's
+        (what SIFT selects with); off by default, since a vector costs dim x 4 bytes.
+        """
         texts = list(texts)
         if not texts:
             return []
         if self.encoder is None:
             raise RetrievalError("this retriever has no encoder; use search_vectors")
         vectors = np.asarray(self.encoder.encode(texts), dtype=np.float32)
-        return self.search_vectors(vectors, k, with_text, query_texts=texts)
+        return self.search_vectors(
+            vectors, k, with_text, query_texts=texts, with_vectors=with_vectors
+        )
 
     def search_vectors(
         self,
@@ -143,6 +164,7 @@ class BaseRetriever:
         k: int | None = None,
         with_text: bool = True,
         query_texts: Sequence[str] | None = None,
+        with_vectors: bool = False,
     ) -> list[Retrieval]:
         """The neighbors of each query vector (n x dim float32)."""
         k = self.k if k is None else k
@@ -150,7 +172,8 @@ class BaseRetriever:
         if k <= 0 or len(vectors) == 0:
             return [Retrieval([]) for _ in range(len(vectors))]
         start = time.perf_counter()
-        merged, failed = self._fan_out(vectors, k + self.exclude_margin, with_text)
+        fan_out = {"with_vectors": True} if with_vectors else {}  # subclasses without it work
+        merged, failed = self._fan_out(vectors, k + self.exclude_margin, with_text, **fan_out)
         telemetry.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
         for shard in failed:
             telemetry.RETRIEVAL_PARTIAL.labels(str(shard)).inc(len(vectors))
@@ -159,6 +182,8 @@ class BaseRetriever:
             query = query_texts[q] if query_texts is not None else None
             kept, excluded = self._select(neighbors, k, query)
             out.append(Retrieval(kept, bool(failed), sorted(failed), excluded))
+            if with_vectors:
+                out[-1].query_vector = vectors[q]
         return out
 
     def _select(self, neighbors: list[Neighbor], k: int, query: str | None):
@@ -212,7 +237,7 @@ class LocalRetriever(BaseRetriever):
             **{**retrieval_options(run), **options},
         )
 
-    def _fan_out(self, vectors, k, with_text):
+    def _fan_out(self, vectors, k, with_text, with_vectors=False):
         per_shard = {}
         for shard, (index, texts) in enumerate(zip(self.indexes, self.text_stores, strict=True)):
             d, labels = index.search(vectors, k)
@@ -227,7 +252,15 @@ class LocalRetriever(BaseRetriever):
                 [neighbor_with_text(n, self.text_stores[n.shard].text(n.row)) for n in ns]
                 for ns in merged
             ]
+        if with_vectors:
+            merged = [[_with_vector(self.indexes[n.shard], n) for n in ns] for ns in merged]
         return merged, set()
+
+
+def _with_vector(index: Any, n: Neighbor) -> Neighbor:
+    from ttt.index.selection import reconstruct_rows
+
+    return dataclasses.replace(n, vector=reconstruct_rows(index, [n.row])[0])
 
 
 def _local_hits(texts: Any, distances: np.ndarray, labels: np.ndarray) -> Hits:
@@ -238,7 +271,7 @@ def _local_hits(texts: Any, distances: np.ndarray, labels: np.ndarray) -> Hits:
 
 
 def neighbor_with_text(n: Neighbor, text: str) -> Neighbor:
-    return Neighbor(n.id, n.domain, n.distance, n.shard, n.row, text)
+    return dataclasses.replace(n, text=text)
 
 
 def open_run_store(run: Any) -> Any:

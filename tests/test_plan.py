@@ -1,0 +1,176 @@
+"""`ttt plan`: every figure of a small plan checked by hand; the index choice; counted corpora."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ttt.cli import main
+from ttt.corpus.figures import count_corpus
+from ttt.index.choice import choose_index, families, nlist_for
+from ttt.plan import PlanError, load_profile, plan_run
+from ttt.spec import parse_spec
+
+PROFILE = {
+    "embeddingDim": 1024,
+    "hardware": {"gpuMemoryGB": 80, "serverMemoryGB": 1},
+    "throughputs": {
+        "embedTokensPerSecond": 1e5,
+        "indexVectorsPerSecond": 1e4,
+        "trainTokensPerSecond": 1000,
+        "scoreTokensPerSecond": 10000,
+        "querySeconds": 0.5,
+    },
+    "corpus": {
+        "train": {
+            "A": {"documents": 1e6, "bytes": 4e9, "tokens": 1e9},  # 1000 tokens a document
+            "B": {"documents": 1e6, "bytes": 2e9, "tokens": 5e8, "embedTokens": 3e8},
+        },
+        "test": {
+            "A": {"documents": 100, "bytes": 400_000, "tokens": 100_000},
+            "B": {"documents": 51, "bytes": 102_000, "tokens": 25_500},
+        },
+    },
+}
+
+
+def _run(retrieval: dict | None = None):
+    spec = {
+        "corpus": {"shards": 2},
+        "embedding": {"model": "roberta-large", "maxTokens": 512},
+        "retrieval": {"neighbors": 10, **(retrieval or {})},
+        "ttt": {"evalAfter": [0, 10]},
+        "eval": {"portion": 0.5, "workers": 2},
+    }
+    raw = {"apiVersion": "ttt.dev/v1alpha1", "kind": "TTTRun", "metadata": {"name": "p"}}
+    return parse_spec({**raw, "spec": spec}, environ={})
+
+
+def test_small_plan_by_hand():
+    plan = plan_run(_run(), PROFILE, bytes_per_vector=64)
+    embed, index, ev = (plan["stages"][s] for s in ("embed", "index", "eval"))
+    # embed: A cut at 512 of its 1000 tokens a document, B as given
+    assert embed["tokens"] == 1e6 * 512 + 3e8
+    assert embed["gpu_hours"] == pytest.approx(8.12e8 / 1e5 / 3600)
+    assert embed["wall_hours"] == pytest.approx(8.12e8 / 1e5 / 3600 / 2)
+    assert embed["storage_gb"] == pytest.approx(2e6 * 1024 * 2 / 1e9)
+    # index: nlist = 4 sqrt(2e6) = 5657 -> 4096; centroids 4096 x 1024 x 4 B over 2e6 rows
+    # = 8.388608 B; PQ32 + 8 B of id = 48.39 <= 64 < PQ64's 72.39 (1024 % 48 != 0)
+    assert index["type"] == "IVF4096,PQ32"
+    assert index["bytes_per_vector"] == pytest.approx(40 + 8.388608)
+    assert index["recall"] is None and "not measured" in index["why"]
+    assert index["memory_per_shard_gb"] == pytest.approx(1e6 * 48.388608 / 1e9)
+    assert index["memory_per_server_gb"] == pytest.approx(1e6 * (48.388608 + 16) / 1e9)
+    assert index["servers"] == 2 and index["fits_server_memory"] is True
+    assert index["gpu_hours"] == pytest.approx(2e6 / 1e4 / 3600)
+    # eval: round-half-up portions: A 50 of 100, B 26 of 51 -> 76 documents
+    assert ev["documents"] == 76
+    assert ev["train_tokens"] == pytest.approx(76 * 10 * 750)  # mean train document: 750
+    assert ev["score_tokens"] == pytest.approx((50 * 1000 + 26 * 500) * 2)  # two checkpoints
+    gpu = 570_000 / 1000 / 3600 + 126_000 / 10_000 / 3600
+    assert ev["gpu_hours"] == pytest.approx(gpu)
+    assert ev["retrieval_hours"] == pytest.approx(76 * 0.5 / 3600)
+    assert ev["wall_hours"] == pytest.approx((gpu + 76 * 0.5 / 3600) / 2)
+    # request 2 x 1024 x 12, response 2 x 10 x 60, texts 10 x 3000 B
+    assert ev["network_per_query_bytes"] == 2 * 1024 * 12 + 2 * 10 * 60 + 10 * 3000
+    assert plan["gpu_hours"] == pytest.approx(
+        embed["gpu_hours"] + index["gpu_hours"] + ev["gpu_hours"]
+    )
+
+
+def test_sift_and_the_papers_seconds_per_neighbor():
+    profile = {**PROFILE, "throughputs": {"evalSecondsPerNeighbor": 18.7}}
+    plan = plan_run(_run({"selection": "sift", "candidates": 40}), profile, bytes_per_vector=64)
+    ev = plan["stages"]["eval"]
+    assert ev["gpu_hours"] == pytest.approx(76 * 10 * 18.7 / 3600)
+    assert ev["network_per_query_bytes"] == (
+        2 * 1024 * 12 + 2 * 40 * 60 + 2 * 40 * 1024 * 12 + 10 * 3000
+    )
+    assert plan["stages"]["embed"]["gpu_hours"] is None and plan["gpu_hours"] is None
+
+
+def test_index_choice_uses_measured_recall():
+    n, dim = 2e6, 1024
+    assert nlist_for(n) == 4096 and nlist_for(210e6) == 65536
+    measured = [{"approx_type": "IVF1024,PQ16", "approx_recall@50": 0.96}]
+    c = choose_index(n, dim, 64, 0.95, measured)
+    assert c.factory == "IVF4096,PQ16" and c.recall == 0.96  # cheaper than PQ32, meets 0.95
+    c = choose_index(n, dim, 64, 0.98, measured)
+    assert c.factory == "IVF4096,PQ32" and "recall not measured" in c.reason
+    assert choose_index(n, dim, 1e6, 0.95).factory == "flat"  # exact when memory allows
+    assert [f[0] for f in families(n, dim)][:3] == ["Flat", "HNSW32", "SQ8"]
+    with pytest.raises(ValueError, match="no index family fits 10.0 bytes per vector"):
+        choose_index(n, dim, 10, 0.95)
+
+
+def test_corpus_counted_exactly_and_sampled(tmp_path):
+    path = tmp_path / "train.jsonl"
+    lines = [
+        json.dumps({"text": "x" * 400, "meta": {"pile_set_name": "A" if i % 2 else "B"}})
+        for i in range(100)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    full = count_corpus([str(path)], max_tokens=64, bytes_per_token=4.0)
+    assert not full.sampled and full.total("documents") == 100
+    assert full.total("bytes") == 100 * 400 and full.total("tokens") == 100 * 100
+    assert full.total("embed_tokens") == 100 * 64
+    sampled = count_corpus([str(path)], max_tokens=64, bytes_per_token=4.0, sample_documents=10)
+    # lines of equal length: 10 lines read, scaled by file size / bytes read = 10
+    assert sampled.sampled and sampled.total("documents") == pytest.approx(100)
+    assert sampled.domains["A"].documents == pytest.approx(50)
+
+
+def test_profile_errors_name_the_field(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"throughputs": {"embedTokensPerSecnd": 1}}))
+    with pytest.raises(PlanError, match="throughputs.embedTokensPerSecnd is not a field"):
+        plan_run(_run(), load_profile(str(bad)), where=str(bad))
+    bad.write_text(yaml.safe_dump({"throughputs": {"querySeconds": -1}}))
+    with pytest.raises(PlanError, match="querySeconds must be a positive number"):
+        plan_run(_run(), load_profile(str(bad)), where=str(bad))
+    bad.write_text(yaml.safe_dump({"corpus": {"train": {"A": {"bytes": 1}}}}))
+    with pytest.raises(Exception, match="corpus.train.A: needs documents and bytes"):
+        plan_run(_run(), load_profile(str(bad)), where=str(bad))
+
+
+def test_cli_plan_takes_bench_json_and_prints_the_command(tmp_path, capsys):
+    spec = tmp_path / "run.yaml"
+    spec.write_text(_run().to_yaml())
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(PROFILE))
+    bench = tmp_path / "index.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "vectors": 1000,
+                "approx_type": "IVF256,PQ16",
+                "approx_build_seconds": 0.5,
+                "approx_recall@50": 0.99,
+            }
+        )
+    )
+    args = ["plan", str(spec), "--profile", str(profile), "--bench", str(bench)]
+    assert main([*args, "--bytes-per-vector", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "IVF4096,PQ16" in out and "ttt bench (" in out
+    assert f"reproduce: ttt plan {spec} --profile {profile} --bench {bench}" in out
+    assert main(["plan", str(spec), "--profile", str(tmp_path / "none.yaml")]) == 1
+    assert "cannot read the plan profile" in capsys.readouterr().err
+
+
+def test_pile_profile_in_examples_plans():
+    """The committed Pile profile (docs' plan) still gives a plan of the paper's setup."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    from ttt.spec import load_spec
+
+    plan = plan_run(
+        load_spec(root / "pile-gpt2-large.yaml", environ={}),
+        load_profile(str(root / "plan-pile.yaml")),
+        bytes_per_vector=64,
+    )
+    assert plan["train"]["documents"] == 210e6
+    assert plan["stages"]["eval"]["documents"] == pytest.approx(42_916, abs=1)
+    assert plan["stages"]["index"]["bytes_per_vector"] <= 64
