@@ -162,7 +162,11 @@ def test_health_metrics_and_openapi(shard0):
     assert f'ttt_index_shard_vectors{{shard="0"}} {float(len(vectors))}' in metrics
     assert 'ttt_index_shard_ready{shard="0"} 1.0' in metrics
     assert 'ttt_index_vectors_served_total{shard="0"}' in metrics
-    spec = http.get("/openapi.json").json()
+    # Nothing about the API without the token: no /docs, no /redoc, the schema behind it.
+    assert http.get("/docs").status_code == 404 and http.get("/redoc").status_code == 404
+    assert http.get("/openapi.json").status_code == 401
+    spec = http.get("/openapi.json", headers=AUTH).json()
+    assert "/openapi.json" not in spec["paths"]
     search = spec["paths"]["/v1/search"]["post"]
     schema = search["requestBody"]["content"]["application/json"]["schema"]
     assert set(schema["properties"]) == {"vectors", "k", "include_text", "include_vectors"}
@@ -189,7 +193,7 @@ def test_readyz_is_503_until_the_index_is_loaded(published):
         assert http.post("/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH).is_success
 
 
-def test_a_failed_load_stays_unready_and_says_why(published):
+def test_a_failed_load_stays_unready_and_says_why_only_behind_the_token(published):
     _, run, store, _, _ = published
     app = create_app(lambda: load_shard(run, store, 7), 7, token=TOKEN)
     with app_server(app, ready=False) as url:
@@ -197,8 +201,11 @@ def test_a_failed_load_stays_unready_and_says_why(published):
         while (r := httpx.get(f"{url}/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert r.status_code == 503 and r.json()["status"] == "failed"
-        assert "no index at runs/shards-test/index/shard-00007" in r.json()["error"]
+        # /readyz is open: it says "failed", never the error (it names keys and endpoints).
+        assert r.status_code == 503 and r.json() == {"status": "failed", "shard": 7}
+        searched = httpx.post(f"{url}/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH)
+        assert searched.status_code == 503
+        assert "no index at runs/shards-test/index/shard-00007" in searched.json()["error"]
 
 
 def test_no_token_refuses_to_start_unless_auth_is_disabled(published):

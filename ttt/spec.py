@@ -16,6 +16,11 @@ from ttt.errors import TTTError
 
 API_VERSION = "ttt.dev/v1alpha1"
 ENV_PREFIX = "TTT_"
+# What a shard server accepts as k (ttt.index.api.Limits.max_k), and the extra candidates a
+# retriever asks for so that excluded copies of the query still leave k neighbors: a spec
+# whose neighbors + margin exceed it would fail every query, so validation refuses it.
+SERVER_MAX_K = 1024
+EXCLUDE_MARGIN = 8
 
 
 class SpecError(TTTError, ValueError):
@@ -79,7 +84,7 @@ class RetrievalSpec(_Section):
     neighbors: int = Field(50, ge=0, le=10_000)
     distance_threshold: float | None = Field(4.0, ge=0)
     timeout_seconds: float = Field(10.0, gt=0)
-    retries: int = Field(2, ge=0)
+    retries: int = Field(2, ge=0, le=10)
     servers: list[str] = Field(default_factory=list, description="static shard URLs")
     service: str | None = Field(None, description="headless Service '<name>.<service>'")
     in_process: bool = Field(
@@ -87,6 +92,25 @@ class RetrievalSpec(_Section):
     )
     exclude_identical: bool = Field(True, description="the leakage guard")
     identical_distance: float = Field(1e-6, ge=0)
+    allow_partial: bool = Field(
+        False,
+        description="score a document on the shards that answered (at least minShards); "
+        "false: every shard must answer, else the worker waits and retries the document",
+    )
+    min_shards: int = Field(1, ge=1, description="with allowPartial, shards that must answer")
+    deadline_seconds: float = Field(
+        30.0, gt=0, description="wall-clock limit of one search, retries and backoff included"
+    )
+    max_backoff_seconds: float = Field(2.0, gt=0, description="cap of one retry's backoff")
+    wait_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="how long an eval worker waits for missing shards before it fails",
+    )
+    registry_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts a registry entry may point at besides loopback (the token goes there)",
+    )
 
 
 class TTTSpec(_Section):
@@ -182,7 +206,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # their index nor discards finished eval records.
 OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
     "index": frozenset({"replicas"}),
-    "retrieval": frozenset({"timeout_seconds", "retries", "servers", "service", "in_process"}),
+    "retrieval": frozenset(
+        {"timeout_seconds", "retries", "servers", "service", "in_process"}
+        # Partial records are never kept where partial results are not allowed (the worker
+        # evaluates them again), so allowPartial and minShards can stay out too.
+        | {"allow_partial", "min_shards", "deadline_seconds", "max_backoff_seconds"}
+        | {"wait_seconds", "registry_hosts"}
+    ),
 }
 
 
@@ -199,6 +229,19 @@ class TTTRun(_Section):
         t = self.spec.ttt
         if t.chunk_stride > t.max_length:
             raise ValueError("spec.ttt.stride must not exceed spec.ttt.maxLength")
+        r = self.spec.retrieval
+        margin = EXCLUDE_MARGIN if r.exclude_identical else 0
+        if not r.in_process and r.neighbors + margin > SERVER_MAX_K:
+            raise ValueError(
+                f"spec.retrieval.neighbors: {r.neighbors} (+{margin} leakage-guard candidates) "
+                f"is above what a shard server accepts (k <= {SERVER_MAX_K}); at most "
+                f"{SERVER_MAX_K - margin}, or set retrieval.inProcess"
+            )
+        if r.min_shards > self.spec.corpus.shards:
+            raise ValueError(
+                f"spec.retrieval.minShards: {r.min_shards} is more than the "
+                f"{self.spec.corpus.shards} shard(s) of spec.corpus.shards"
+            )
         return self
 
     @property
