@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
 import json
 import logging
@@ -20,7 +22,9 @@ from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
 from ttt.errors import TTTError
 from ttt.results import (
+    ATTEMPTS,
     RESULTS,
+    attempt_id,
     checkpoint_score,
     load_existing,
     result_record,
@@ -273,10 +277,25 @@ def evaluate_rank(
     local = work / f"rank-{rank:05d}-{RESULTS}"
     wanted = {d.id for d in mine}
     records = [r for r in load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
+    if not run.spec.retrieval.allow_partial:
+        # A document scored without every shard is not a result here: evaluate it again.
+        partial = [r["doc"] for r in records if r.get("partial")]
+        if partial:
+            log.warning(
+                "eval rank %d: %d partial record(s) (a shard did not answer) evaluated again; "
+                "spec.retrieval.allowPartial is false",
+                rank,
+                len(partial),
+            )
+            records = [r for r in records if not r.get("partial")]
     write_records(local, records)  # a clean file: a torn line must not precede new ones
-    # The store's file marks this evaluation as the one the local copy belongs to (see
-    # load_existing): upload it now, so a crash before the first flush loses nothing.
-    store.put_file(local, key)
+    # This attempt writes only its own file (see results.ATTEMPTS): another attempt on the
+    # same rank can never overwrite it. Uploaded now, it also marks the evaluation as the
+    # one the local copy belongs to (see load_existing), so a crash before the first flush
+    # loses nothing.
+    attempt = attempt_id()
+    attempt_key = f"{prefix}/{ATTEMPTS}/{attempt}.jsonl"
+    store.put_file(local, attempt_key)
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(
@@ -319,30 +338,103 @@ def evaluate_rank(
                     records.append(record)
                     progress_figures.add(record, pending=len(todo) - i - 1)
                     if time.monotonic() - last_flush >= flush_seconds:
-                        store.put_file(local, key)
+                        store.put_file(local, attempt_key)
                         last_flush = time.monotonic()
         finally:
             # an error or a drain (SIGTERM -> KeyboardInterrupt) keeps what was finished
             bar.close()
-            store.put_file(local, key)
+            store.put_file(local, attempt_key)
 
     write_records(local, records)
-    manifest = store.publish(
-        prefix,
-        {RESULTS: local},
-        {
-            "stage": "eval",
-            "rank": rank,
-            "world_size": world_size,
-            "count": len(records),
-            "spec_hash": spec_hash,
-            "neighbors_excluded": progress_figures.excluded,
-            "partial_retrievals": sum(bool(r.get("partial")) for r in records),
-        },
-    )
+    facts = {
+        "stage": "eval",
+        "rank": rank,
+        "world_size": world_size,
+        "count": len(records),
+        "spec_hash": spec_hash,
+        "neighbors_excluded": progress_figures.excluded,
+        "partial_retrievals": sum(bool(r.get("partial")) for r in records),
+        "attempt": attempt,
+    }
+    manifest = _publish_rank(store, prefix, local, facts)
     progress_figures.push_final(run)
     log.info("eval rank %d: published %d records to %s", rank, len(records), key)
     return manifest
+
+
+def _publish_rank(store: Any, prefix: str, local: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """Publish results.jsonl and the manifest, and check they match as read back.
+
+    Two attempts finishing at once may interleave their results and manifests; each holds
+    every document of the rank, so either pair is right, but a mixed pair is not: publish
+    again until the store's pair matches (the report refuses a mismatch too). Then the
+    attempts' files the results now cover are removed.
+    """
+    from ttt.results import parse_results, rank_keys
+
+    key = f"{prefix}/{RESULTS}"
+    for _ in range(5):
+        manifest = store.publish(prefix, {RESULTS: local}, facts)
+        stored = store.read_manifest(prefix)
+        try:
+            data = store.get_bytes(key)
+        except TTTError:
+            continue
+        recorded = ((stored or {}).get("files") or {}).get(RESULTS, {}).get("sha256")
+        if recorded == hashlib.sha256(data).hexdigest():
+            break
+        log.warning("%s: another attempt published at the same time; publishing again", prefix)
+    else:
+        raise EvalError(f"{prefix}: results and manifest kept disagreeing after 5 publishes")
+    published = {r["doc"] for r in parse_results(data, key)}
+    for other in rank_keys(store, prefix):
+        if other == key:
+            continue
+        with contextlib.suppress(TTTError):  # gone meanwhile, or being rewritten
+            if {r["doc"] for r in parse_results(store.get_bytes(other), other)} <= published:
+                store.delete(other)
+    return manifest
+
+
+def _retrieve(retriever: Any, query: str, k: int, rank: int, wait_seconds: float) -> Any:
+    """The query's retrieval, waiting (bounded, with backoff) while too few shards answer.
+
+    A shard not yet ready or restarting must not turn into a document scored on fewer
+    neighbors: the worker waits, says so in its log and in ttt_eval_waiting_for_shards /
+    ttt_eval_retrieval_waits_total, and fails after `wait_seconds` (its Job retries it).
+    """
+    from ttt.index.retrieval import ShardsUnavailable
+
+    start, pause = time.monotonic(), 1.0
+    label = str(rank)
+    try:
+        while True:
+            try:
+                (result,) = retriever.search([query], k=k, with_text=True)
+                return result
+            except ShardsUnavailable as exc:
+                waited = time.monotonic() - start
+                if waited >= wait_seconds:
+                    raise EvalError(
+                        f"eval rank {rank}: shards {exc.failed} did not answer for "
+                        f"{waited:.0f} s (spec.retrieval.waitSeconds): {exc}"
+                    ) from exc
+                telemetry.EVAL_RETRIEVAL_WAITS.labels(label).inc()
+                telemetry.EVAL_WAITING.labels(label).set(1)
+                sleep = min(pause, wait_seconds - waited)
+                log.warning(
+                    "eval rank %d: waiting %.1f s for shard(s) %s (waited %.0f of %.0f s): %s",
+                    rank,
+                    sleep,
+                    exc.failed,
+                    waited,
+                    wait_seconds,
+                    exc,
+                )
+                time.sleep(sleep)
+                pause = min(2 * pause, 30.0)
+    finally:
+        telemetry.EVAL_WAITING.labels(label).set(0)
 
 
 def _evaluate_document(
@@ -357,7 +449,7 @@ def _evaluate_document(
     start = time.perf_counter()
     if retriever is not None and _needs_neighbors(run):
         query = ttt.query_text(doc.text)
-        (result,) = retriever.search([query], k=k, with_text=True)
+        result = _retrieve(retriever, query, k, rank, retrieval_spec.wait_seconds)
         # The retriever guards against the query; in split-text mode that is half the
         # document, so the whole document is checked here too.
         kept, excluded = guard_neighbors(doc.text, result.neighbors, retrieval_spec)

@@ -62,11 +62,11 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def _documents_published(run: TTTRun, store: Any, spec_hash: str) -> int:
     """Test documents whose results some worker has uploaded (each counted once)."""
-    from ttt.results import RESULTS, merge_records, parse_results
+    from ttt.results import merge_records, parse_results
 
     groups = []
     for key in store.list(f"{run.prefix}/eval/"):
-        if key.endswith(f"/{RESULTS}"):
+        if key.endswith(".jsonl"):  # results.jsonl and the attempts' files
             try:
                 groups.append(parse_results(store.get_bytes(key), key))
             except TTTError:  # a worker is rewriting it: count it at the next poll

@@ -83,6 +83,15 @@ def copy_hashing(src: BinaryIO, dst: BinaryIO, digest: Any) -> int:
     return size
 
 
+def fsync_dir(path: Path) -> None:
+    """Persist a rename: fsync the directory that holds the entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -208,7 +217,10 @@ class LocalStore(Store):
         try:
             with open(tmp, "wb") as out:
                 size = copy_hashing(src, out, digest)
+                out.flush()
+                os.fsync(out.fileno())  # the data on disk before the rename publishes it
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)  # and the rename itself
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -231,8 +243,11 @@ class LocalStore(Store):
         try:
             with open(src_path, "rb") as src, open(tmp, "wb") as out:
                 copy_hashing(src, out, digest)
+                out.flush()
+                os.fsync(out.fileno())
             verify(key, self, digest.hexdigest(), sha256)
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
         except FileNotFoundError as e:
             tmp.unlink(missing_ok=True)
             if not src_path.is_file():

@@ -13,7 +13,7 @@ def _report(args: argparse.Namespace) -> int:
 
     run = load_spec(args.spec)
     store = open_store(run.spec.storage)
-    summary = build_report(run, store, out_dir=args.out)
+    summary = build_report(run, store, out_dir=args.out, allow_incomplete=args.allow_incomplete)
     print(summary["table_markdown"], end="")
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
     return 0
@@ -27,4 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--spec", required=True, help="TTTRun YAML file")
     p.add_argument("--out", default=None, help="also keep the report files in this directory")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="report over unfinished or missing ranks (figures marked complete: false)",
+    )
     p.set_defaults(func=_report)
