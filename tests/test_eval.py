@@ -646,6 +646,23 @@ def test_shards_that_never_come_back_fail_the_worker_after_wait_seconds(tmp_path
     assert store.read_manifest(f"{run.prefix}/eval/rank-00000") is None  # nothing recorded
 
 
+def test_a_finished_rank_survives_a_change_of_operational_retrieval_knobs(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=2)
+    sections = {"ttt": {**TINY_TTT, "model": str(model_dir), "evalAfter": [0]}}
+    run = make_run(tmp_path, retrieval=TINY_RETRIEVAL, eval={"portion": 0.5}, **sections)
+    store = open_store(run.spec.storage)
+    retriever = local_retriever(run, tmp_path / "shards")
+    done = evaluate_rank(run, store, 0, 1, retriever=retriever, work_dir=tmp_path / "w")
+    knobs = {"timeoutSeconds": 99, "retries": 7, "deadlineSeconds": 5, "waitSeconds": 1}
+    tuned = make_run(
+        tmp_path, retrieval={**TINY_RETRIEVAL, **knobs}, eval={"portion": 0.5}, **sections
+    )
+    again = evaluate_rank(tuned, store, 0, 1, retriever=Refuse(), work_dir=tmp_path / "w2")
+    assert again["count"] == done["count"] and again["files"] == done["files"]
+
+
 def test_partial_records_are_evaluated_again_unless_partial_is_allowed(tmp_path, model_dir):
     from ttt.store import open_store
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import time
 
 import faiss
@@ -359,7 +359,10 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
     odd = loads_spec(base + "  corpus: {shards: 2}\n  retrieval: {servers: [a:1, b:2, c:3]}\n")
     with pytest.raises(RetrievalError, match="3 URLs for 2 shards"):
         discover_endpoints(odd)
-    local = loads_spec(base + f"  corpus: {{shards: 3}}\n  storage: {{root: '{tmp_path}'}}\n")
+    local = loads_spec(
+        base + f"  corpus: {{shards: 3}}\n  storage: {{root: '{tmp_path}'}}\n"
+        "  retrieval: {registryHosts: [h]}\n"
+    )
     with pytest.raises(RetrievalError, match=r"no server registered for shard\(s\) 0, 1, 2"):
         discover_endpoints(local)
     store = open_store(local.spec.storage)
@@ -378,6 +381,21 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
         ["http://h:4"],
         ["http://h:2"],
     ]
+
+
+def test_a_registry_entry_cannot_send_the_client_and_its_token_elsewhere(tmp_path):
+    base = "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: disco}\nspec:\n"
+    text = base + f"  corpus: {{shards: 1}}\n  storage: {{root: '{tmp_path}'}}\n"
+    run = loads_spec(text)
+    store = open_store(run.spec.storage)
+    for url in ("http://127.0.0.1:8000", "localhost:8000", "http://[::1]:8000"):
+        store.put_json("runs/disco/registry/shard-00000.json", {"url": url})
+        assert discover_endpoints(run)[0][0].endswith(":8000")
+    store.put_json("runs/disco/registry/shard-00000.json", {"url": "https://evil.example:443"})
+    with pytest.raises(RetrievalError, match="not on loopback.*'evil.example'.*registryHosts"):
+        discover_endpoints(run)
+    allowed = loads_spec(text + "  retrieval: {registryHosts: [evil.example]}\n")
+    assert discover_endpoints(allowed) == [["https://evil.example:443"]]
 
 
 @pytest.mark.slow
@@ -489,9 +507,11 @@ def test_a_garbage_answer_falls_over_to_the_next_replica(servers, caplog):
     table = {"q": queries(1)[0]}
     with app_server(fixed_answer_app(GARBAGE["NaN distance"]), ready=False) as bad:
         endpoints = [[servers[0]], [servers[1]], [bad, servers[2]]]
-        with caplog.at_level("WARNING", logger="ttt.index.client"):
-            with ShardedRetriever(TableEncoder(table), endpoints, TOKEN, k=5, retries=0) as r:
-                (got,) = r.search(["q"])
+        with (
+            caplog.at_level("WARNING", logger="ttt.index.client"),
+            ShardedRetriever(TableEncoder(table), endpoints, TOKEN, k=5, retries=0) as r,
+        ):
+            (got,) = r.search(["q"])
     with ShardedRetriever(TableEncoder(table), servers, TOKEN, k=5) as r:
         (full,) = r.search(["q"])
     assert not got.partial and got.neighbors == full.neighbors
@@ -501,22 +521,26 @@ def test_a_garbage_answer_falls_over_to_the_next_replica(servers, caplog):
 def test_every_shard_down_is_an_error_even_when_partial_is_allowed():
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     table = {"q": queries(1)[0]}
-    with ShardedRetriever(
-        TableEncoder(table), dead, TOKEN, k=5, retries=0, allow_partial=True
-    ) as sharded:
-        with pytest.raises(ShardsUnavailable, match="0 of 2 shard"):
-            sharded.search(["q"])
+    with (
+        ShardedRetriever(
+            TableEncoder(table), dead, TOKEN, k=5, retries=0, allow_partial=True
+        ) as sharded,
+        pytest.raises(ShardsUnavailable, match="0 of 2 shard"),
+    ):
+        sharded.search(["q"])
 
 
 def test_min_shards_when_partial_is_allowed(servers):
     dead = f"http://127.0.0.1:{free_port()}"
     table = {"q": queries(1)[0]}
     options = {"k": 5, "retries": 0, "allow_partial": True}
-    with ShardedRetriever(
-        TableEncoder(table), [servers[0], dead, dead], TOKEN, min_shards=2, **options
-    ) as sharded:
-        with pytest.raises(ShardsUnavailable, match="1 of 3 shard.*need 2"):
-            sharded.search(["q"])
+    with (
+        ShardedRetriever(
+            TableEncoder(table), [servers[0], dead, dead], TOKEN, min_shards=2, **options
+        ) as sharded,
+        pytest.raises(ShardsUnavailable, match="1 of 3 shard.*need 2"),
+    ):
+        sharded.search(["q"])
     with ShardedRetriever(
         TableEncoder(table), [servers[0], servers[1], dead], TOKEN, min_shards=2, **options
     ) as sharded:
@@ -526,8 +550,9 @@ def test_min_shards_when_partial_is_allowed(servers):
 def test_a_trickling_shard_is_cut_at_the_search_deadline(servers):
     body = json.dumps(hits()).encode()  # ~90 bytes, one every 0.05 s: 4.5 s in all
     table = {"q": queries(1)[0]}
-    with app_server(fixed_answer_app(body, trickle=0.05), ready=False) as slow:
-        with ShardedRetriever(
+    with (
+        app_server(fixed_answer_app(body, trickle=0.05), ready=False) as slow,
+        ShardedRetriever(
             TableEncoder(table),
             [*servers[:2], slow],
             TOKEN,
@@ -536,18 +561,20 @@ def test_a_trickling_shard_is_cut_at_the_search_deadline(servers):
             retries=5,
             deadline=1.0,
             allow_partial=True,
-        ) as sharded:
-            start = time.monotonic()
-            (r,) = sharded.search(["q"])
-            took = time.monotonic() - start
+        ) as sharded,
+    ):
+        start = time.monotonic()
+        (r,) = sharded.search(["q"])
+        took = time.monotonic() - start
     assert r.failed_shards == [2]
     assert took < 1.0 + 0.2, took  # the deadline (2 s to receive, 4.5 s to trickle before)
 
 
 def test_backoff_is_capped_and_retries_stop_at_the_deadline(servers):
     table = {"q": queries(1)[0]}
-    with app_server(fixed_answer_app(b'{"error": "x"}', status=500), ready=False) as failing:
-        with ShardedRetriever(
+    with (
+        app_server(fixed_answer_app(b'{"error": "x"}', status=500), ready=False) as failing,
+        ShardedRetriever(
             TableEncoder(table),
             [*servers[:2], failing],
             TOKEN,
@@ -557,8 +584,9 @@ def test_backoff_is_capped_and_retries_stop_at_the_deadline(servers):
             max_backoff=0.05,
             deadline=5.0,
             allow_partial=True,
-        ) as sharded:
-            start = time.monotonic()
-            (r,) = sharded.search(["q"])
-            took = time.monotonic() - start
+        ) as sharded,
+    ):
+        start = time.monotonic()
+        (r,) = sharded.search(["q"])
+        took = time.monotonic() - start
     assert r.failed_shards == [2] and took < 2.0, took  # 10 pauses of at most 0.05 s
