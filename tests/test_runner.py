@@ -20,7 +20,7 @@ from tiny_run import save_tiny_lm, tiny_spec
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 480  # a shared 2-core CI box: a tiny run took 202 s under load
 
 
 def _write_spec(root: Path, name: str, model: Path) -> Path:
@@ -257,3 +257,6 @@ def test_progress_counts_each_published_document_once(tmp_path):
     rank1 = record("b") + "\n" + record("c") + "\n" + record("d")[:20]
     store.put_bytes(f"{run.prefix}/eval/rank-00001/results.jsonl", rank1.encode())
     assert _documents_published(run, store, h) == 3
+    # a running attempt's own file counts too
+    store.put_bytes(f"{run.prefix}/eval/rank-00001/attempts/pod-a.jsonl", record("e").encode())
+    assert _documents_published(run, store, h) == 4

@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
 from ttt.errors import TTTError
+from ttt.progress import WorkProgress
 from ttt.results import (
     ATTEMPTS,
     RESULTS,
@@ -247,6 +246,7 @@ def evaluate_rank(
     flush_seconds: float = 5.0,
     progress: bool = True,
     local_index: bool = False,
+    progress_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Evaluate one rank's test documents; resumable, one record per document; the manifest.
 
@@ -254,6 +254,8 @@ def evaluate_rank(
     in the store at most every `flush_seconds` (and at the end); a restarted worker reads
     both back, skips finished documents and never counts one twice. Without a `retriever`,
     the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
+    Progress moves within a document too (neighbors, steps, ETA): on the bar on a terminal,
+    else in a log line at most every `progress_seconds`.
     """
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
@@ -321,18 +323,16 @@ def evaluate_rank(
         ttt = TTTNN(model, tokenizer, run.spec.ttt, rank=str(rank))
         k = run.spec.retrieval.neighbors
         last_flush = time.monotonic()
-        bar = tqdm(
-            todo,
-            desc=f"eval rank {rank}",
-            unit="doc",
-            initial=len(done),
-            total=len(mine),
-            disable=None if progress else True,
+        bar = WorkProgress(
+            f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
         )
+        ttt.on_neighbor = bar.neighbor
         try:
             with local.open("a", encoding="utf-8") as out:
-                for i, doc in enumerate(bar):
+                for i, doc in enumerate(todo):
+                    bar.start_document(doc.id)
                     record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
+                    bar.finish_document()
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()
                     records.append(record)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
 from ttt.errors import TTTError
+from ttt.progress import WorkProgress
 from ttt.spec import TTTRun
 from ttt.stages import is_done, publish_corpus, shard_prefix
 from ttt.store import open_store
@@ -237,14 +237,16 @@ class LocalCluster:
 
         total = len(select_test_documents(self.run, store))
         spec_hash = self.run.stage_hash("eval")
-        with tqdm(total=total, desc="eval", unit="doc", disable=not progress) as bar:
+        # a bar on a terminal; in a log file, a line every 30 s instead of carriage returns
+        bar = WorkProgress("eval", total, enabled=progress, every=30.0)
+        try:
             while any(w.proc.poll() is None for w in workers):
                 self.revive_servers()
-                bar.n = min(total, _documents_published(self.run, store, spec_hash))
-                bar.refresh()
+                bar.set_done(_documents_published(self.run, store, spec_hash))
                 time.sleep(PROGRESS_POLL_S)
-            bar.n = min(total, _documents_published(self.run, store, spec_hash))
-            bar.refresh()
+            bar.set_done(_documents_published(self.run, store, spec_hash))
+        finally:
+            bar.close()
 
     def stop(self) -> None:
         """SIGTERM every child (servers drain), then SIGKILL what is left after a grace period."""

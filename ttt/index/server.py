@@ -108,6 +108,19 @@ class ShardState:
         return self.index
 
 
+_niced = threading.local()
+WORKER_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Nice this worker thread (Linux: per thread), once; the event loop keeps its priority."""
+    if getattr(_niced, "done", False):
+        return
+    _niced.done = True
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+
+
 def _can_reconstruct(index: faiss.Index) -> bool:
     try:
         index.reconstruct(0) if index.ntotal else None
@@ -258,7 +271,9 @@ def create_app(
             raise ApiError(401, "invalid bearer token")
 
     def handle(model: type[BaseModel], work: Callable, data: bytes) -> bytes:
-        # Parsing, the search and serializing, all off the event loop.
+        # Parsing, the search and serializing, all off the event loop, in threads the kernel
+        # schedules after the loop's: a busy shard still answers its probes.
+        _lower_thread_priority()
         return encode(work(state, parse_body(data, model), limits), limits)
 
     async def counted(request: Request, model: type[BaseModel], work: Callable) -> Response:
