@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-TOKEN = "bench-token"
+TOKEN = "bench-token"  # nosec B105 - loopback servers of a benchmark, started and ended here
 DIM = 16
 WORDS = [
     "model",

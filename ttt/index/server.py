@@ -492,7 +492,8 @@ def serve(
     token = read_token(token, token_file)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
-    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    # a comparison, not a bind: which name to advertise when bound to every interface
+    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host  # nosec B104
     url = f"http://{'[' + advertised + ']' if ':' in advertised else advertised}:{bound}"
     key = registry_key(run, shard, replica)
     if register is None:
