@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import heapq
 import json
 import logging
@@ -26,6 +24,7 @@ from ttt.results import (
     attempt_id,
     checkpoint_score,
     load_existing,
+    publish_rank,
     result_record,
     task_totals,
     write_records,
@@ -356,43 +355,9 @@ def evaluate_rank(
         "partial_retrievals": sum(bool(r.get("partial")) for r in records),
         "attempt": attempt,
     }
-    manifest = _publish_rank(store, prefix, local, facts)
+    manifest = publish_rank(store, prefix, local, facts)
     progress_figures.push_final(run)
     log.info("eval rank %d: published %d records to %s", rank, len(records), key)
-    return manifest
-
-
-def _publish_rank(store: Any, prefix: str, local: Path, facts: dict[str, Any]) -> dict[str, Any]:
-    """Publish results.jsonl and the manifest, and check they match as read back.
-
-    Two attempts finishing at once may interleave their results and manifests; each holds
-    every document of the rank, so either pair is right, but a mixed pair is not: publish
-    again until the store's pair matches (the report refuses a mismatch too). Then the
-    attempts' files the results now cover are removed.
-    """
-    from ttt.results import parse_results, rank_keys
-
-    key = f"{prefix}/{RESULTS}"
-    for _ in range(5):
-        manifest = store.publish(prefix, {RESULTS: local}, facts)
-        stored = store.read_manifest(prefix)
-        try:
-            data = store.get_bytes(key)
-        except TTTError:
-            continue
-        recorded = ((stored or {}).get("files") or {}).get(RESULTS, {}).get("sha256")
-        if recorded == hashlib.sha256(data).hexdigest():
-            break
-        log.warning("%s: another attempt published at the same time; publishing again", prefix)
-    else:
-        raise EvalError(f"{prefix}: results and manifest kept disagreeing after 5 publishes")
-    published = {r["doc"] for r in parse_results(data, key)}
-    for other in rank_keys(store, prefix):
-        if other == key:
-            continue
-        with contextlib.suppress(TTTError):  # gone meanwhile, or being rewritten
-            if {r["doc"] for r in parse_results(store.get_bytes(other), other)} <= published:
-                store.delete(other)
     return manifest
 
 

@@ -7,6 +7,8 @@ readers drop. The same document twice (a rank restarted, or two ranks) counts on
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -174,6 +176,38 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
         os.fsync(f.fileno())  # on disk before the rename makes it the file
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def publish_rank(store: Any, prefix: str, local: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """Publish results.jsonl and the manifest, and check they match as read back.
+
+    Two attempts finishing at once may interleave their results and manifests; each holds
+    every document of the rank, so either pair is right, but a mixed pair is not: publish
+    again until the store's pair matches (the report refuses a mismatch too). Then the
+    attempts' files the results now cover are removed.
+    """
+    key = f"{prefix}/{RESULTS}"
+    for _ in range(5):
+        manifest = store.publish(prefix, {RESULTS: local}, facts)
+        stored = store.read_manifest(prefix)
+        try:
+            data = store.get_bytes(key)
+        except TTTError:
+            continue
+        recorded = ((stored or {}).get("files") or {}).get(RESULTS, {}).get("sha256")
+        if recorded == hashlib.sha256(data).hexdigest():
+            break
+        log.warning("%s: another attempt published at the same time; publishing again", prefix)
+    else:
+        raise ResultsError(f"{prefix}: results and manifest kept disagreeing after 5 publishes")
+    published = {r["doc"] for r in parse_results(data, key)}
+    for other in rank_keys(store, prefix):
+        if other == key:
+            continue
+        with contextlib.suppress(TTTError):  # gone meanwhile, or being rewritten
+            if {r["doc"] for r in parse_results(store.get_bytes(other), other)} <= published:
+                store.delete(other)
+    return manifest
 
 
 def task_totals(records: Sequence[dict[str, Any]], n: int) -> dict[str, TaskTotals]:

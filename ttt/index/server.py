@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import signal
@@ -22,7 +21,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ttt import telemetry
 from ttt.index.api import (
@@ -38,12 +36,17 @@ from ttt.index.api import (
 )
 from ttt.index.discovery import registry_key
 from ttt.index.rerank import RerankedIndex
+from ttt.index.serving import (
+    HeaderTimeoutH11,
+    check_response_size,
+    encode,
+    lower_thread_priority,
+)
 from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
-HEADER_TIMEOUT_S = 10.0  # a connection that sends no complete request headers is closed
 # A loader returns (index, text store); the text store needs meta(row), text(row), len().
 Loader = Callable[[], tuple[faiss.Index, Any]]
 
@@ -108,19 +111,6 @@ class ShardState:
         return self.index
 
 
-_niced = threading.local()
-WORKER_NICE = 10
-
-
-def _lower_thread_priority() -> None:
-    """Nice this worker thread (Linux: per thread), once; the event loop keeps its priority."""
-    if getattr(_niced, "done", False):
-        return
-    _niced.done = True
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
-
-
 def _can_reconstruct(index: faiss.Index) -> bool:
     try:
         index.reconstruct(0) if index.ntotal else None
@@ -153,37 +143,13 @@ def _search(state: ShardState, req: SearchRequest, limits: Limits) -> dict:
             hits["texts"] = [state.texts.text(int(r)) for r in rows]
             nbytes += sum(len(t) for t in hits["texts"])
             # checked as the texts are gathered: the response is never built past the cap
-            _check_response_size(nbytes, limits)
+            check_response_size(nbytes, limits)
         if req.include_vectors:
             hits["vectors"] = index.reconstruct_batch(rows).tolist() if len(rows) else []
         results.append(hits)
         served += len(rows)
     telemetry.VECTORS_SERVED.labels(state.label).inc(served)
     return {"shard": state.shard, "results": results}
-
-
-def _check_response_size(nbytes: int, limits: Limits) -> None:
-    if nbytes > limits.max_response:
-        raise ApiError(
-            413,
-            f"the response would exceed {limits.max_response} bytes; ask for fewer queries, "
-            "a smaller k or no texts (fetch texts of the merged top-k with /v1/documents)",
-        )
-
-
-def encode(result: dict, limits: Limits) -> bytes:
-    """The JSON of a response, piece by piece (no one long GIL-holding call), within the cap."""
-    fields, size = [], 0
-    for key, value in result.items():
-        if isinstance(value, list):
-            items = [json.dumps(v, ensure_ascii=False).encode() for v in value]
-            encoded = b"[" + b",".join(items) + b"]"
-        else:
-            encoded = json.dumps(value).encode()
-        size += len(encoded)
-        _check_response_size(size, limits)
-        fields.append(json.dumps(key).encode() + b": " + encoded)
-    return b"{" + b", ".join(fields) + b"}"
 
 
 def _documents(state: ShardState, req: DocumentsRequest, limits: Limits) -> dict:
@@ -199,7 +165,7 @@ def _documents(state: ShardState, req: DocumentsRequest, limits: Limits) -> dict
     for r in req.rows:
         texts.append(state.texts.text(r))
         nbytes += len(texts[-1])
-        _check_response_size(nbytes, limits)
+        check_response_size(nbytes, limits)
     return {
         "shard": state.shard,
         "ids": [m[0] for m in metas],
@@ -273,7 +239,7 @@ def create_app(
     def handle(model: type[BaseModel], work: Callable, data: bytes) -> bytes:
         # Parsing, the search and serializing, all off the event loop, in threads the kernel
         # schedules after the loop's: a busy shard still answers its probes.
-        _lower_thread_priority()
+        lower_thread_priority()
         return encode(work(state, parse_body(data, model), limits), limits)
 
     async def counted(request: Request, model: type[BaseModel], work: Callable) -> Response:
@@ -371,27 +337,6 @@ def create_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-class HeaderTimeoutH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing a connection that sends no request headers in
-    HEADER_TIMEOUT_S (uvicorn only times out idle keep-alive connections): idle or trickling
-    sockets cannot pile up against a shard server."""
-
-    header_timeout = HEADER_TIMEOUT_S
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self._header_timer = self.loop.call_later(self.header_timeout, self._no_headers)
-
-    def _no_headers(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            log.info("closing a connection from %s that sent no request headers", self.client)
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._header_timer.cancel()
-        super().connection_lost(exc)
 
 
 class _DrainingServer(uvicorn.Server):
