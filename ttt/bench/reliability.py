@@ -61,7 +61,7 @@ def bench_reliability(preset: str = "full", out: str | Path | None = None) -> di
 
     p = PRESETS[preset]
     started = time.monotonic()
-    figures: dict[str, Any] = {"preset": preset}
+    figures: dict[str, Any] = {"preset": preset, "load_average_start": _load_average()}
     logging.getLogger("ttt.corpus").setLevel(logging.ERROR)  # the fuzzer's bad lines
     with tempfile.TemporaryDirectory(prefix="ttt-bench-reliability-") as tmp:
         figures["faults"] = [vars(r) for r in fault_matrix(Path(tmp), log.info)]
@@ -75,12 +75,20 @@ def bench_reliability(preset: str = "full", out: str | Path | None = None) -> di
     figures["probes"] = probes_under_load()
     figures["bandit"] = bandit_scan()
     figures["seconds"] = round(time.monotonic() - started)
+    figures["load_average_end"] = _load_average()
     figures["machine"] = (
         f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}"
     )
     if out is not None:
         Path(out).write_text(render(figures))
     return figures
+
+
+def _load_average() -> float:
+    """The 1-minute load average: how busy the (possibly shared) machine was."""
+    import os
+
+    return round(os.getloadavg()[0], 1)
 
 
 def _cores() -> int:
@@ -99,7 +107,10 @@ def render(f: dict[str, Any]) -> str:
         + ("" if f["preset"] == "full" else f" --preset {f['preset']}")
         + " --out docs/reliability.md` "
         f"on {datetime.now(UTC).date()} ({f['machine']}, {f['seconds']} s). Do not edit by hand:",
-        "every number below is measured by that command, none is typed in.",
+        "every number below is measured by that command, none is typed in. The machine's",
+        f"1-minute load average was {f.get('load_average_start')} at the start and "
+        f"{f.get('load_average_end')} at the end (other work shares it: latencies are an upper",
+        "bound of what the code itself costs).",
         "",
         "## Fault matrix",
         "",
@@ -160,7 +171,7 @@ def render(f: dict[str, Any]) -> str:
         "",
         (
             f"Probes under load: `/healthz` every 10 ms while {pr['large_searches']} large searches "
-            "(256 queries, k=100, with texts: about 6 MB per answer; from another process) run on "
+            "(256 queries, k=100, with texts: about 6 MB per answer; from another, niced process) run on "
             f"one server: {pr['searches_ok']}/{pr['large_searches']} searches answered, "
             f"{pr['probes']} probes, p50 {pr['probe_p50_ms']:.1f} ms, **p99 "
             f"{pr['probe_p99_ms']:.1f} ms** (target < 100 ms), max {pr['probe_max_ms']:.1f} ms."
