@@ -108,8 +108,10 @@ def render(f: dict[str, Any]) -> str:
         + " --out docs/reliability.md` "
         f"on {datetime.now(UTC).date()} ({f['machine']}, {f['seconds']} s). Do not edit by hand:",
         "every number below is measured by that command, none is typed in. The machine's",
-        f"1-minute load average was {f.get('load_average_start')} at the start and "
-        f"{f.get('load_average_end')} at the end (other work shares it: latencies are an upper",
+        (
+            f"1-minute load average was {f.get('load_average_start')} at the start and "
+            f"{f.get('load_average_end')} at the end (other work shares it: latencies are an upper"
+        ),
         "bound of what the code itself costs).",
         "",
         "## Fault matrix",
