@@ -145,7 +145,8 @@ def load_run(
 
 
 LARGE_SEARCHES = """
-import sys, json, concurrent.futures, numpy as np, httpx
+import os, sys, json, concurrent.futures, numpy as np, httpx
+os.nice(10)
 url, dim, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 q = np.random.default_rng(1).standard_normal((256, dim)).astype(np.float32)
 body = json.dumps({"vectors": q.tolist(), "k": 100, "include_text": True}).encode()
@@ -167,10 +168,9 @@ def probes_under_load(in_flight: int = 16, vectors: int = 20_000, dim: int = 128
         # The clients stand in for other machines: niced, so that on a loopback box their
         # CPU does not pass for the server's (the server's own search threads are niced too).
         load = subprocess.Popen(
-            ["nice", "-n", "10", sys.executable, "-c", LARGE_SEARCHES, url, str(dim),
-             str(in_flight), TOKEN],
+            [sys.executable, "-c", LARGE_SEARCHES, url, str(dim), str(in_flight), TOKEN],
             stdout=subprocess.PIPE,
-        )  # fmt: skip
+        )
         latencies = []
         with httpx.Client(base_url=url, timeout=10) as probe:
             while load.poll() is None:
