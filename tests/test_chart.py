@@ -400,23 +400,27 @@ def index_template(docs: dict) -> dict:
 def test_operational_fields_leave_every_pod_template_alone() -> None:
     from ttt.spec import OPERATIONAL_FIELDS, RetrievalSpec
 
+    samples = {
+        "timeout_seconds": 99,
+        "retries": 7,
+        "servers": [],
+        "service": "x.y:1",
+        "in_process": False,
+        "allow_partial": True,
+        "min_shards": 2,
+        "deadline_seconds": 77,
+        "max_backoff_seconds": 1.5,
+        "wait_seconds": 60,
+        "registry_hosts": ["10.0.0.7"],
+    }
     aliases = {
         "index": {"replicas": 3},
-        "retrieval": {
-            RetrievalSpec.model_fields[f].alias or f: v
-            for f, v in {
-                "timeout_seconds": 99,
-                "retries": 7,
-                "servers": [],
-                "service": "x.y:1",
-                "in_process": False,
-            }.items()
-        },
+        "retrieval": {RetrievalSpec.model_fields[f].alias or f: v for f, v in samples.items()},
     }
     assert {s: set(v) for s, v in OPERATIONAL_FIELDS.items()} == {
         "index": {"replicas"},
-        "retrieval": {"timeout_seconds", "retries", "servers", "service", "in_process"},
-    }, "a new operational field: add it to ttt.runChecksum in _helpers.tpl"
+        "retrieval": set(samples),
+    }, "a new operational field: add it to ttt.runChecksum in _helpers.tpl and a sample here"
     old, new = upgrade(with_run({}), with_run(aliases))
     assert index_template(old) == index_template(new)
     jobs = [k for k in old if k[0] == "Job"]

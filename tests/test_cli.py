@@ -36,6 +36,7 @@ COMMANDS = [
     ["bench", "index"],
     ["bench", "retrieval"],
     ["plan"],
+    ["bench", "reliability"],
 ]
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ttt.eval import (
     resolve_rank,
     select_test_documents,
 )
-from ttt.results import ResultsError, merge_records, parse_results
+from ttt.results import ResultsError, merge_records, parse_results, rank_results
 from ttt.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -646,6 +647,186 @@ def test_the_local_copy_counts_only_while_the_store_holds_results(tmp_path):
     assert [r["doc"] for r in load_existing(store, key, local, "h")] == ["a", "b"]
 
 
+class Killed(Exception):
+    """The test's stand-in for a pod killed in the middle of a document."""
+
+
+class Stepper:
+    """A retriever the test drives a document at a time; `entered` says a search began
+    (so every earlier document is written and uploaded, flush_seconds=0)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.kill = inner, False
+        self.go, self.entered = threading.Semaphore(0), threading.Semaphore(0)
+
+    def search(self, texts, k=None, with_text=True):
+        self.entered.release()
+        assert self.go.acquire(timeout=60)
+        if self.kill:
+            raise Killed
+        return self.inner.search(texts, k=k, with_text=with_text)
+
+    def step(self) -> None:
+        self.go.release()
+        assert self.entered.acquire(timeout=60)
+
+
+@pytest.mark.slow
+def test_two_writers_on_one_rank_lose_nothing_and_count_nothing_twice(tmp_path, model_dir):
+    from ttt.report import build_report
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
+        retrieval=TINY_RETRIEVAL,
+        eval={"portion": 0.5},
+    )
+    store = open_store(run.spec.storage)
+    inner = local_retriever(run, tmp_path / "shards")
+    mine = partition(select_test_documents(run), 0, 1)
+    prefix = f"{run.prefix}/eval/rank-00000"
+    pods = {name: Stepper(inner) for name in ("old", "new")}
+    errors: dict[str, BaseException] = {}
+
+    def pod(name: str) -> None:
+        try:
+            evaluate_rank(
+                run, store, 0, 1, retriever=pods[name], work_dir=tmp_path / name,
+                flush_seconds=0.0, progress=False,
+            )  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            errors[name] = exc
+
+    threads = {name: threading.Thread(target=pod, args=(name,)) for name in pods}
+    threads["old"].start()
+    assert pods["old"].entered.acquire(timeout=60)  # the old pod is at its first document
+    threads["new"].start()  # the replacement starts while the old one still runs
+    assert pods["new"].entered.acquire(timeout=60)
+    pods["old"].step()
+    pods["old"].step()  # the old pod finished two documents
+    pods["new"].step()  # the new one, one (the old pod's first, which it had not seen)
+    for name in ("old", "new"):  # the old pod dies first, the new one's upload comes last
+        pods[name].kill = True
+        pods[name].go.release()
+        threads[name].join(60)
+        assert isinstance(errors[name], Killed)
+    # Each attempt wrote its own file: the old pod's second document survived the new
+    # pod's upload (with one shared file, the last upload held one document).
+    assert len(store.list(f"{prefix}/attempts/")) == 2
+    assert {r["doc"] for r in rank_results(store, prefix)} == {d.id for d in mine[:2]}
+    third = Counting(inner)
+    evaluate_rank(run, store, 0, 1, retriever=third, work_dir=tmp_path / "c", progress=False)
+    assert len(third.texts) == len(mine) - 2  # nothing done twice
+    records = _results_of(store, prefix)
+    assert sorted(r["doc"] for r in records) == sorted(d.id for d in mine)
+    assert store.list(f"{prefix}/attempts/") == []
+    assert build_report(run, store, out_dir=tmp_path / "r")["documents"] == len(mine)
+
+
+class FlakyShards:
+    """A retriever whose shards are down for the first `down` searches."""
+
+    def __init__(self, inner, down: int) -> None:
+        self.inner, self.down, self.calls = inner, down, 0
+
+    def search(self, texts, k=None, with_text=True):
+        from ttt.index.retrieval import ShardsUnavailable
+
+        self.calls += 1
+        if self.calls <= self.down:
+            raise ShardsUnavailable("1 of 2 shard(s) answered (failed: [1])", [1])
+        return self.inner.search(texts, k=k, with_text=with_text)
+
+
+def test_a_missing_shard_makes_the_worker_wait_not_record(tmp_path, model_dir, caplog):
+    from prometheus_client import REGISTRY
+
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=2)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0, 2]},
+        retrieval={**TINY_RETRIEVAL, "waitSeconds": 30},
+        eval={"portion": 0.5},
+    )
+    store = open_store(run.spec.storage)
+    inner = local_retriever(run, tmp_path / "shards")
+    waits = REGISTRY.get_sample_value("ttt_eval_retrieval_waits_total", {"rank": "0"}) or 0
+    flaky = FlakyShards(inner, down=2)
+    with caplog.at_level("WARNING", logger="ttt.eval"):
+        evaluate_rank(run, store, 0, 1, retriever=flaky, work_dir=tmp_path / "w", progress=False)
+    records = _results_of(store, f"{run.prefix}/eval/rank-00000")
+    assert records and all(r["neighbors"] == 2 and not r["partial"] for r in records)
+    assert REGISTRY.get_sample_value("ttt_eval_retrieval_waits_total", {"rank": "0"}) == waits + 2
+    assert REGISTRY.get_sample_value("ttt_eval_waiting_for_shards", {"rank": "0"}) == 0
+    assert "waiting 1.0 s for shard(s) [1]" in caplog.text
+
+
+def test_shards_that_never_come_back_fail_the_worker_after_wait_seconds(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=2)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
+        retrieval={**TINY_RETRIEVAL, "waitSeconds": 0.3},
+        eval={"portion": 0.5},
+    )
+    store = open_store(run.spec.storage)
+    never = FlakyShards(None, down=10**9)
+    with pytest.raises(EvalError, match=r"shards \[1\] did not answer .*waitSeconds"):
+        evaluate_rank(run, store, 0, 1, retriever=never, work_dir=tmp_path / "w", progress=False)
+    assert store.read_manifest(f"{run.prefix}/eval/rank-00000") is None  # nothing recorded
+
+
+def test_a_finished_rank_survives_a_change_of_operational_retrieval_knobs(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=2)
+    sections = {"ttt": {**TINY_TTT, "model": str(model_dir), "evalAfter": [0]}}
+    run = make_run(tmp_path, retrieval=TINY_RETRIEVAL, eval={"portion": 0.5}, **sections)
+    store = open_store(run.spec.storage)
+    retriever = local_retriever(run, tmp_path / "shards")
+    done = evaluate_rank(run, store, 0, 1, retriever=retriever, work_dir=tmp_path / "w")
+    knobs = {"timeoutSeconds": 99, "retries": 7, "deadlineSeconds": 5, "waitSeconds": 1}
+    tuned = make_run(
+        tmp_path, retrieval={**TINY_RETRIEVAL, **knobs}, eval={"portion": 0.5}, **sections
+    )
+    again = evaluate_rank(tuned, store, 0, 1, retriever=Refuse(), work_dir=tmp_path / "w2")
+    assert again["count"] == done["count"] and again["files"] == done["files"]
+
+
+def test_partial_records_are_evaluated_again_unless_partial_is_allowed(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=2)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
+        retrieval=TINY_RETRIEVAL,
+        eval={"portion": 0.5},
+    )
+    store = open_store(run.spec.storage)
+    inner = local_retriever(run, tmp_path / "shards")
+    prefix = f"{run.prefix}/eval/rank-00000"
+    evaluate_rank(run, store, 0, 1, retriever=inner, work_dir=tmp_path / "w", progress=False)
+    records = _results_of(store, prefix)
+    # an older worker that allowed partial results recorded the first document partial
+    records[0] = {**records[0], "partial": True, "failed_shards": [1]}
+    store.put_bytes(f"{prefix}/attempts/old.jsonl", b"".join(
+        json.dumps(r).encode() + b"\n" for r in records
+    ))  # fmt: skip
+    store.delete(f"{prefix}/results.jsonl")
+    store.delete(f"{prefix}/manifest.json")
+    again = Counting(inner)
+    evaluate_rank(run, store, 0, 1, retriever=again, work_dir=tmp_path / "w2", progress=False)
+    assert len(again.texts) == 1  # only the partial one
+    assert not any(r["partial"] for r in _results_of(store, prefix))
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, model_dir):
@@ -680,10 +861,11 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
         eval={"portion": 0.5},
     )
     store = open_store(run.spec.storage)
-    assert len(_results(store, run)) == 3  # three documents finished before the kill
-    assert store.read_manifest(f"{run.prefix}/eval/rank-00000") is None
+    prefix = f"{run.prefix}/eval/rank-00000"
+    assert len(rank_results(store, prefix)) == 3  # three documents finished before the kill
+    assert store.read_manifest(prefix) is None
     # a crash in the middle of an upload on a store without atomic writes: a torn tail
-    key = f"{run.prefix}/eval/rank-00000/results.jsonl"
+    (key,) = store.list(f"{prefix}/attempts/")  # the killed attempt's own file
     store.put_bytes(key, store.get_bytes(key) + b'{"doc": "test:9", "task": "Git')
 
     second = start(crashed, "pod-2")  # a fresh pod: nothing local survives
@@ -692,6 +874,7 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
 
     records = _results(store, run)
     assert len(records) == len({r["doc"] for r in records}) == 8
+    assert store.list(f"{prefix}/attempts/") == []  # covered by the results: removed
     clean_run = make_run(
         clean,
         ttt={**TINY_TTT, "model": str(model_dir)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import faiss
@@ -17,6 +18,7 @@ from ttt.index.client import (
     Neighbor,
     RetrievalError,
     ShardedRetriever,
+    ShardsUnavailable,
     discover_endpoints,
     merge_topk,
 )
@@ -185,6 +187,7 @@ def test_a_slow_shard_times_out_into_a_partial_result(servers):
             retries=1,
             backoff=0.01,
             down_seconds=30,
+            allow_partial=True,
         ) as sharded:
             start = time.monotonic()
             (r,) = sharded.search(["q"])
@@ -225,6 +228,7 @@ def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restor
             retries=1,
             backoff=0.05,
             down_seconds=0.2,
+            allow_partial=True,
         ) as sharded:
             full = sharded.search(texts)
             assert not any(r.partial for r in full)
@@ -290,7 +294,9 @@ def test_a_shard_server_restarted_on_another_port_is_found_again(published, serv
             full = sharded.search(texts)
             assert not any(r.partial for r in full)
             stop(proc)  # SIGKILL: its registry file still names the old port
-            assert all(r.failed_shards == [1] for r in sharded.search(texts))
+            with pytest.raises(ShardsUnavailable) as down:  # never a silently partial answer
+                sharded.search(texts)
+            assert down.value.failed == [1]
             proc, new_url = serve_shard_1()
             assert new_url != old_url
             time.sleep(0.35)  # past down_seconds: the shard is looked up again, then retried
@@ -319,6 +325,7 @@ def test_rediscovery_once_per_down_period_and_its_errors_keep_the_old_urls(serve
         retries=0,
         down_seconds=0.2,
         rediscover=rediscover,
+        allow_partial=True,
     ) as sharded:
         assert sharded.search(["q"])[0].failed_shards == [1]
         assert calls == []  # the first failure only marks the shard down
@@ -353,7 +360,10 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
     odd = loads_spec(base + "  corpus: {shards: 2}\n  retrieval: {servers: [a:1, b:2, c:3]}\n")
     with pytest.raises(RetrievalError, match="3 URLs for 2 shards"):
         discover_endpoints(odd)
-    local = loads_spec(base + f"  corpus: {{shards: 3}}\n  storage: {{root: '{tmp_path}'}}\n")
+    local = loads_spec(
+        base + f"  corpus: {{shards: 3}}\n  storage: {{root: '{tmp_path}'}}\n"
+        "  retrieval: {registryHosts: [h]}\n"
+    )
     with pytest.raises(RetrievalError, match=r"no server registered for shard\(s\) 0, 1, 2"):
         discover_endpoints(local)
     store = open_store(local.spec.storage)
@@ -372,6 +382,21 @@ def test_discovery_from_a_static_list_a_headless_service_and_a_registry(tmp_path
         ["http://h:4"],
         ["http://h:2"],
     ]
+
+
+def test_a_registry_entry_cannot_send_the_client_and_its_token_elsewhere(tmp_path):
+    base = "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: disco}\nspec:\n"
+    text = base + f"  corpus: {{shards: 1}}\n  storage: {{root: '{tmp_path}'}}\n"
+    run = loads_spec(text)
+    store = open_store(run.spec.storage)
+    for url in ("http://127.0.0.1:8000", "localhost:8000", "http://[::1]:8000"):
+        store.put_json("runs/disco/registry/shard-00000.json", {"url": url})
+        assert discover_endpoints(run)[0][0].endswith(":8000")
+    store.put_json("runs/disco/registry/shard-00000.json", {"url": "https://evil.example:443"})
+    with pytest.raises(RetrievalError, match="not on loopback.*'evil.example'.*registryHosts"):
+        discover_endpoints(run)
+    allowed = loads_spec(text + "  retrieval: {registryHosts: [evil.example]}\n")
+    assert discover_endpoints(allowed) == [["https://evil.example:443"]]
 
 
 @pytest.mark.slow
@@ -416,3 +441,153 @@ def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys
     lines = served.splitlines()
     assert lines[0].split()[:4] == ["#", "distance", "domain", "id"]
     assert len(lines) == 4 and texts[2].meta(3)[0] in lines[1] and "document" in lines[1]
+
+
+def fixed_answer_app(body: bytes, *, status: int = 200, trickle: float = 0.0):
+    """A shard server that answers every request with `body` (a byte every `trickle` s)."""
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if trickle:
+            for i in range(len(body)):
+                await asyncio.sleep(trickle)
+                await send(
+                    {"type": "http.response.body", "body": body[i : i + 1], "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def hits(**overrides) -> dict:
+    hit = {"ids": ["a:1"], "rows": [0], "domains": ["Github"], "distances": [0.5]}
+    return {"shard": 2, "results": [{**hit, **overrides}]}
+
+
+GARBAGE = {
+    "not JSON": b"<html>oops</html>",
+    "a missing key": json.dumps({"shard": 2}).encode(),
+    "a short list": json.dumps(hits(ids=[])).encode(),
+    "NaN distance": json.dumps(hits(distances=[float("nan")])).encode(),
+    "negative distance": json.dumps(hits(distances=[-3.0])).encode(),
+    "negative row": json.dumps(hits(rows=[-1])).encode(),
+    "unsorted distances": json.dumps(
+        hits(ids=["a", "b"], rows=[0, 1], domains=["x", "y"], distances=[2.0, 1.0])
+    ).encode(),
+    "the wrong shard": json.dumps({**hits(), "shard": 0}).encode(),
+    "too many results": json.dumps({"shard": 2, "results": hits()["results"] * 2}).encode(),
+}
+
+
+@pytest.mark.parametrize("what", list(GARBAGE))
+def test_a_garbage_answer_is_that_shards_failure(servers, what):
+    table = {"q": queries(1)[0]}
+    bad_before = sample("ttt_retrieval_bad_answers_total", shard="2")
+    with app_server(fixed_answer_app(GARBAGE[what]), ready=False) as bad:
+        options = {"k": 5, "retries": 1, "backoff": 0.01}
+        with ShardedRetriever(TableEncoder(table), [*servers[:2], bad], TOKEN, **options) as r:
+            with pytest.raises(ShardsUnavailable) as down:  # not an unrelated exception
+                r.search(["q"])
+            assert down.value.failed == [2]
+        with ShardedRetriever(
+            TableEncoder(table), [*servers[:2], bad], TOKEN, allow_partial=True, **options
+        ) as r:
+            (got,) = r.search(["q"])
+    assert got.partial and got.failed_shards == [2]
+    assert {n.shard for n in got.neighbors} <= {0, 1}
+    assert all(np.isfinite(n.distance) and n.distance >= 0 for n in got.neighbors)
+    assert sample("ttt_retrieval_bad_answers_total", shard="2") >= bad_before + 2
+
+
+def test_a_garbage_answer_falls_over_to_the_next_replica(servers, caplog):
+    table = {"q": queries(1)[0]}
+    with app_server(fixed_answer_app(GARBAGE["NaN distance"]), ready=False) as bad:
+        endpoints = [[servers[0]], [servers[1]], [bad, servers[2]]]
+        with (
+            caplog.at_level("WARNING", logger="ttt.index.client"),
+            ShardedRetriever(TableEncoder(table), endpoints, TOKEN, k=5, retries=0) as r,
+        ):
+            (got,) = r.search(["q"])
+    with ShardedRetriever(TableEncoder(table), servers, TOKEN, k=5) as r:
+        (full,) = r.search(["q"])
+    assert not got.partial and got.neighbors == full.neighbors
+    assert "bad answer" in caplog.text and "finite number" in caplog.text
+
+
+def test_every_shard_down_is_an_error_even_when_partial_is_allowed():
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    table = {"q": queries(1)[0]}
+    with (
+        ShardedRetriever(
+            TableEncoder(table), dead, TOKEN, k=5, retries=0, allow_partial=True
+        ) as sharded,
+        pytest.raises(ShardsUnavailable, match="0 of 2 shard"),
+    ):
+        sharded.search(["q"])
+
+
+def test_min_shards_when_partial_is_allowed(servers):
+    dead = f"http://127.0.0.1:{free_port()}"
+    table = {"q": queries(1)[0]}
+    options = {"k": 5, "retries": 0, "allow_partial": True}
+    with (
+        ShardedRetriever(
+            TableEncoder(table), [servers[0], dead, dead], TOKEN, min_shards=2, **options
+        ) as sharded,
+        pytest.raises(ShardsUnavailable, match="1 of 3 shard.*need 2"),
+    ):
+        sharded.search(["q"])
+    with ShardedRetriever(
+        TableEncoder(table), [servers[0], servers[1], dead], TOKEN, min_shards=2, **options
+    ) as sharded:
+        assert sharded.search(["q"])[0].failed_shards == [2]
+
+
+def test_a_trickling_shard_is_cut_at_the_search_deadline(servers):
+    body = json.dumps(hits()).encode()  # ~90 bytes, one every 0.05 s: 4.5 s in all
+    table = {"q": queries(1)[0]}
+    with (
+        app_server(fixed_answer_app(body, trickle=0.05), ready=False) as slow,
+        ShardedRetriever(
+            TableEncoder(table),
+            [*servers[:2], slow],
+            TOKEN,
+            k=5,
+            timeout=0.5,  # every single read is on time
+            retries=5,
+            deadline=1.0,
+            allow_partial=True,
+        ) as sharded,
+    ):
+        start = time.monotonic()
+        (r,) = sharded.search(["q"])
+        took = time.monotonic() - start
+    assert r.failed_shards == [2]
+    assert took < 1.0 + 0.2, took  # the deadline (2 s to receive, 4.5 s to trickle before)
+
+
+def test_backoff_is_capped_and_retries_stop_at_the_deadline(servers):
+    table = {"q": queries(1)[0]}
+    with (
+        app_server(fixed_answer_app(b'{"error": "x"}', status=500), ready=False) as failing,
+        ShardedRetriever(
+            TableEncoder(table),
+            [*servers[:2], failing],
+            TOKEN,
+            k=5,
+            retries=10,
+            backoff=10.0,  # uncapped: 10 s, 20 s, 40 s ...
+            max_backoff=0.05,
+            deadline=5.0,
+            allow_partial=True,
+        ) as sharded,
+    ):
+        start = time.monotonic()
+        (r,) = sharded.search(["q"])
+        took = time.monotonic() - start
+    assert r.failed_shards == [2] and took < 2.0, took  # 10 pauses of at most 0.05 s

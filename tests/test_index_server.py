@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -162,7 +166,11 @@ def test_health_metrics_and_openapi(shard0):
     assert f'ttt_index_shard_vectors{{shard="0"}} {float(len(vectors))}' in metrics
     assert 'ttt_index_shard_ready{shard="0"} 1.0' in metrics
     assert 'ttt_index_vectors_served_total{shard="0"}' in metrics
-    spec = http.get("/openapi.json").json()
+    # Nothing about the API without the token: no /docs, no /redoc, the schema behind it.
+    assert http.get("/docs").status_code == 404 and http.get("/redoc").status_code == 404
+    assert http.get("/openapi.json").status_code == 401
+    spec = http.get("/openapi.json", headers=AUTH).json()
+    assert "/openapi.json" not in spec["paths"]
     search = spec["paths"]["/v1/search"]["post"]
     schema = search["requestBody"]["content"]["application/json"]["schema"]
     assert set(schema["properties"]) == {"vectors", "k", "include_text", "include_vectors"}
@@ -189,7 +197,7 @@ def test_readyz_is_503_until_the_index_is_loaded(published):
         assert http.post("/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH).is_success
 
 
-def test_a_failed_load_stays_unready_and_says_why(published):
+def test_a_failed_load_stays_unready_and_says_why_only_behind_the_token(published):
     _, run, store, _, _ = published
     app = create_app(lambda: load_shard(run, store, 7), 7, token=TOKEN)
     with app_server(app, ready=False) as url:
@@ -197,8 +205,11 @@ def test_a_failed_load_stays_unready_and_says_why(published):
         while (r := httpx.get(f"{url}/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert r.status_code == 503 and r.json()["status"] == "failed"
-        assert "no index at runs/shards-test/index/shard-00007" in r.json()["error"]
+        # /readyz is open: it says "failed", never the error (it names keys and endpoints).
+        assert r.status_code == 503 and r.json() == {"status": "failed", "shard": 7}
+        searched = httpx.post(f"{url}/v1/search", json={"vectors": [[0.0] * 8]}, headers=AUTH)
+        assert searched.status_code == 503
+        assert "no index at runs/shards-test/index/shard-00007" in searched.json()["error"]
 
 
 def test_no_token_refuses_to_start_unless_auth_is_disabled(published):
@@ -268,3 +279,168 @@ def test_read_token_sources_in_order(tmp_path, monkeypatch):
     secret.write_text("")
     with pytest.raises(ShardError, match="token file is empty"):
         read_token()
+
+
+class BigTexts:
+    """A text store of `n` rows whose texts are `size` bytes each (no corpus on disk)."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def meta(self, row: int) -> tuple[str, str, int]:
+        return f"doc:{row}", "Github", self.size
+
+    def text(self, row: int) -> str:
+        return "x" * self.size
+
+
+def _flat(n: int, dim: int, seed: int = 0):
+    import faiss
+
+    index = faiss.IndexFlatL2(dim)
+    index.add(np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32))
+    return index
+
+
+def test_one_small_request_cannot_draw_a_huge_response():
+    """k x queries, the vectors and the response bytes are bounded (a 10.8 KB request drew a
+    314 MB response before)."""
+    limits = Limits(max_results=1000, max_vector_values=2000, max_response=100_000)
+    app = create_app(lambda: (_flat(2000, 8), BigTexts(2000, 1000)), 0, token=TOKEN, limits=limits)
+    with app_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        ask = {"vectors": [[0.0] * 8] * 11, "k": 100}
+        r = http.post("/v1/search", json=ask)
+        assert r.status_code == 422 and "k x queries = 100 x 11 = 1100" in r.json()["error"]
+        ask = {"vectors": [[0.0] * 8] * 3, "k": 100, "include_vectors": True}
+        r = http.post("/v1/search", json=ask)
+        assert r.status_code == 422 and "2400 numbers; at most 2000" in r.json()["error"]
+        ask = {"vectors": [[0.0] * 8] * 2, "k": 100, "include_text": True}  # 200 KB of texts
+        r = http.post("/v1/search", json=ask)
+        assert r.status_code == 413 and "exceed 100000 bytes" in r.json()["error"]
+        r = http.post("/v1/documents", json={"rows": list(range(200))})
+        assert r.status_code == 413
+        ask = {"vectors": [[0.0] * 8] * 2, "k": 40, "include_text": True}  # 80 KB: allowed
+        r = http.post("/v1/search", json=ask)
+        assert r.status_code == 200 and len(r.content) <= 100_000
+    default = Limits()
+    big = 1024 * 256  # the old defaults allowed k=1024 x 256 queries in one request
+    assert default.max_results < big and default.max_response <= 64 * 2**20
+
+
+SYNTHETIC_SERVER = """
+import sys, numpy as np, faiss, uvicorn
+sys.path.insert(0, sys.argv[4])
+from test_index_server import BigTexts
+from ttt.index.server import HeaderTimeoutH11, bind_socket, create_app
+n, dim, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def load():
+    index = faiss.IndexFlatL2(dim)
+    index.add(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32))
+    return index, BigTexts(n, 200)
+app = create_app(load, 0, token="s3cret")
+config = uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11, lifespan="on")
+uvicorn.Server(config).run(sockets=[bind_socket("127.0.0.1", port)])
+"""
+
+
+@contextlib.contextmanager
+def synthetic_server(n: int, dim: int):
+    """A shard server process over n random vectors (a process of its own, as deployed)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", SYNTHETIC_SERVER, str(n), str(dim), str(port)]
+    proc = subprocess.Popen([*args, str(Path(__file__).parent)], env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.integration
+def test_probes_answer_while_16_large_searches_are_in_flight():
+    dim = 128
+    queries = np.random.default_rng(1).standard_normal((256, dim)).astype(np.float32)
+    body = json.dumps({"vectors": queries.tolist(), "k": 100, "include_text": True}).encode()
+    assert len(body) > 500_000  # a large request, and a ~6 MB response
+    with synthetic_server(20_000, dim) as url:
+
+        def search() -> int:
+            r = httpx.post(f"{url}/v1/search", content=body, headers=AUTH, timeout=120)
+            return r.status_code
+
+        latencies: list[float] = []
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(search) for _ in range(16)]
+            with httpx.Client(base_url=url, timeout=10) as probe:
+                while not all(f.done() for f in futures) or len(latencies) < 20:
+                    start = time.perf_counter()
+                    assert probe.get("/healthz").status_code == 200
+                    latencies.append(time.perf_counter() - start)
+                    time.sleep(0.01)
+            assert [f.result() for f in futures] == [200] * 16
+    p99 = float(np.percentile(latencies, 99))
+    # 100 ms is the target (docs/reliability.md measures it); the test allows 250 ms because
+    # CI shares its 2 cores. Before the fix, one such load held /healthz 3.2 s at p99.
+    assert p99 < 0.25, f"/healthz p99 {p99 * 1000:.0f} ms over {len(latencies)} probes"
+
+
+def test_searches_past_the_queue_are_told_busy(monkeypatch):
+    from ttt.index import server
+
+    release = threading.Event()
+    real = server._search
+
+    def slow(state, req, limits):
+        release.wait(10)
+        return real(state, req, limits)
+
+    monkeypatch.setattr(server, "_search", slow)
+    limits = Limits(max_concurrent=1, max_queued=1)
+    app = create_app(lambda: (_flat(100, 8), BigTexts(100, 10)), 0, token=TOKEN, limits=limits)
+    ask = {"vectors": [[0.0] * 8], "k": 3}
+    with app_server(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(httpx.post, f"{url}/v1/search", json=ask, headers=AUTH)]
+        time.sleep(0.3)
+        running.append(pool.submit(httpx.post, f"{url}/v1/search", json=ask, headers=AUTH))
+        time.sleep(0.3)  # one running, one waiting: the third is refused at once
+        third = httpx.post(f"{url}/v1/search", json=ask, headers=AUTH)
+        assert third.status_code == 503 and "busy" in third.json()["error"]
+        assert httpx.get(f"{url}/readyz").status_code == 200  # probes unaffected
+        release.set()
+        assert [f.result().status_code for f in running] == [200, 200]
+
+
+def test_a_connection_that_sends_no_headers_is_closed(monkeypatch):
+    import socket
+
+    import uvicorn
+
+    from ttt.index.server import HeaderTimeoutH11, bind_socket
+
+    monkeypatch.setattr(HeaderTimeoutH11, "header_timeout", 0.3)
+    app = create_app(lambda: (_flat(10, 8), BigTexts(10, 10)), 0, token=TOKEN)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+            start = time.monotonic()
+            assert idle.recv(100) == b""  # closed by the server
+            assert time.monotonic() - start < 2
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as ok:  # a whole request
+            ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ok.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

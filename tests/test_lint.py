@@ -29,3 +29,11 @@ def test_ruff(check):
         [*_ruff(), *check, *PATHS], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bandit_is_clean():
+    """bandit over ttt/, with the skips pyproject.toml gives a reason for, finds nothing."""
+    from ttt.bench.reliability import bandit_scan
+
+    found = bandit_scan()
+    assert found["lines_scanned"] > 1000 and found["issues"] == 0, found["found"]

@@ -204,16 +204,22 @@ def _publish_ranks(run, store) -> None:
     stale = dict(records(h)[2], doc="a:2", spec_hash="another-spec")
     lines0 = "".join(json.dumps(r) + "\n" for r in rank0).encode()
     lines1 = "".join(json.dumps(r) + "\n" for r in [*rank1, twice, stale]).encode()
-    store.put_bytes(f"{run.prefix}/eval/rank-00000/results.jsonl", lines0 + b'{"doc": "g:')
+    store.ensure_bucket()
+    torn = store.root / "rank0.jsonl"
+    torn.write_bytes(lines0 + b'{"doc": "g:')
+    manifest = {"spec_hash": h, "world_size": 2, "count": 2}
+    store.publish(f"{run.prefix}/eval/rank-00000", {"results.jsonl": torn}, manifest)
     store.put_bytes(f"{run.prefix}/eval/rank-00001/results.jsonl", lines1)
-    store.put_json(f"{run.prefix}/eval/rank-00000/manifest.json", {"spec_hash": h, "world_size": 2})
 
 
 def test_build_report_merges_ranks_and_writes_the_files(tmp_path):
     run = make_run(tmp_path)
     store = open_store(run.spec.storage)
     _publish_ranks(run, store)
-    summary = build_report(run, store, out_dir=tmp_path / "out")
+    with pytest.raises(ResultsError, match="rank-00001: no finished results"):
+        build_report(run, store, out_dir=tmp_path / "out")  # rank 1 has no manifest
+    summary = build_report(run, store, out_dir=tmp_path / "out", allow_incomplete=True)
+    assert summary["complete"] is False
     # the duplicate, the stale record and the torn line count nothing
     assert summary["documents"] == 3
     assert summary["tasks"]["Github"]["before"] == pytest.approx(GITHUB_BEFORE)
@@ -247,7 +253,9 @@ def test_cli_report_prints_the_table_and_where_it_is(tmp_path, capsys):
     _publish_ranks(run, open_store(run.spec.storage))
     spec = tmp_path / "run.yaml"
     spec.write_text(run.to_yaml())
-    assert main(["report", "--spec", str(spec)]) == 0
+    assert main(["report", "--spec", str(spec)]) == 1
+    assert "rank-00001: no finished results" in capsys.readouterr().err
+    assert main(["report", "--spec", str(spec), "--allow-incomplete"]) == 0
     out = capsys.readouterr().out
     assert "| Github | 2 |" in out and "Pile-weighted mean" in out
     assert "seconds per neighbor:" not in out  # these records trained on no neighbor
@@ -269,3 +277,46 @@ def test_the_plots_draw_the_error_bars(tmp_path):
         with_bars = plot(s, tmp_path / "a.png").read_bytes()
         without = plot(bare, tmp_path / "b.png").read_bytes()
         assert with_bars != without, plot.__name__
+
+
+def _finished_ranks(run, store, tmp_path) -> list[str]:
+    """Two finished ranks, published as evaluate_rank does; returns their results keys."""
+    h = run.stage_hash("eval")
+    keys = []
+    for rank, group in enumerate((records(h)[:2], records(h)[2:])):
+        path = tmp_path / f"r{rank}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in group))
+        prefix = f"{run.prefix}/eval/rank-{rank:05d}"
+        facts = {"stage": "eval", "rank": rank, "world_size": 2, "count": len(group)}
+        store.publish(prefix, {"results.jsonl": path}, {**facts, "spec_hash": h})
+        keys.append(f"{prefix}/results.jsonl")
+    return keys
+
+
+def test_report_refuses_a_missing_rank_naming_it(tmp_path):
+    run = make_run(tmp_path)
+    store = open_store(run.spec.storage)
+    _finished_ranks(run, store, tmp_path)
+    assert build_report(run, store, out_dir=tmp_path / "ok")["complete"] is True
+    store.delete(f"{run.prefix}/eval/rank-00001/")  # lost: the report must not shrink silently
+    with pytest.raises(ResultsError, match=r"incomplete \(2 ranks\): rank-00001"):
+        build_report(run, store, out_dir=tmp_path / "out")
+
+
+def test_report_refuses_a_results_file_that_does_not_match_its_manifest(tmp_path):
+    run = make_run(tmp_path)
+    store = open_store(run.spec.storage)
+    keys = _finished_ranks(run, store, tmp_path)
+    path = store.root / keys[1]
+    data = path.read_bytes()
+    flipped = data.replace(b'"loglik": {"0": -', b'"loglik": {"0": +', 1)  # same size
+    assert len(flipped) == len(data) and flipped != data
+    path.write_bytes(flipped)
+    with pytest.raises(ResultsError, match="rank-00001: .* does not match its manifest"):
+        build_report(run, store, out_dir=tmp_path / "out")
+    # overwritten by a second writer with fewer records: short, and a different checksum
+    path.write_bytes(data)
+    first = store.root / keys[0]
+    first.write_bytes(first.read_bytes().split(b"\n", 1)[0] + b"\n")
+    with pytest.raises(ResultsError, match="rank-00000"):
+        build_report(run, store, out_dir=tmp_path / "out")

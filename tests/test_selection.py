@@ -135,7 +135,9 @@ def test_spec_selection_fields():
     run = _run({})
     sections = {s: getattr(run.spec, s).model_dump(mode="json") for s in ("corpus", "embedding")}
     sections["index"] = run.spec.index.model_dump(mode="json", exclude={"replicas"})
-    operational = {"timeout_seconds", "retries", "servers", "service", "in_process"}
+    from ttt.spec import OPERATIONAL_FIELDS
+
+    operational = set(OPERATIONAL_FIELDS["retrieval"])
     new = {"selection", "candidates", "sift_lambda"}
     sections["retrieval"] = run.spec.retrieval.model_dump(mode="json", exclude=operational | new)
     for s in ("ttt", "eval"):

@@ -147,3 +147,36 @@ def test_operational_fields_stay_out_of_every_stage_hash():
     # what changes the results still does
     moved = parse_spec({**base, "spec": {"index": {"nprobe": 7}}}, environ={})
     assert a.stage_hash("index") != moved.stage_hash("index")
+
+
+def test_reliability_knobs_stay_out_of_the_hash_and_are_bounded(tmp_path, capsys):
+    base = {"metadata": {"name": "a"}}
+    a = parse_spec(base, environ={})
+    knobs = {
+        "allowPartial": True,
+        "minShards": 1,
+        "deadlineSeconds": 5,
+        "maxBackoffSeconds": 0.5,
+        "waitSeconds": 60,
+        "registryHosts": ["h"],
+    }
+    tuned = parse_spec({**base, "spec": {"retrieval": knobs}}, environ={})
+    assert all(a.stage_hash(s) == tuned.stage_hash(s) for s in STAGE_INPUTS)
+    # a k the shard servers refuse (k <= 1024, with the leakage guard's 8 extra) is refused
+    # here, not on every query of a running evaluation
+    bad = tmp_path / "k.yaml"
+    bad.write_text(MINIMAL + "spec:\n  retrieval: {neighbors: 1017}\n")
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.retrieval.neighbors: 1017" in err and "at most 1016" in err
+    ok = parse_spec({**base, "spec": {"retrieval": {"neighbors": 1016}}}, environ={})
+    assert ok.spec.retrieval.neighbors == 1016
+    local = {"neighbors": 5000, "inProcess": True}  # no server in the way
+    assert parse_spec({**base, "spec": {"retrieval": local}}, environ={})
+    with pytest.raises(SpecError, match="retries"):
+        parse_spec({**base, "spec": {"retrieval": {"retries": 11}}}, environ={})
+    with pytest.raises(SpecError, match="minShards: 3 is more than the 2 shard"):
+        parse_spec(
+            {**base, "spec": {"corpus": {"shards": 2}, "retrieval": {"minShards": 3}}},
+            environ={},
+        )

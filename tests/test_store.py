@@ -145,6 +145,75 @@ def test_publish_writes_manifest_with_checksums(store: Store, tmp_path: Path) ->
     assert store.list("runs/r/embed/shard-00000/")[-1].endswith("manifest.json")
 
 
+def test_publish_writes_the_manifest_last_in_real_write_order(store: Store, tmp_path: Path):
+    """The order of the writes themselves, not of a sorted listing."""
+    writes: list[tuple[str, str]] = []
+    for method in ("put_file", "put_bytes", "delete"):
+        real = getattr(store, method)
+
+        def record(*args, _real=real, _method=method, **kwargs):
+            key = args[1] if _method == "put_file" else args[0]
+            writes.append((_method, key))
+            return _real(*args, **kwargs)
+
+        setattr(store, method, record)  # publish calls these through self
+    files = {}
+    for name in ("z-last-alphabetically.bin", "a.bin"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    store.publish("runs/r/stage", files, {"stage": "s"})
+    writes.clear()
+    store.publish("runs/r/stage", files, {"stage": "s", "again": True})
+    manifest = "runs/r/stage/manifest.json"
+    assert writes[0] == ("delete", manifest)  # the old manifest goes before any file
+    assert writes[-1] == ("put_bytes", manifest)  # and the new one after every file
+    assert {k for _, k in writes[1:-1]} == {f"runs/r/stage/{n}" for n in files}
+
+
+def test_a_manifest_is_checked_against_its_own_checksum(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"payload")
+    body = store.publish("runs/r/stage", {"data.bin": data}, {"stage": "s", "count": 10})
+    assert store.read_manifest("runs/r/stage") == body
+    raw = store.get_bytes("runs/r/stage/manifest.json")
+    flipped = raw.replace(b'"count": 10', b'"count": 11')  # same size, one digit
+    assert len(flipped) == len(raw) and flipped != raw
+    store.put_bytes("runs/r/stage/manifest.json", flipped)
+    with pytest.raises(IntegrityError, match="does not match its own checksum"):
+        store.read_manifest("runs/r/stage")
+
+
+def test_local_writes_fsync_the_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    from ttt.results import write_records
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store = LocalStore(tmp_path / "store")
+    for write in (
+        lambda: store.put_bytes("a/b", b"data"),
+        lambda: store.get_file("a/b", tmp_path / "copy"),
+        lambda: write_records(tmp_path / "results.jsonl", [{"doc": "a"}]),
+    ):
+        events.clear()
+        write()
+        assert events == ["fsync file", "rename", "fsync dir"]
+
+
 def test_failed_publish_leaves_no_manifest(store: Store, tmp_path: Path) -> None:
     """The manifest goes last and a stale one goes first: half a stage is never finished."""
     good = tmp_path / "good.bin"
@@ -218,6 +287,24 @@ def test_s3_fetch_caches_and_notices_changes(s3_server: str, s3_bucket: str, tmp
     assert store.fetch("c/obj").read_bytes() == b"version 2"  # the ETag changed
     path.write_bytes(b"tampered")  # a changed cache file is not trusted
     assert store.fetch("c/obj", sha256=_sha(b"version 2")).read_bytes() == b"version 2"
+
+
+def test_s3_cache_notices_a_same_size_same_mtime_tamper(
+    s3_server: str, s3_bucket: str, tmp_path: Path
+):
+    store = S3Store(s3_server, s3_bucket, cache_dir=tmp_path / "cache")
+    info = store.put_bytes("c/weights", b"0123456789" * 100)
+    path = store.fetch("c/weights", sha256=info.sha256)
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[500] ^= 0x01  # one flipped bit: same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert store.fetch("c/weights", sha256=info.sha256).read_bytes() == b"0123456789" * 100
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert store.fetch("c/weights").read_bytes() == b"0123456789" * 100  # the ETag path too
 
 
 def _free_port() -> int:

@@ -13,17 +13,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
 from ttt.errors import TTTError
 from ttt.index.retrieval import euclidean
+from ttt.progress import WorkProgress
 from ttt.results import (
+    ATTEMPTS,
     RESULTS,
+    attempt_id,
     checkpoint_score,
     load_existing,
+    publish_rank,
     result_record,
     task_totals,
     write_records,
@@ -255,6 +257,7 @@ def evaluate_rank(
     flush_seconds: float = 5.0,
     progress: bool = True,
     local_index: bool = False,
+    progress_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Evaluate one rank's test documents; resumable, one record per document; the manifest.
 
@@ -262,6 +265,8 @@ def evaluate_rank(
     in the store at most every `flush_seconds` (and at the end); a restarted worker reads
     both back, skips finished documents and never counts one twice. Without a `retriever`,
     the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
+    Progress moves within a document too (neighbors, steps, ETA): on the bar on a terminal,
+    else in a log line at most every `progress_seconds`.
     """
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
@@ -285,10 +290,25 @@ def evaluate_rank(
     local = work / f"rank-{rank:05d}-{RESULTS}"
     wanted = {d.id for d in mine}
     records = [r for r in load_existing(store, key, local, spec_hash) if r["doc"] in wanted]
+    if not run.spec.retrieval.allow_partial:
+        # A document scored without every shard is not a result here: evaluate it again.
+        partial = [r["doc"] for r in records if r.get("partial")]
+        if partial:
+            log.warning(
+                "eval rank %d: %d partial record(s) (a shard did not answer) evaluated again; "
+                "spec.retrieval.allowPartial is false",
+                rank,
+                len(partial),
+            )
+            records = [r for r in records if not r.get("partial")]
     write_records(local, records)  # a clean file: a torn line must not precede new ones
-    # The store's file marks this evaluation as the one the local copy belongs to (see
-    # load_existing): upload it now, so a crash before the first flush loses nothing.
-    store.put_file(local, key)
+    # This attempt writes only its own file (see results.ATTEMPTS): another attempt on the
+    # same rank can never overwrite it. Uploaded now, it also marks the evaluation as the
+    # one the local copy belongs to (see load_existing), so a crash before the first flush
+    # loses nothing.
+    attempt = attempt_id()
+    attempt_key = f"{prefix}/{ATTEMPTS}/{attempt}.jsonl"
+    store.put_file(local, attempt_key)
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(
@@ -315,51 +335,91 @@ def evaluate_rank(
         ttt = TTTNN(model, tokenizer, run.spec.ttt, rank=str(rank))
         k = run.spec.retrieval.neighbors
         last_flush = time.monotonic()
-        bar = tqdm(
-            todo,
-            desc=f"eval rank {rank}",
-            unit="doc",
-            initial=len(done),
-            total=len(mine),
-            disable=None if progress else True,
+        bar = WorkProgress(
+            f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
         )
+        ttt.on_neighbor = bar.neighbor
         try:
             with local.open("a", encoding="utf-8") as out:
                 task = None
-                for i, doc in enumerate(bar):
+                for i, doc in enumerate(todo):
+                    bar.start_document(doc.id)
                     if doc.domain != task:  # a carried optimizer state stays within a task
                         ttt.new_task()
                         task = doc.domain
                     record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
+                    bar.finish_document()
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()
                     records.append(record)
                     progress_figures.add(record, pending=len(todo) - i - 1)
                     if time.monotonic() - last_flush >= flush_seconds:
-                        store.put_file(local, key)
+                        store.put_file(local, attempt_key)
                         last_flush = time.monotonic()
         finally:
             # an error or a drain (SIGTERM -> KeyboardInterrupt) keeps what was finished
             bar.close()
-            store.put_file(local, key)
+            store.put_file(local, attempt_key)
 
     write_records(local, records)
-    manifest = store.publish(
-        prefix,
-        {RESULTS: local},
-        {
-            "stage": "eval",
-            "rank": rank,
-            "world_size": world_size,
-            "count": len(records),
-            "spec_hash": spec_hash,
-            "neighbors_excluded": progress_figures.excluded,
-            "partial_retrievals": sum(bool(r.get("partial")) for r in records),
-        },
-    )
+    facts = {
+        "stage": "eval",
+        "rank": rank,
+        "world_size": world_size,
+        "count": len(records),
+        "spec_hash": spec_hash,
+        "neighbors_excluded": progress_figures.excluded,
+        "partial_retrievals": sum(bool(r.get("partial")) for r in records),
+        "attempt": attempt,
+    }
+    manifest = publish_rank(store, prefix, local, facts)
     progress_figures.push_final(run)
     log.info("eval rank %d: published %d records to %s", rank, len(records), key)
     return manifest
+
+
+def _retrieve(
+    retriever: Any, query: str, k: int, rank: int, wait_seconds: float, vectors: bool = False
+) -> Any:
+    """The query's retrieval, waiting (bounded, with backoff) while too few shards answer.
+
+    A shard not yet ready or restarting must not turn into a document scored on fewer
+    neighbors: the worker waits, says so in its log and in ttt_eval_waiting_for_shards /
+    ttt_eval_retrieval_waits_total, and fails after `wait_seconds` (its Job retries it).
+    """
+    from ttt.index.retrieval import ShardsUnavailable
+
+    start, pause = time.monotonic(), 1.0
+    label = str(rank)
+    try:
+        while True:
+            try:
+                extra = {"with_vectors": True} if vectors else {}  # SIFT's candidates
+                (result,) = retriever.search([query], k=k, with_text=True, **extra)
+                return result
+            except ShardsUnavailable as exc:
+                waited = time.monotonic() - start
+                if waited >= wait_seconds:
+                    raise EvalError(
+                        f"eval rank {rank}: shards {exc.failed} did not answer for "
+                        f"{waited:.0f} s (spec.retrieval.waitSeconds): {exc}"
+                    ) from exc
+                telemetry.EVAL_RETRIEVAL_WAITS.labels(label).inc()
+                telemetry.EVAL_WAITING.labels(label).set(1)
+                sleep = min(pause, wait_seconds - waited)
+                log.warning(
+                    "eval rank %d: waiting %.1f s for shard(s) %s (waited %.0f of %.0f s): %s",
+                    rank,
+                    sleep,
+                    exc.failed,
+                    waited,
+                    wait_seconds,
+                    exc,
+                )
+                time.sleep(sleep)
+                pause = min(2 * pause, 30.0)
+    finally:
+        telemetry.EVAL_WAITING.labels(label).set(0)
 
 
 def _evaluate_document(
@@ -376,12 +436,9 @@ def _evaluate_document(
     selected: dict[str, Any] = {}
     if retriever is not None and _needs_neighbors(run):
         query = ttt.query_text(doc.text)
-        if sift:  # K' candidates with their vectors; SIFT picks k of them below
-            (result,) = retriever.search(
-                [query], k=retrieval_spec.candidate_count, with_text=True, with_vectors=True
-            )
-        else:
-            (result,) = retriever.search([query], k=k, with_text=True)
+        # SIFT: K' candidates with their vectors; it picks k of them below
+        want = retrieval_spec.candidate_count if sift else k
+        result = _retrieve(retriever, query, want, rank, retrieval_spec.wait_seconds, sift)
         # The retriever guards against the query; in split-text mode that is half the
         # document, so the whole document is checked here too.
         kept, excluded = guard_neighbors(doc.text, result.neighbors, retrieval_spec)

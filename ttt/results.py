@@ -7,19 +7,29 @@ readers drop. The same document twice (a rank restarted, or two ranks) counts on
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ttt.bpb import DocScore, TaskTotals
 from ttt.errors import TTTError
+from ttt.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
+# While a rank works, each attempt (a pod, a restarted process) writes only its own file
+# under rank-NNNNN/attempts/, so two attempts alive at once (an Indexed Job may briefly run
+# both) never overwrite each other; the finished rank's results.jsonl is their merge.
+ATTEMPTS = "attempts"
 # Every record carries these; a line without them is not a finished document.
 RECORD_KEYS = ("doc", "task", "bytes", "words", "tokens", "loglik", "spec_hash")
 
@@ -111,16 +121,39 @@ def merge_records(
     return list(seen.values())
 
 
-def load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dict[str, Any]]:
-    """What earlier attempts of a rank finished: the store's copy and any local file, merged.
+def attempt_id() -> str:
+    """A name for this attempt of a rank: host (the pod), process and a random part."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    A local file survives a process restart in the same pod and may be ahead of the store.
-    It is trusted only while the store holds a results file for the rank (a worker uploads
-    one as it starts): without one, the results were deleted from the store, and the local
-    copy belongs to an evaluation the user threw away.
+
+def rank_keys(store: Any, prefix: str) -> list[str]:
+    """The keys holding a rank's records: its results file and every attempt's file."""
+    attempts = f"{prefix}/{ATTEMPTS}/"
+    return [
+        k
+        for k in store.list(f"{prefix}/")
+        if k == f"{prefix}/{RESULTS}" or (k.startswith(attempts) and k.endswith(".jsonl"))
+    ]
+
+
+def rank_results(store: Any, prefix: str) -> list[dict[str, Any]]:
+    """Every record the store holds for a rank (results and attempts), each document once."""
+    return merge_records([parse_results(store.get_bytes(k), k) for k in rank_keys(store, prefix)])
+
+
+def load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dict[str, Any]]:
+    """What earlier attempts of a rank finished: the store's copies and any local file, merged.
+
+    `key` is the rank's results.jsonl; the attempts' files beside it count too. A local file
+    survives a process restart in the same pod and may be ahead of the store. It is trusted
+    only while the store holds some results for the rank (a worker uploads its attempt's file
+    as it starts): without any, the results were deleted from the store, and the local copy
+    belongs to an evaluation the user threw away.
     """
     groups = []
-    in_store = store.exists(key)
+    keys = rank_keys(store, key.rsplit("/", 1)[0])
+    in_store = bool(keys)
     if local.exists():
         records = parse_results(local.read_bytes(), str(local))
         if in_store:
@@ -133,8 +166,7 @@ def load_existing(store: Any, key: str, local: Path, spec_hash: str) -> list[dic
                 len(records),
                 local,
             )
-    if in_store:
-        groups.append(parse_results(store.get_bytes(key), key))
+    groups += [parse_results(store.get_bytes(k), k) for k in keys]
     records = merge_records(groups)
     stale = [r for r in records if r["spec_hash"] != spec_hash]
     if stale:
@@ -148,7 +180,42 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     with tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the file
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_rank(store: Any, prefix: str, local: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """Publish results.jsonl and the manifest, and check they match as read back.
+
+    Two attempts finishing at once may interleave their results and manifests; each holds
+    every document of the rank, so either pair is right, but a mixed pair is not: publish
+    again until the store's pair matches (the report refuses a mismatch too). Then the
+    attempts' files the results now cover are removed.
+    """
+    key = f"{prefix}/{RESULTS}"
+    for _ in range(5):
+        manifest = store.publish(prefix, {RESULTS: local}, facts)
+        stored = store.read_manifest(prefix)
+        try:
+            data = store.get_bytes(key)
+        except TTTError:
+            continue
+        recorded = ((stored or {}).get("files") or {}).get(RESULTS, {}).get("sha256")
+        if recorded == hashlib.sha256(data).hexdigest():
+            break
+        log.warning("%s: another attempt published at the same time; publishing again", prefix)
+    else:
+        raise ResultsError(f"{prefix}: results and manifest kept disagreeing after 5 publishes")
+    published = {r["doc"] for r in parse_results(data, key)}
+    for other in rank_keys(store, prefix):
+        if other == key:
+            continue
+        with contextlib.suppress(TTTError):  # gone meanwhile, or being rewritten
+            if {r["doc"] for r in parse_results(store.get_bytes(other), other)} <= published:
+                store.delete(other)
+    return manifest
 
 
 def task_totals(records: Sequence[dict[str, Any]], n: int) -> dict[str, TaskTotals]:

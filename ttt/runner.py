@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
 from ttt.errors import TTTError
+from ttt.progress import WorkProgress
 from ttt.spec import TTTRun
 from ttt.stages import is_done, publish_corpus, shard_prefix
 from ttt.store import open_store
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 PROGRESS_POLL_S = 2.0
+MAX_RESTARTS = 5  # per shard server: a server that keeps dying is left dead (workers then fail)
 
 
 class RunError(TTTError, RuntimeError):
@@ -62,11 +63,11 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def _documents_published(run: TTTRun, store: Any, spec_hash: str) -> int:
     """Test documents whose results some worker has uploaded (each counted once)."""
-    from ttt.results import RESULTS, merge_records, parse_results
+    from ttt.results import merge_records, parse_results
 
     groups = []
     for key in store.list(f"{run.prefix}/eval/"):
-        if key.endswith(f"/{RESULTS}"):
+        if key.endswith(".jsonl"):  # results.jsonl and the attempts' files
             try:
                 groups.append(parse_results(store.get_bytes(key), key))
             except TTTError:  # a worker is rewriting it: count it at the next poll
@@ -91,6 +92,8 @@ class LocalCluster:
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     children: list[_Child] = field(default_factory=list)
+    servers: list[_Child] = field(default_factory=list)
+    restarts: dict[int, int] = field(default_factory=dict)
 
     def _env(self, threads: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -127,32 +130,49 @@ class LocalCluster:
 
     def start_servers(self) -> list[_Child]:
         """One authenticated shard server per shard on loopback ports; each registers itself."""
-        servers = []
-        for shard in range(self.run.spec.corpus.shards):
-            port = _free_port()
-            child = self._start(
-                f"server-{shard}",
-                [
-                    "serve",
-                    "--spec",
-                    str(self.spec_path),
-                    "--shard",
-                    str(shard),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--threads",
-                    "1",
-                    # the server writes its registry entry itself, whatever the store
-                    "--register",
-                ],
-                threads=1,  # a k-NN query over a shard is small; the cores are the workers'
+        self.servers = [self._start_server(s) for s in range(self.run.spec.corpus.shards)]
+        self._wait_ready(self.servers)
+        return self.servers
+
+    def revive_servers(self) -> None:
+        """Start a shard server that died again, on a new port (as Kubernetes restarts a
+        pod): it registers itself, the workers find it and go on, having waited for it."""
+        for shard, child in enumerate(self.servers):
+            if child.proc.poll() is None or self.restarts.get(shard, 0) >= MAX_RESTARTS:
+                continue
+            self.restarts[shard] = self.restarts.get(shard, 0) + 1
+            log.warning(
+                "%s exited with code %s; starting it again (restart %d of at most %d)",
+                child.name,
+                child.proc.returncode,
+                self.restarts[shard],
+                MAX_RESTARTS,
             )
-            child.url = f"http://127.0.0.1:{port}"
-            servers.append(child)
-        self._wait_ready(servers)
-        return servers
+            self.servers[shard] = self._start_server(shard, self.restarts[shard])
+
+    def _start_server(self, shard: int, restart: int = 0) -> _Child:
+        port = _free_port()
+        child = self._start(
+            f"server-{shard}" + (f".{restart}" if restart else ""),
+            [
+                "serve",
+                "--spec",
+                str(self.spec_path),
+                "--shard",
+                str(shard),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+                # the server writes its registry entry itself, whatever the store
+                "--register",
+            ],
+            threads=1,  # a k-NN query over a shard is small; the cores are the workers'
+        )
+        child.url = f"http://127.0.0.1:{port}"
+        return child
 
     def _wait_ready(self, servers: list[_Child]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -217,13 +237,16 @@ class LocalCluster:
 
         total = len(select_test_documents(self.run, store))
         spec_hash = self.run.stage_hash("eval")
-        with tqdm(total=total, desc="eval", unit="doc", disable=not progress) as bar:
+        # a bar on a terminal; in a log file, a line every 30 s instead of carriage returns
+        bar = WorkProgress("eval", total, enabled=progress, every=30.0)
+        try:
             while any(w.proc.poll() is None for w in workers):
-                bar.n = min(total, _documents_published(self.run, store, spec_hash))
-                bar.refresh()
+                self.revive_servers()
+                bar.set_done(_documents_published(self.run, store, spec_hash))
                 time.sleep(PROGRESS_POLL_S)
-            bar.n = min(total, _documents_published(self.run, store, spec_hash))
-            bar.refresh()
+            bar.set_done(_documents_published(self.run, store, spec_hash))
+        finally:
+            bar.close()
 
     def stop(self) -> None:
         """SIGTERM every child (servers drain), then SIGKILL what is left after a grace period."""

@@ -18,6 +18,11 @@ API_VERSION = "ttt.dev/v1alpha1"
 # The paper's encoder (Hardt & Sun 2024): RoBERTa-large fine-tuned one epoch on the Pile.
 PAPER_ENCODER = "socialfoundations/roberta-large-pile-lr2e-5-bs16-8gpu-1700000"
 ENV_PREFIX = "TTT_"
+# What a shard server accepts as k (ttt.index.api.Limits.max_k), and the extra candidates a
+# retriever asks for so that excluded copies of the query still leave k neighbors: a spec
+# whose neighbors + margin exceed it would fail every query, so validation refuses it.
+SERVER_MAX_K = 1024
+EXCLUDE_MARGIN = 8
 
 
 class SpecError(TTTError, ValueError):
@@ -95,7 +100,7 @@ class RetrievalSpec(_Section):
         "distance is < this (the reference's 4.0); null = no threshold",
     )
     timeout_seconds: float = Field(10.0, gt=0)
-    retries: int = Field(2, ge=0)
+    retries: int = Field(2, ge=0, le=10)
     servers: list[str] = Field(default_factory=list, description="static shard URLs")
     service: str | None = Field(None, description="headless Service '<name>.<service>'")
     in_process: bool = Field(
@@ -104,6 +109,25 @@ class RetrievalSpec(_Section):
     exclude_identical: bool = Field(True, description="the leakage guard")
     identical_distance: float = Field(
         1e-3, ge=0, description="Euclidean distance at or under which a neighbor is the query"
+    )
+    allow_partial: bool = Field(
+        False,
+        description="score a document on the shards that answered (at least minShards); "
+        "false: every shard must answer, else the worker waits and retries the document",
+    )
+    min_shards: int = Field(1, ge=1, description="with allowPartial, shards that must answer")
+    deadline_seconds: float = Field(
+        30.0, gt=0, description="wall-clock limit of one search, retries and backoff included"
+    )
+    max_backoff_seconds: float = Field(2.0, gt=0, description="cap of one retry's backoff")
+    wait_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="how long an eval worker waits for missing shards before it fails",
+    )
+    registry_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts a registry entry may point at besides loopback (the token goes there)",
     )
     # Beyond the paper: SIFT (Hübotter et al.) chooses the neighbors among K' candidates.
     selection: Literal["nearest", "sift"] = Field(
@@ -239,7 +263,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # their index nor discards finished eval records.
 OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
     "index": frozenset({"replicas"}),
-    "retrieval": frozenset({"timeout_seconds", "retries", "servers", "service", "in_process"}),
+    "retrieval": frozenset(
+        {"timeout_seconds", "retries", "servers", "service", "in_process"}
+        # Partial records are never kept where partial results are not allowed (the worker
+        # evaluates them again), so allowPartial and minShards can stay out too.
+        | {"allow_partial", "min_shards", "deadline_seconds", "max_backoff_seconds"}
+        | {"wait_seconds", "registry_hosts"}
+    ),
 }
 
 
@@ -259,6 +289,20 @@ class TTTRun(_Section):
         if t.method == "dynamic-eval" and not t.split_text:
             # without the split it would train on the very tokens it scores
             raise ValueError("spec.ttt.method dynamic-eval needs spec.ttt.splitText: true")
+        r = self.spec.retrieval
+        margin = EXCLUDE_MARGIN if r.exclude_identical else 0
+        if not r.in_process and r.candidate_count + margin > SERVER_MAX_K:
+            field = "candidates" if r.selection == "sift" else "neighbors"
+            raise ValueError(
+                f"spec.retrieval.{field}: {r.candidate_count} (+{margin} leakage-guard candidates) "
+                f"is above what a shard server accepts (k <= {SERVER_MAX_K}); at most "
+                f"{SERVER_MAX_K - margin}, or set retrieval.inProcess"
+            )
+        if r.min_shards > self.spec.corpus.shards:
+            raise ValueError(
+                f"spec.retrieval.minShards: {r.min_shards} is more than the "
+                f"{self.spec.corpus.shards} shard(s) of spec.corpus.shards"
+            )
         return self
 
     @property

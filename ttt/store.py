@@ -21,6 +21,9 @@ from ttt.errors import TTTError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# A manifest carries the sha256 of its own canonical JSON: a flipped byte in a recorded
+# checksum or count is caught when it is read, not trusted.
+MANIFEST_CHECKSUM = "manifest_sha256"
 CHUNK = 1 << 20  # 1 MiB: hashing and copying granularity; never a whole file in memory
 # Temporary files are hidden siblings of their destination so os.replace stays on one
 # filesystem (atomic); list() never shows them.
@@ -81,6 +84,15 @@ def copy_hashing(src: BinaryIO, dst: BinaryIO, digest: Any) -> int:
         digest.update(chunk)
         size += len(chunk)
     return size
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename: fsync the directory that holds the entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -167,16 +179,29 @@ class Store(abc.ABC):
             "files": recorded,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        body[MANIFEST_CHECKSUM] = manifest_checksum(body)
         self.put_json(manifest_key, body)
         log.debug("published %s (%d files) to %s", prefix, len(files), self.describe())
         return body
 
     def read_manifest(self, prefix: str) -> dict | None:
-        """The manifest under `prefix`, or None when the stage has not finished."""
+        """The manifest under `prefix`, or None when the stage has not finished.
+
+        A manifest whose content does not match its own recorded checksum is an
+        IntegrityError (manifests written before checksums were recorded are taken as they are).
+        """
+        key = f"{check_key(prefix.rstrip('/'))}/{MANIFEST}"
         try:
-            return self.get_json(f"{check_key(prefix.rstrip('/'))}/{MANIFEST}")
+            body = self.get_json(key)
         except ObjectNotFound:
             return None
+        recorded = body.get(MANIFEST_CHECKSUM) if isinstance(body, dict) else None
+        if recorded is not None and recorded != manifest_checksum(body):
+            raise IntegrityError(
+                f"{key} in {self.describe()}: the manifest does not match its own checksum "
+                "(corrupt or edited); publish the stage again"
+            )
+        return body
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -208,7 +233,10 @@ class LocalStore(Store):
         try:
             with open(tmp, "wb") as out:
                 size = copy_hashing(src, out, digest)
+                out.flush()
+                os.fsync(out.fileno())  # the data on disk before the rename publishes it
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)  # and the rename itself
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -231,8 +259,11 @@ class LocalStore(Store):
         try:
             with open(src_path, "rb") as src, open(tmp, "wb") as out:
                 copy_hashing(src, out, digest)
+                out.flush()
+                os.fsync(out.fileno())
             verify(key, self, digest.hexdigest(), sha256)
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
         except FileNotFoundError as e:
             tmp.unlink(missing_ok=True)
             if not src_path.is_file():
@@ -293,6 +324,12 @@ class LocalStore(Store):
             except OSError:
                 pass
         return len(keys)
+
+
+def manifest_checksum(body: dict) -> str:
+    """sha256 of a manifest's canonical JSON, its own checksum field left out."""
+    rest = {k: v for k, v in body.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def verify(key: str, store: Store, actual: str, expected: str | None) -> None:

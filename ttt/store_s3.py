@@ -33,6 +33,8 @@ from ttt.store import (
     StoreUnreachable,
     check_key,
     check_prefix,
+    fsync_dir,
+    sha256_file,
     tmp_sibling,
     verify,
 )
@@ -272,8 +274,11 @@ class S3Store(Store):
                         resp.release_conn()
 
                 self._call("download", key, attempt)
+                out.flush()
+                os.fsync(out.fileno())
             verify(key, self, digest.hexdigest(), sha256)
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -289,7 +294,9 @@ class S3Store(Store):
         """A cached download under cache_dir/<endpoint>/<bucket>/<key>, reused while valid.
 
         With `sha256` a cached copy recorded with that hash is used without any request;
-        without, one HEAD compares the object's ETag with the cached one.
+        without, one HEAD compares the object's ETag with the cached one. Either way the
+        cached file is hashed again first: a copy changed on disk (even to the same size and
+        mtime) is downloaded again, never trusted.
         """
         key = check_key(key)
         path = self.cache_dir / self.endpoint.replace(":", "_") / self.bucket / key
@@ -303,11 +310,14 @@ class S3Store(Store):
                 if (stat.etag or "").strip('"') == meta["etag"]:
                     return path
         size, digest, etag = self._download(key, path, sha256)
-        st = path.stat()
-        meta = {"sha256": digest, "etag": etag, "size": size, "mtime_ns": st.st_mtime_ns}
+        meta = {"sha256": digest, "etag": etag, "size": size}
         tmp = tmp_sibling(meta_path)
-        tmp.write_text(json.dumps(meta))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, meta_path)
+        fsync_dir(meta_path.parent)
         return path
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
@@ -382,12 +392,15 @@ class S3Store(Store):
 
 
 def _read_cache_meta(path: Path, meta_path: Path) -> dict | None:
-    """The cache record of `path` if the file is still the one it describes."""
+    """The cache record of `path` if the file is still the one it describes (by sha256:
+    size and mtime say nothing of a byte changed in place)."""
     try:
         meta = json.loads(meta_path.read_text())
-        st = path.stat()
+        if not isinstance(meta, dict) or meta.get("size") != path.stat().st_size:
+            return None
+        if sha256_file(path) != meta.get("sha256"):
+            log.warning("cached %s changed on disk: downloading it again", path)
+            return None
     except (OSError, ValueError):
-        return None
-    if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns:
         return None
     return meta

@@ -48,6 +48,19 @@ RETRIEVAL_PARTIAL = Counter(
 SHARD_FAILURES = Counter(
     "ttt_retrieval_shard_failures_total", "failed shard requests (after retries)", ["shard"]
 )
+SHARD_BAD_ANSWERS = Counter(
+    "ttt_retrieval_bad_answers_total",
+    "shard answers refused by validation (not JSON, wrong shape, NaN, wrong shard)",
+    ["shard"],
+)
+EVAL_RETRIEVAL_WAITS = Counter(
+    "ttt_eval_retrieval_waits_total",
+    "times an eval worker waited for missing shards instead of recording a partial result",
+    ["rank"],
+)
+EVAL_WAITING = Gauge(
+    "ttt_eval_waiting_for_shards", "1 while an eval worker waits for missing shards", ["rank"]
+)
 
 # --- batch stages --------------------------------------------------------------------------
 EMBED_TOKENS = Counter("ttt_embed_tokens_total", "tokens embedded", ["shard"])

@@ -197,6 +197,9 @@ class TTTNN:
             name: t.detach().clone()
             for name, t in [*model.named_parameters(), *model.named_buffers()]
         }
+        # Called as on_neighbor(n, of, steps) after each neighbor trained on: progress within
+        # a document, which can take minutes (eval's WorkProgress).
+        self.on_neighbor: Any = None
         optimizer = torch.optim.AdamW if ttt_spec.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(
             self._params,
@@ -289,6 +292,8 @@ class TTTNN:
             outcome.seconds_training += time.perf_counter() - start
             outcome.neighbors_used = n
             self._score_due(outcome, scored, n, checkpoints, last)
+            if self.on_neighbor is not None:
+                self.on_neighbor(n, last, outcome.train_steps)
         return outcome
 
     def _step(self, chunk: list[int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`ttt bench embed|index|retrieval`: benchmarks that print figures, ratios and their command."""
+"""`ttt bench embed|index|retrieval|reliability`: benchmarks that print figures, ratios and their command."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ def _retrieval(args: argparse.Namespace) -> dict:
         seed=args.seed,
         with_text=args.with_text,
     )
+
+
+def _reliability(args: argparse.Namespace) -> dict:
+    from ttt.bench.reliability import bench_reliability
+
+    figures = bench_reliability(args.preset, out=args.out)
+    if args.out:
+        print(f"wrote {args.out}")
+    failed = [r["fault"] for r in figures["faults"] if not r["ok"]]
+    print(f"fault matrix: {len(figures['faults']) - len(failed)}/{len(figures['faults'])} "
+          "as expected" + (f"; NOT: {failed}" if failed else ""))  # fmt: skip
+    return figures
 
 
 def _runner(bench):
@@ -134,3 +146,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     for parser in (e, i, r):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+
+    rel = benches.add_parser(
+        "reliability",
+        help="fault matrix, fuzzing (hypothesis, schemathesis), loopback load, bandit",
+        epilog="example: ttt bench reliability --out docs/reliability.md",
+    )
+    rel.add_argument("--preset", choices=["full", "quick"], default="full")
+    rel.add_argument("--out", help="write the Markdown page here (docs/reliability.md)")
+    rel.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    rel.set_defaults(func=_runner(_reliability))

@@ -13,7 +13,7 @@ def _report(args: argparse.Namespace) -> int:
 
     run = load_spec(args.spec)
     store = open_store(run.spec.storage)
-    summary = build_report(run, store, out_dir=args.out)
+    summary = build_report(run, store, out_dir=args.out, allow_incomplete=args.allow_incomplete)
     print(summary["table_markdown"], end="")
     cost = summary["cost"]
     if cost.get("paper_seconds_per_neighbor") is not None:
@@ -51,5 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="another run's spec (e.g. SIFT vs nearest neighbors): a table per task at equal "
         "k and the bits-per-byte curves of all (repeatable)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="report over unfinished or missing ranks (figures marked complete: false)",
     )
     p.set_defaults(func=_report)

@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttt.spec import SERVER_MAX_K
+
+if TYPE_CHECKING:  # the client validates answers with these models and needs no fastapi
+    from fastapi import Request
+
+# Squared L2 of an exact copy can come out of FAISS's BLAS path a little below zero.
+MIN_DISTANCE = -1e-3
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; anything beyond is a 4xx that says which limit."""
+    """What one request may ask for; anything beyond is a 4xx that says which limit.
 
-    max_k: int = 1024
+    `max_results` bounds k x queries, `max_vector_values` the numbers include_vectors
+    returns (k x queries x dimension), `max_response` the bytes of one response: a small
+    request must not be able to draw a response of hundreds of MB. `max_concurrent`
+    searches run at once, `max_queued` more wait; past that the server answers 503 (busy).
+    """
+
+    max_k: int = SERVER_MAX_K
     max_batch: int = 256
     max_body: int = 16 * 2**20
     max_rows: int = 4096
+    max_results: int = 65_536
+    max_vector_values: int = 4 * 2**20
+    max_response: int = 64 * 2**20
+    # one search per core at a time: more threads only contend for the cores and the GIL
+    max_concurrent: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
+    max_queued: int = 64
 
 
 class SearchRequest(BaseModel):
@@ -32,16 +52,32 @@ class SearchRequest(BaseModel):
 
 
 class QueryHits(BaseModel):
+    # The client validates every answer with these models: NaN, a negative row or distance,
+    # lists of different lengths or distances out of order are a bad answer, never data.
+    model_config = ConfigDict(allow_inf_nan=False)
     ids: list[str]
-    rows: list[int]
+    rows: list[Annotated[int, Field(ge=0)]]
     domains: list[str]
-    distances: list[float] = Field(description="squared L2, ascending")
+    distances: list[Annotated[float, Field(ge=MIN_DISTANCE)]] = Field(
+        description="squared L2, ascending"
+    )
     texts: list[str] | None = None
     vectors: list[list[float]] | None = None
 
+    @model_validator(mode="after")
+    def _consistent(self) -> QueryHits:
+        n = len(self.rows)
+        lengths = [len(self.ids), len(self.domains), len(self.distances)]
+        lengths += [len(x) for x in (self.texts, self.vectors) if x is not None]
+        if any(m != n for m in lengths):
+            raise ValueError(f"{n} rows but lists of lengths {lengths}")
+        if any(b < a for a, b in zip(self.distances, self.distances[1:], strict=False)):
+            raise ValueError("distances are not in ascending order")
+        return self
+
 
 class SearchResponse(BaseModel):
-    shard: int
+    shard: Annotated[int, Field(ge=0)]
     results: list[QueryHits]
 
 
@@ -53,10 +89,48 @@ class DocumentsRequest(BaseModel):
 
 
 class DocumentsResponse(BaseModel):
-    shard: int
+    shard: Annotated[int, Field(ge=0)]
     ids: list[str]
     domains: list[str]
     texts: list[str]
+
+
+class BadAnswer(ValueError):
+    """A shard's answer that does not hold up: not JSON, a wrong shape, value or shard id."""
+
+
+def check_search_answer(
+    data: bytes, shard: int, queries: int, k: int, with_vectors: bool = False
+) -> SearchResponse:
+    """A shard's /v1/search answer, validated against the request it answers."""
+    body = _validated(data, SearchResponse)
+    if body.shard != shard:
+        raise BadAnswer(f"answered for shard {body.shard}, not {shard}")
+    if len(body.results) != queries:
+        raise BadAnswer(f"{len(body.results)} results for {queries} queries")
+    for q, hits in enumerate(body.results):
+        if len(hits.rows) > k:
+            raise BadAnswer(f"results[{q}]: {len(hits.rows)} neighbors for k={k}")
+        if with_vectors and hits.vectors is None:
+            raise BadAnswer(f"results[{q}]: no vectors although include_vectors was asked")
+    return body
+
+
+def check_documents_answer(data: bytes, shard: int, rows: int) -> DocumentsResponse:
+    """A shard's /v1/documents answer, validated against the rows asked for."""
+    body = _validated(data, DocumentsResponse)
+    if body.shard != shard:
+        raise BadAnswer(f"answered for shard {body.shard}, not {shard}")
+    if not len(body.texts) == len(body.ids) == len(body.domains) == rows:
+        raise BadAnswer(f"{len(body.texts)} texts for {rows} rows")
+    return body
+
+
+def _validated(data: bytes, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise BadAnswer(describe_errors(exc, limit=2)) from None
 
 
 class ApiError(Exception):
@@ -78,8 +152,8 @@ def describe_errors(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts) + (f" (and {more} more errors)" if more > 0 else "")
 
 
-async def read_json(request: Request, model: type[BaseModel], max_body: int) -> Any:
-    """The body parsed into `model`: 413 over `max_body`, 400 not JSON, 422 wrong fields."""
+async def read_body(request: Request, max_body: int) -> bytes:
+    """The raw body: 413 over `max_body` (declared or streamed), 400 when empty."""
     declared = request.headers.get("content-length")
     too_big = f"this server accepts at most {max_body} bytes; send fewer vectors per request"
     if declared is not None and declared.isdigit() and int(declared) > max_body:
@@ -92,8 +166,13 @@ async def read_json(request: Request, model: type[BaseModel], max_body: int) -> 
         chunks.append(chunk)
     if size == 0:
         raise ApiError(400, "empty request body; send a JSON object")
+    return b"".join(chunks)
+
+
+def parse_body(data: bytes, model: type[BaseModel]) -> Any:
+    """The body parsed into `model`: 400 not JSON, 422 wrong fields (run off the event loop)."""
     try:
-        return model.model_validate_json(b"".join(chunks))
+        return model.model_validate_json(data)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise ApiError(400, f"malformed JSON: {exc.errors()[0]['msg']}") from None
@@ -110,6 +189,19 @@ def query_matrix(req: SearchRequest, dim: int, limits: Limits) -> np.ndarray:
         )
     if not 1 <= req.k <= limits.max_k:
         raise ApiError(422, f"k: {req.k} is out of range; 1 <= k <= {limits.max_k}")
+    if req.k * len(req.vectors) > limits.max_results:
+        raise ApiError(
+            422,
+            f"k x queries = {req.k} x {len(req.vectors)} = {req.k * len(req.vectors)} neighbors; "
+            f"at most {limits.max_results} per request: send fewer queries",
+        )
+    values = req.k * len(req.vectors) * dim
+    if req.include_vectors and values > limits.max_vector_values:
+        raise ApiError(
+            422,
+            f"include_vectors: k x queries x dimension = {values} numbers; at most "
+            f"{limits.max_vector_values} per request: send fewer queries or a smaller k",
+        )
     for i, v in enumerate(req.vectors):
         if len(v) != dim:
             raise ApiError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import socket
@@ -10,12 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Self
 
 import httpx
 import numpy as np
 
 from ttt import telemetry
+from ttt.index.api import BadAnswer, check_documents_answer, check_search_answer
 from ttt.index.discovery import discover_endpoints, normalize_url
 from ttt.index.retrieval import (
     BaseRetriever,
@@ -25,6 +28,7 @@ from ttt.index.retrieval import (
     Neighbor,
     Retrieval,
     RetrievalError,
+    ShardsUnavailable,
     merge_topk,
     neighbor_with_text,
     retrieval_options,
@@ -37,6 +41,7 @@ __all__ = [
     "Retrieval",
     "RetrievalError",
     "ShardedRetriever",
+    "ShardsUnavailable",
     "discover_endpoints",
     "merge_topk",
     "query",
@@ -55,13 +60,21 @@ class _ShardDown(Exception):
     pass
 
 
+class _Late(Exception):
+    """The search's deadline passed while a response was still arriving."""
+
+
 class ShardedRetriever(BaseRetriever):
     """Queries every shard server in parallel over persistent connections and merges.
 
     `endpoints[s]` lists the URLs serving shard s (replicas: the next one is tried when one
-    fails). A shard that fails after `retries` (with backoff) is left out: the retrieval comes
-    back `partial`, is logged and counted, and the shard is skipped for `down_seconds` so that
-    a dead shard costs its timeout once, not on every query. With `rediscover` (a function
+    fails). Every answer is validated (`ttt.index.api.check_search_answer`): garbage, NaN or
+    a wrong shard id is that server's failure, like a timeout. A shard that fails after
+    `retries` (with backoff capped at `max_backoff`) is skipped for `down_seconds` so that a
+    dead shard costs its timeout once, not on every query; without `allow_partial` the
+    search then raises `ShardsUnavailable`, with it the retrieval comes back `partial` if
+    `min_shards` answered (none answering is always `ShardsUnavailable`). One search never
+    takes longer than `deadline` seconds in all, however slowly a server trickles bytes. With `rediscover` (a function
     returning every shard's URLs, as `discover_endpoints`), a down shard's URLs are looked up
     again once its down period is over, before it is retried: a server restarted elsewhere
     (a local one on another port) is found again. Misconfiguration (a bad token, a wrong
@@ -86,10 +99,23 @@ class ShardedRetriever(BaseRetriever):
         rows_per_request: int = 1024,
         exclude_margin: int = 8,
         rediscover: Callable[[], Sequence[Sequence[str]]] | None = None,
+        allow_partial: bool = False,
+        min_shards: int = 1,
+        deadline: float = 30.0,
+        max_backoff: float = 2.0,
+        max_response: int = 64 * 2**20,
     ) -> None:
         super().__init__(
-            encoder, k, distance_threshold, exclude_identical, identical_distance, exclude_margin
+            encoder,
+            k,
+            distance_threshold,
+            exclude_identical,
+            identical_distance,
+            exclude_margin,
+            allow_partial,
+            min_shards,
         )
+        self.deadline, self.max_backoff, self.max_response = deadline, max_backoff, max_response
         self.endpoints = [
             [normalize_url(u) for u in ([e] if isinstance(e, str) else e)] for e in endpoints
         ]
@@ -110,7 +136,10 @@ class ShardedRetriever(BaseRetriever):
             timeout=timeout,
             transport=nodelay,
         )
-        self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints), thread_name_prefix="shard")
+        # Twice the shards: a thread still reading a late answer never delays the next search.
+        self._pool = ThreadPoolExecutor(
+            max_workers=2 * len(self.endpoints), thread_name_prefix="shard"
+        )
         self._down_until = [0.0] * len(self.endpoints)
         self._preferred = [0] * len(self.endpoints)
         self._rediscover = rediscover
@@ -144,6 +173,8 @@ class ShardedRetriever(BaseRetriever):
                 **retrieval_options(run),
                 "timeout": r.timeout_seconds,
                 "retries": r.retries,
+                "deadline": r.deadline_seconds,
+                "max_backoff": r.max_backoff_seconds,
                 "rediscover": rediscover,
                 **options,
             },
@@ -159,44 +190,78 @@ class ShardedRetriever(BaseRetriever):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(self, shard: int, path: str, payload: dict) -> dict:
-        """One shard's answer, trying replicas and retrying with backoff; _ShardDown if none."""
+    @property
+    def shards(self) -> int:
+        return len(self.endpoints)
+
+    def _receive(self, url: str, payload: dict, deadline: float) -> tuple[int, bytes]:
+        """POST and read the whole answer, within the timeout, the deadline and the byte cap."""
+        timeout = max(0.001, min(self.timeout, deadline - time.monotonic()))
+        with self._http.stream("POST", url, json=payload, timeout=timeout) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > self.max_response:
+                    raise BadAnswer(f"answer larger than {self.max_response} bytes")
+                if time.monotonic() > deadline:  # a trickle: each read is on time, the whole not
+                    raise _Late(f"still receiving after the {self.deadline:.1f} s deadline")
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks)
+
+    def _post(self, shard: int, path: str, payload: dict, check: Callable, deadline: float) -> Any:
+        """One shard's validated answer, trying replicas and retrying with capped backoff
+        until the search's deadline; _ShardDown if none."""
         down_until = self._down_until[shard]
         if time.monotonic() < down_until:
             raise _ShardDown(f"shard {shard} marked down")
         if down_until and self._rediscover is not None:
             self._refresh_endpoints(shard, down_until, self._rediscover)
-        replicas, last = self.endpoints[shard], ""
+        replicas, last, attempts = self.endpoints[shard], "", 0
         for attempt in range(self.retries + 1):
             for j in range(len(replicas)):
+                if time.monotonic() >= deadline:
+                    last = last or f"the {self.deadline:.1f} s deadline passed"
+                    break
                 which = (self._preferred[shard] + j) % len(replicas)
                 url = replicas[which] + path
+                attempts += 1
                 try:
-                    response = self._http.post(url, json=payload)
-                except httpx.HTTPError as exc:
+                    status, data = self._receive(url, payload, deadline)
+                    if status == 200:
+                        body = check(data)
+                    elif status in _FATAL:
+                        raise RetrievalError(
+                            f"shard {shard} at {url} refused the request "
+                            f"(HTTP {status}): {_error_text(data)}"
+                        )
+                    else:
+                        last = f"{url}: HTTP {status}: {_error_text(data)}"
+                        continue
+                except (httpx.HTTPError, _Late) as exc:
                     last = f"{url}: {type(exc).__name__}: {exc}"
                     continue
-                if response.status_code == 200:
-                    self._preferred[shard] = which
-                    if self._down_until[shard]:
-                        log.info("shard %d is back (%s)", shard, replicas[which])
-                        self._down_until[shard] = 0.0
-                    return response.json()
-                detail = _error_text(response)
-                if response.status_code in _FATAL:
-                    raise RetrievalError(
-                        f"shard {shard} at {url} refused the request "
-                        f"(HTTP {response.status_code}): {detail}"
-                    )
-                last = f"{url}: HTTP {response.status_code}: {detail}"
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2**attempt * random.uniform(0.5, 1.0))
+                except BadAnswer as exc:
+                    telemetry.SHARD_BAD_ANSWERS.labels(str(shard)).inc()
+                    last = f"{url}: bad answer: {exc}"
+                    log.warning("shard %d: %s", shard, last)
+                    continue
+                self._preferred[shard] = which
+                if self._down_until[shard]:
+                    log.info("shard %d is back (%s)", shard, replicas[which])
+                    self._down_until[shard] = 0.0
+                return body
+            left = deadline - time.monotonic()
+            if attempt == self.retries or left <= 0:
+                break
+            pause = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+            log.info("shard %d: retrying in %.2f s (%s)", shard, min(pause, left), last)
+            time.sleep(min(pause, left))
         self._down_until[shard] = time.monotonic() + self.down_seconds
         telemetry.SHARD_FAILURES.labels(str(shard)).inc()
         log.warning(
-            "shard %d failed after %d attempts, answering without it for %.0f s: %s",
+            "shard %d failed after %d attempt(s), skipping it for %.0f s: %s",
             shard,
-            self.retries + 1,
+            attempts,
             self.down_seconds,
             last,
         )
@@ -220,62 +285,91 @@ class ShardedRetriever(BaseRetriever):
             self.endpoints[shard], self._preferred[shard] = found, 0
 
     def _search_shard(
-        self, shard: int, vectors: np.ndarray, k: int, with_vectors: bool = False
-    ) -> list[Hits]:
+        self, shard: int, vectors: np.ndarray, k: int, deadline: float, with_vectors: bool = False
+    ) -> list:
         hits = []
-        batch = self.batch_size
+        size = self.batch_size
         if with_vectors:  # k vectors per query come back: keep one response near 8 MB of JSON
-            batch = max(1, min(batch, VECTOR_RESPONSE_BYTES // (k * vectors.shape[1] * 12)))
-        for lo in range(0, len(vectors), batch):
-            payload = {"vectors": vectors[lo : lo + batch].tolist(), "k": k}
+            size = max(1, min(size, VECTOR_RESPONSE_BYTES // (k * vectors.shape[1] * 12)))
+        for lo in range(0, len(vectors), size):
+            batch = vectors[lo : lo + size]
+            payload = {"vectors": batch.tolist(), "k": k}
             if with_vectors:
                 payload["include_vectors"] = True
-            body = self._post(shard, "/v1/search", payload)
-            hits += [
-                Hits(r["distances"], r["rows"], r["ids"], r["domains"], r.get("vectors"))
-                for r in body["results"]
-            ]
+            body = self._post(
+                shard,
+                "/v1/search",
+                payload,
+                functools.partial(
+                    check_search_answer,
+                    shard=shard,
+                    queries=len(batch),
+                    k=k,
+                    with_vectors=with_vectors,
+                ),
+                deadline,
+            )
+            hits += [Hits(r.distances, r.rows, r.ids, r.domains, r.vectors) for r in body.results]
         return hits
 
-    def _texts_of(self, shard: int, rows: list[int]) -> list[str]:
+    def _texts_of(self, shard: int, rows: list[int], deadline: float) -> list[str]:
         texts: list[str] = []
         for lo in range(0, len(rows), self.rows_per_request):
             chunk = rows[lo : lo + self.rows_per_request]
-            texts += self._post(shard, "/v1/documents", {"rows": chunk})["texts"]
+            body = self._post(
+                shard,
+                "/v1/documents",
+                {"rows": chunk},
+                functools.partial(check_documents_answer, shard=shard, rows=len(chunk)),
+                deadline,
+            )
+            texts += body.texts
         return texts
 
     def _fan_out(self, vectors, k, with_text, with_vectors=False):
+        start = time.monotonic()
+        deadline = start + self.deadline
+        # The search phase may take 3/4 of the deadline, so that a shard slow to search
+        # still leaves the others time to send their texts within the one deadline.
+        search_deadline = start + (0.75 * self.deadline if with_text else self.deadline)
         futures = {
-            s: self._pool.submit(self._search_shard, s, vectors, k, with_vectors)
+            s: self._pool.submit(self._search_shard, s, vectors, k, search_deadline, with_vectors)
             for s in range(len(self.endpoints))
         }
-        per_shard, failed = self._gather(futures)
+        per_shard, failed = self._gather(futures, search_deadline)
         merged = [
             merge_topk({s: h[q] for s, h in per_shard.items()}, k) for q in range(len(vectors))
         ]
         if with_text:
-            merged, text_failed = self._fetch_texts(merged)
+            merged, text_failed = self._fetch_texts(merged, deadline)
             failed |= text_failed
         return merged, failed
 
-    def _gather(self, futures: dict) -> tuple[dict, set[int]]:
+    def _gather(self, futures: dict, deadline: float) -> tuple[dict, set[int]]:
         results, failed = {}, set()
         for shard, future in futures.items():
             try:
-                results[shard] = future.result()
+                # At the deadline a request still reading is left to finish on its own (the
+                # pool has room for it): the search goes on without that shard.
+                results[shard] = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except _ShardDown:
+                failed.add(shard)
+            except FutureTimeout:
+                log.warning("shard %d: no answer by the search's deadline", shard)
                 failed.add(shard)
         return results, failed
 
-    def _fetch_texts(self, merged: list[list[Neighbor]]) -> tuple[list[list[Neighbor]], set[int]]:
+    def _fetch_texts(
+        self, merged: list[list[Neighbor]], deadline: float
+    ) -> tuple[list[list[Neighbor]], set[int]]:
         """Second phase: texts of the winners only, one request per shard that has any."""
         wanted: dict[int, list[int]] = {}
         for ns in merged:
             for n in ns:
                 wanted.setdefault(n.shard, []).append(n.row)
         rows = {s: sorted(set(r)) for s, r in wanted.items()}
-        futures = {s: self._pool.submit(self._texts_of, s, r) for s, r in rows.items()}
-        bodies, failed = self._gather(futures)
+        futures = {s: self._pool.submit(self._texts_of, s, r, deadline) for s, r in rows.items()}
+        bodies, failed = self._gather(futures, deadline)
         texts = {(s, row): t for s, b in bodies.items() for row, t in zip(rows[s], b, strict=True)}
         return [
             [neighbor_with_text(n, texts[n.shard, n.row]) for n in ns if n.shard not in failed]
@@ -283,11 +377,12 @@ class ShardedRetriever(BaseRetriever):
         ], failed
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(data: bytes) -> str:
     try:
-        return str(response.json().get("error", response.text))[:500]
+        body = json.loads(data)
+        return str(body.get("error", body) if isinstance(body, dict) else body)[:500]
     except ValueError:
-        return response.text[:500]
+        return data[:500].decode("utf-8", "replace")
 
 
 def query(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from ttt.index.retrieval import RetrievalError, open_run_store
 
@@ -53,7 +55,7 @@ def discover_endpoints(run: Any, store: Any = None, *, missing_ok: bool = False)
         if match and int(match.group(1)) < shards:
             found.append((int(match.group(1)), int(match.group(2) or 0), key))
     for shard, _, key in sorted(found):  # replica 0 first
-        endpoints[shard].append(normalize_url(store.get_json(key)["url"]))
+        endpoints[shard].append(_registered_url(store, key, r.registry_hosts))
     missing = [s for s, e in enumerate(endpoints) if not e]
     if missing and not missing_ok:
         raise RetrievalError(
@@ -61,6 +63,33 @@ def discover_endpoints(run: Any, store: Any = None, *, missing_ok: bool = False)
             "with `ttt serve --spec FILE --shard I`, or set spec.retrieval.servers or .service"
         )
     return endpoints
+
+
+def _registered_url(store: Any, key: str, allowed: list[str]) -> str:
+    """A registry entry's URL, if it points at loopback or a host the spec allows.
+
+    Whoever can write the registry would otherwise send the client, and its bearer token,
+    to any host; a local run's servers are on loopback.
+    """
+    entry = store.get_json(key)
+    url = normalize_url(str(entry.get("url", "")) if isinstance(entry, dict) else "")
+    host = urlsplit(url).hostname or ""
+    if not (_is_loopback(host) or host in allowed):
+        raise RetrievalError(
+            f"{key}: the registered server {url!r} is not on loopback; the client would send "
+            f"its token to {host!r}. List the host in spec.retrieval.registryHosts if it is "
+            "yours, or set spec.retrieval.servers/.service"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def registry_key(run: Any, shard: int, replica: int = 0) -> str:

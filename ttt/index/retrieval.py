@@ -18,6 +18,7 @@ import numpy as np
 
 from ttt import telemetry
 from ttt.errors import TTTError
+from ttt.spec import EXCLUDE_MARGIN
 
 
 def euclidean(squared: float) -> float:
@@ -50,6 +51,18 @@ def is_leak(
 
 class RetrievalError(TTTError, RuntimeError):
     """A misconfigured retrieval (bad token, wrong dimension, no servers), never a dead shard."""
+
+
+class ShardsUnavailable(TTTError, RuntimeError):
+    """Too few shards answered: every one unless partial results are allowed, and never none.
+
+    Transient by nature (a server restarting, not yet ready): the caller waits and retries;
+    a retrieval on fewer shards is never passed off as a complete one.
+    """
+
+    def __init__(self, message: str, failed: list[int]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class Encoder(Protocol):
@@ -128,9 +141,13 @@ class BaseRetriever:
         distance_threshold: float | None = None,
         exclude_identical: bool = True,
         identical_distance: float = 1e-3,
-        exclude_margin: int = 8,
+        exclude_margin: int = EXCLUDE_MARGIN,
+        allow_partial: bool = False,
+        min_shards: int = 1,
     ) -> None:
         self.encoder, self.k = encoder, k
+        # Without allow_partial every shard must answer; with it, at least min_shards.
+        self.allow_partial, self.min_shards = allow_partial, max(1, min_shards)
         self.distance_threshold = distance_threshold
         self.exclude_identical, self.identical_distance = exclude_identical, identical_distance
         # Extra candidates fetched so that excluded copies of the query still leave k.
@@ -175,6 +192,7 @@ class BaseRetriever:
         fan_out = {"with_vectors": True} if with_vectors else {}  # subclasses without it work
         merged, failed = self._fan_out(vectors, k + self.exclude_margin, with_text, **fan_out)
         telemetry.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+        self._require_shards(failed)
         for shard in failed:
             telemetry.RETRIEVAL_PARTIAL.labels(str(shard)).inc(len(vectors))
         out = []
@@ -185,6 +203,25 @@ class BaseRetriever:
             if with_vectors:
                 out[-1].query_vector = vectors[q]
         return out
+
+    @property
+    def shards(self) -> int:
+        raise NotImplementedError
+
+    def _require_shards(self, failed: set[int]) -> None:
+        """Raise ShardsUnavailable unless enough shards answered for the policy."""
+        if not failed:
+            return
+        answered = self.shards - len(failed)
+        need = self.shards if not self.allow_partial else min(self.min_shards, self.shards)
+        if answered >= need:
+            return
+        policy = "every shard must answer" if not self.allow_partial else f"need {need}"
+        raise ShardsUnavailable(
+            f"{answered} of {self.shards} shard(s) answered (failed: {sorted(failed)}); "
+            f"{policy} (spec.retrieval.allowPartial/minShards)",
+            sorted(failed),
+        )
 
     def _select(self, neighbors: list[Neighbor], k: int, query: str | None):
         kept, excluded = [], 0
@@ -220,6 +257,10 @@ class LocalRetriever(BaseRetriever):
         if len(indexes) != len(text_stores):
             raise RetrievalError(f"{len(indexes)} indexes but {len(text_stores)} text stores")
         self.indexes, self.text_stores = list(indexes), list(text_stores)
+
+    @property
+    def shards(self) -> int:
+        return len(self.indexes)
 
     @classmethod
     def from_run(
@@ -293,4 +334,6 @@ def retrieval_options(run: Any) -> dict:
         "distance_threshold": r.distance_threshold,
         "exclude_identical": r.exclude_identical,
         "identical_distance": r.identical_distance,
+        "allow_partial": r.allow_partial,
+        "min_shards": r.min_shards,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -29,11 +30,18 @@ from ttt.index.api import (
     Limits,
     SearchRequest,
     SearchResponse,
+    parse_body,
     query_matrix,
-    read_json,
+    read_body,
 )
 from ttt.index.discovery import registry_key
 from ttt.index.rerank import RerankedIndex
+from ttt.index.serving import (
+    HeaderTimeoutH11,
+    check_response_size,
+    encode,
+    lower_thread_priority,
+)
 from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
 
 log = logging.getLogger(__name__)
@@ -120,7 +128,7 @@ def _search(state: ShardState, req: SearchRequest, limits: Limits) -> dict:
     # only spin (a 1-query search took 15x longer with 2 threads than with 1).
     faiss.omp_set_num_threads(max(1, min(state.threads, len(x))))
     distances, labels = index.search(x, req.k)
-    results, served = [], 0
+    results, served, nbytes = [], 0, 0
     for d, rows in zip(distances, labels, strict=True):
         keep = rows >= 0  # FAISS pads with -1 when the shard holds fewer than k vectors
         rows, d = rows[keep], d[keep]
@@ -133,6 +141,9 @@ def _search(state: ShardState, req: SearchRequest, limits: Limits) -> dict:
         }
         if req.include_text:
             hits["texts"] = [state.texts.text(int(r)) for r in rows]
+            nbytes += sum(len(t) for t in hits["texts"])
+            # checked as the texts are gathered: the response is never built past the cap
+            check_response_size(nbytes, limits)
         if req.include_vectors:
             hits["vectors"] = index.reconstruct_batch(rows).tolist() if len(rows) else []
         results.append(hits)
@@ -150,11 +161,16 @@ def _documents(state: ShardState, req: DocumentsRequest, limits: Limits) -> dict
         if not 0 <= r < n:
             raise ApiError(422, f"rows[{i}]: row {r} is out of range; this shard has {n} rows")
     metas = [state.texts.meta(r) for r in req.rows]
+    texts, nbytes = [], 0
+    for r in req.rows:
+        texts.append(state.texts.text(r))
+        nbytes += len(texts[-1])
+        check_response_size(nbytes, limits)
     return {
         "shard": state.shard,
         "ids": [m[0] for m in metas],
         "domains": [m[1] for m in metas],
-        "texts": [state.texts.text(r) for r in req.rows],
+        "texts": texts,
     }
 
 
@@ -195,8 +211,16 @@ def create_app(
         version="1",
         summary="Exact or approximate k-NN search over one corpus shard (squared L2).",
         lifespan=lifespan,
+        # No unauthenticated /docs or /redoc; the schema is served behind the token below.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.shard = state
+    # Searches run in threads, at most max_concurrent at once and max_queued waiting; the
+    # event loop only moves bytes, so /healthz and /readyz answer however busy the shard is.
+    slots = asyncio.Semaphore(limits.max_concurrent)
+    waiting = [0]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -212,14 +236,31 @@ def create_app(
         if not hmac.compare_digest(given.encode(), expected):  # constant time
             raise ApiError(401, "invalid bearer token")
 
-    async def counted(request: Request, model: type[BaseModel], work: Callable) -> JSONResponse:
+    def handle(model: type[BaseModel], work: Callable, data: bytes) -> bytes:
+        # Parsing, the search and serializing, all off the event loop, in threads the kernel
+        # schedules after the loop's: a busy shard still answers its probes.
+        lower_thread_priority()
+        return encode(work(state, parse_body(data, model), limits), limits)
+
+    async def counted(request: Request, model: type[BaseModel], work: Callable) -> Response:
         start, code = time.perf_counter(), 500
         try:
             authorize(request)
-            body = await read_json(request, model, limits.max_body)
-            result = await run_in_threadpool(work, state, body, limits)
+            data = await read_body(request, limits.max_body)
+            if slots.locked() and waiting[0] >= limits.max_queued:
+                raise ApiError(503, f"busy: {limits.max_concurrent} searches running and "
+                               f"{waiting[0]} waiting; retry later")  # fmt: skip
+            waiting[0] += 1
+            try:
+                await slots.acquire()
+            finally:
+                waiting[0] -= 1
+            try:
+                body = await run_in_threadpool(handle, model, work, data)
+            finally:
+                slots.release()
             code = 200
-            return JSONResponse(result)
+            return Response(body, media_type="application/json")
         except ApiError as exc:
             code = exc.status
             raise
@@ -263,13 +304,20 @@ def create_app(
         """Ids, domains and texts of rows of this shard."""
         return await counted(request, DocumentsRequest, _documents)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        """The OpenAPI schema, behind the token like the API it describes."""
+        authorize(request)
+        return JSONResponse(app.openapi())
+
+    # Probes are coroutines: they run on the event loop, never queued behind a busy thread pool.
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         """Alive (answers while the index loads)."""
         return {"status": "alive", "shard": shard}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         """200 once the index is loaded; 503 while loading, after a failed load and draining."""
         if state.ready:
             body = {
@@ -280,10 +328,11 @@ def create_app(
             }
             return JSONResponse(body)
         status = "draining" if state.draining else "failed" if state.error else "loading"
-        return JSONResponse({"status": status, "shard": shard, "error": state.error}, 503)
+        # The load error (it may name endpoints, buckets and keys) goes to the log, not here.
+        return JSONResponse({"status": status, "shard": shard}, 503)
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         """Prometheus exposition of this process."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -388,7 +437,8 @@ def serve(
     token = read_token(token, token_file)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
-    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    # a comparison, not a bind: which name to advertise when bound to every interface
+    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host  # nosec B104
     url = f"http://{'[' + advertised + ']' if ':' in advertised else advertised}:{bound}"
     key = registry_key(run, shard, replica)
     if register is None:
@@ -415,7 +465,12 @@ def serve(
     )
     state: ShardState = app.state.shard
     config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=30, access_log=False, lifespan="on"
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        access_log=False,
+        lifespan="on",
+        http=HeaderTimeoutH11,
     )
     server = _DrainingServer(config, state, drain_seconds, on_drain)
 
