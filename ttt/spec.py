@@ -108,6 +108,14 @@ class TTTSpec(_Section):
     reset_optimizer: bool = Field(True, description="false = the reference code's carry-over")
     split_text: bool = Field(False, description="query with the first half, score the second")
     eval_after: list[int] = Field(default_factory=lambda: [0, 50])
+    engine: Literal["auto", "sequential", "ensemble"] = Field(
+        "auto",
+        description="auto = the ensemble engine wherever it equals the sequential loop "
+        "(ttt-nn, resetOptimizer true), else the sequential loop",
+    )
+    ensemble_size: int | None = Field(
+        None, ge=1, le=1024, description="documents trained at once; none = from free memory"
+    )
 
     @field_validator("eval_after")
     @classmethod
@@ -183,6 +191,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
     "index": frozenset({"replicas"}),
     "retrieval": frozenset({"timeout_seconds", "retries", "servers", "service", "in_process"}),
+    # each document trains as its own model, so how many train at once never changes a result
+    "ttt": frozenset({"ensemble_size"}),
 }
 
 
