@@ -544,7 +544,9 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
         eval={"portion": 0.5},
     )
     store = open_store(run.spec.storage)
-    assert len(_results(store, run)) == 3  # three documents finished before the kill
+    # the kill comes at the fourth search; the engine retrieves one document ahead of the
+    # one it trains (ensemble of one on a CPU), so two documents had finished
+    assert len(_results(store, run)) == 2
     assert store.read_manifest(f"{run.prefix}/eval/rank-00000") is None
     # a crash in the middle of an upload on a store without atomic writes: a torn tail
     key = f"{run.prefix}/eval/rank-00000/results.jsonl"

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
+from ttt.engine.select import build_engine
 from ttt.errors import TTTError
 from ttt.results import (
     RESULTS,
@@ -27,7 +28,7 @@ from ttt.results import (
     task_totals,
     write_records,
 )
-from ttt.train import TTTNN, select_neighbors
+from ttt.train import select_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,10 @@ def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
 
 
 def _default_lm(run: Any) -> tuple[Any, Any]:
-    from ttt.lm import load_lm
+    from ttt.engine.precision import load_for_engine
+    from ttt.engine.select import choose_engine
 
-    t = run.spec.ttt
-    return load_lm(t.model, dtype=t.dtype, device=t.device)
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt))
 
 
 def _needs_neighbors(run: Any) -> bool:
@@ -299,11 +300,11 @@ def evaluate_rank(
         if _needs_neighbors(run) and retriever is None:
             retriever = _default_retriever(run, store, local_index)
         model, tokenizer = lm or _default_lm(run)
-        ttt = TTTNN(model, tokenizer, run.spec.ttt, rank=str(rank))
+        # the fast engine wherever it equals the sequential loop (ttt.engine.select)
+        engine = build_engine(model, tokenizer, run.spec.ttt, rank=str(rank))
         k = run.spec.retrieval.neighbors
         last_flush = time.monotonic()
         bar = tqdm(
-            todo,
             desc=f"eval rank {rank}",
             unit="doc",
             initial=len(done),
@@ -312,8 +313,9 @@ def evaluate_rank(
         )
         try:
             with local.open("a", encoding="utf-8") as out:
-                for i, doc in enumerate(bar):
-                    record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
+                finished = _evaluate_documents(run, engine, retriever, todo, k, spec_hash, rank)
+                for i, record in enumerate(finished):
+                    bar.update(1)
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()
                     records.append(record)
@@ -345,10 +347,26 @@ def evaluate_rank(
     return manifest
 
 
-def _evaluate_document(
-    run: Any, ttt: Any, retriever: Any, doc: Document, k: int, spec_hash: str, rank: int
-) -> dict[str, Any]:
-    """Retrieve, guard, train and score one test document; its result record."""
+def _evaluate_documents(
+    run: Any,
+    engine: Any,
+    retriever: Any,
+    docs: Sequence[Document],
+    k: int,
+    spec_hash: str,
+    rank: int,
+) -> Any:
+    """Result records of `docs`, in the order the engine finishes them (several train at once).
+
+    Documents are retrieved as the engine asks for them, so retrieval overlaps training.
+    """
+    items = (_retrieve_document(run, engine, retriever, doc, k) for doc in docs)
+    for facts, outcome in engine.evaluate_stream(items):
+        yield _document_record(facts, outcome, spec_hash, rank)
+
+
+def _retrieve_document(run: Any, ttt: Any, retriever: Any, doc: Document, k: int) -> tuple:
+    """(facts, text, neighbor texts, distances): one document's retrieval, guarded."""
     retrieval_spec = run.spec.retrieval
     kept: list[Any] = []
     excluded: list[Any] = []
@@ -364,7 +382,13 @@ def _evaluate_document(
         retriever_excluded = int(getattr(result, "excluded", 0))
         partial, failed = bool(result.partial), sorted(result.failed_shards)
     retrieve_seconds = time.perf_counter() - start
-    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=[n.distance for n in kept])
+    facts = (doc, kept, excluded, retriever_excluded, partial, failed, retrieve_seconds)
+    return facts, doc.text, [n.text for n in kept], [n.distance for n in kept]
+
+
+def _document_record(facts: tuple, outcome: Any, spec_hash: str, rank: int) -> dict[str, Any]:
+    """One document's result record from its retrieval facts and its training outcome."""
+    doc, kept, excluded, retriever_excluded, partial, failed, retrieve_seconds = facts
     return result_record(
         doc,
         outcome,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 from ttt.errors import TTTError
 from ttt.train import TTTNN, DocOutcome
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "sequential", "ensemble")
 
@@ -62,8 +67,18 @@ class SequentialEngine:
 
 
 def build_engine(model: Any, tokenizer: Any, ttt_spec: Any, *, rank: str = "0") -> Any:
-    """The engine choose_engine picks, ready for evaluate_stream((key, text, nbrs, dists))."""
-    if choose_engine(ttt_spec) == "sequential":
+    """The engine choose_engine picks, ready for evaluate_stream((key, text, nbrs, dists)).
+
+    A model whose weights are not float32 (loaded as bfloat16 by hand) cannot be the fast
+    engine's master copy: auto then runs the sequential loop, and an explicit ensemble fails.
+    """
+    engine = choose_engine(ttt_spec)
+    if engine == "ensemble" and any(p.dtype != torch.float32 for p in model.parameters()):
+        if getattr(ttt_spec, "engine", "auto") == "ensemble":
+            raise EngineError("spec.ttt.engine ensemble needs the model in float32 (masters)")
+        log.info("model weights are not float32: the sequential loop trains them")
+        engine = "sequential"
+    if engine == "sequential":
         return SequentialEngine(TTTNN(model, tokenizer, ttt_spec, rank=rank))
     from ttt.engine.ensemble import EnsembleTTT
 
