@@ -116,7 +116,9 @@ class EnsembleTTT:
             raise ValueError("the ensemble engine runs method ttt-nn with resetOptimizer true")
         self.spec = ttt_spec
         # the sequential loop: its texts, scoring, saved weights and exact restore, shared
-        self.ref = TTTNN(model, tokenizer, ttt_spec, rank=rank, seed=seed, batch_tokens=batch_tokens)
+        self.ref = TTTNN(
+            model, tokenizer, ttt_spec, rank=rank, seed=seed, batch_tokens=batch_tokens
+        )
         self.model, self.tokenizer = model, tokenizer
         self.device = self.ref.device
         self.precision: Precision = resolve_precision(ttt_spec.dtype, self.device)
@@ -278,9 +280,7 @@ class EnsembleTTT:
 
     def _step(self, slots: list[_Member | None]) -> list[tuple[Any, DocOutcome]]:
         start = time.perf_counter()
-        chunks = [
-            m.plan.steps[m.n][m.cursor] if m is not None else None for m in slots
-        ]
+        chunks = [m.plan.steps[m.n][m.cursor] if m is not None else None for m in slots]
         active = [c is not None for c in chunks]
         self.model.train()  # as the sequential loop: dropout on while training, if configured
         try:

@@ -48,7 +48,9 @@ def choose_engine(ttt_spec: Any) -> str:
     if why_not is None:
         return "ensemble"
     if requested == "ensemble":
-        raise EngineError(f"spec.ttt.engine ensemble is not equal to the sequential loop: {why_not}")
+        raise EngineError(
+            f"spec.ttt.engine ensemble is not equal to the sequential loop: {why_not}"
+        )
     return "sequential"
 
 
