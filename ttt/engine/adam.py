@@ -10,9 +10,8 @@ class StackedAdam:
 
     Adam is elementwise, so one update over the stacked rows is E independent optimizers as
     long as each row keeps its own step count (bias correction) and an idle row is left
-    alone: `step(grads, active)` updates only the rows where `active` is true. The update is
-    torch.optim.Adam's single-tensor algorithm, written over rows; the host knows every step
-    count, so no value ever travels back from the device.
+    alone: `step(grads, active)` updates only the rows where `active` is true. Nothing
+    travels back from the device.
     """
 
     def __init__(
@@ -32,42 +31,48 @@ class StackedAdam:
         self.weight_decay, self.decoupled = weight_decay, decoupled
         self.exp_avg = torch.zeros_like(weights)
         self.exp_avg_sq = torch.zeros_like(weights)
-        self.steps = [0] * weights.shape[0]
+        self.steps = [0] * weights.shape[0]  # on the host, for the record
+        # the kernel's own step counters (float32 scalars on the device, as torch keeps them)
+        self._steps = [torch.zeros((), device=weights.device) for _ in range(weights.shape[0])]
 
     def reset(self, member: int) -> None:
         """A fresh optimizer for one member (its next document)."""
         self.exp_avg[member].zero_()
         self.exp_avg_sq[member].zero_()
         self.steps[member] = 0
-
-    def _column(self, values: list[float]) -> torch.Tensor:
-        # one small host-to-device copy per step; never a device-to-host one
-        return torch.tensor(values, dtype=torch.float32).to(self.weights.device, non_blocking=True)[
-            :, None
-        ]
+        self._steps[member].zero_()
 
     @torch.no_grad()
     def step(self, grads: torch.Tensor, active: list[bool]) -> None:
-        """One Adam(W) step for every active row; `grads` is (E, P), idle rows are ignored."""
-        beta1, beta2 = self.betas
-        for e, on in enumerate(active):
-            self.steps[e] += int(on)
-        on = self._column([float(a) for a in active])
-        w = self.weights
-        if self.weight_decay and self.decoupled:  # AdamW: shrink the weights first
-            w.mul_(1 - on * (self.lr * self.weight_decay))
-        elif self.weight_decay:  # Adam's L2 term joins the gradient
-            grads = grads.add(w, alpha=self.weight_decay)
-        grads = grads * on  # idle rows: a zero gradient, and their moments are kept below
-        self.exp_avg.lerp_(grads, on * (1 - beta1))
-        self.exp_avg_sq.mul_(1 - on * (1 - beta2)).addcmul_(grads, grads, value=1 - beta2)
-        step_size, bias2_sqrt = [], []
-        for e, a in enumerate(active):
-            s = max(self.steps[e], 1)
-            step_size.append(self.lr / (1 - beta1**s) if a else 0.0)
-            bias2_sqrt.append((1 - beta2**s) ** 0.5)
-        denom = (self.exp_avg_sq.sqrt() / self._column(bias2_sqrt)).add_(self.eps)
-        w.sub_(self.exp_avg / denom * self._column(step_size))
+        """One Adam(W) step for every active row; `grads` is (E, P), idle rows are ignored.
+
+        torch's fused Adam kernel (one pass over the weights, several rows per launch) over
+        the active rows, each row its own "parameter" with its own step counter: exactly
+        what torch.optim.Adam(fused=True) does for E separate models.
+        """
+        rows = [e for e, on in enumerate(active) if on]
+        if not rows:
+            return
+        steps = [self._steps[e] for e in rows]
+        torch._foreach_add_(steps, 1)
+        for e in rows:
+            self.steps[e] += 1
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        kernel(
+            [self.weights[e] for e in rows],
+            [grads[e] for e in rows],
+            [self.exp_avg[e] for e in rows],
+            [self.exp_avg_sq[e] for e in rows],
+            [],
+            steps,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 def clip_rows(grads: torch.Tensor, max_norm: float | None) -> torch.Tensor:

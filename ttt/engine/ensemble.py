@@ -271,9 +271,9 @@ class EnsembleTTT:
         views = (c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
         params = dict(zip(self.names, views, strict=True))
         with self.precision.context():
-            out = functional_call(
-                self.model, params, (), {"input_ids": ids[None], "use_cache": False}
-            )
+            # no use_cache=False: transformers then takes the mask-building path (position
+            # ids -> packed-sequence check), which is far slower than SDPA's is_causal
+            out = functional_call(self.model, params, (), {"input_ids": ids[None]})
         logp = out.logits[0, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
         return -(picked * mask).sum() / mask.sum().clamp(min=1)
