@@ -147,3 +147,17 @@ def test_members_paths_and_refusals(tiny_gpt2, gpt2_tokenizer):
             EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(**unequal))
     with pytest.raises(ValueError, match="float32"):
         EnsembleTTT(tiny_gpt2().to(torch.bfloat16), gpt2_tokenizer, spec())
+
+
+def test_vmap_path_finds_a_kernel_without_a_batching_rule_and_turns_to_eager(
+    tiny_gpt2, gpt2_tokenizer
+):
+    items = ITEMS[1:2]
+    want = sequential(tiny_gpt2(), gpt2_tokenizer, spec(), items)
+    ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(), members=2)
+    assert ensemble.eager_attention is True  # known on CPU: SDPA's backward has no rule
+    ensemble.eager_attention = None  # as on a GPU: not known until the first step
+    got = dict(ensemble.evaluate_stream(items))
+    assert ensemble.eager_attention is True  # the first step met the fallback and said so
+    assert ensemble.model.config._attn_implementation == "sdpa"  # swapped only inside vmap
+    assert_equal_outcomes(got, want, rel=1e-4)

@@ -12,7 +12,9 @@ scoring code; at the end the model is restored from its device-resident snapshot
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +29,8 @@ from ttt.bpb import DEFAULT_BATCH_TOKENS
 from ttt.engine.adam import StackedAdam, clip_rows
 from ttt.engine.precision import Precision, resolve_precision
 from ttt.train import TTTNN, DocOutcome, chunk_tokens
+
+log = logging.getLogger(__name__)
 
 # (key, text, neighbors, distances or None): one test document as the stream gives it
 Item = tuple[Any, str, list[str], list[float] | None]
@@ -47,7 +51,8 @@ def choose_path(model: torch.nn.Module) -> str:
     Dropout makes the sequential loop's masks a function of one RNG stream per document,
     which only the loop path reproduces (it swaps each member's RNG state in and out), so a
     model with dropout takes the loop path. On CPU the vmap path runs eager attention, as
-    PyTorch has no batching rule for CPU SDPA's backward; on CUDA it keeps the model's own.
+    PyTorch has no batching rule for CPU SDPA's backward; elsewhere it keeps the model's own
+    unless the first step shows a batching-rule fallback.
     """
     return "loop" if has_dropout(model) else "vmap"
 
@@ -145,6 +150,9 @@ class EnsembleTTT:
         self.seed = seed
         self.rank = str(rank)
         self.dropout = has_dropout(model)
+        # CPU SDPA's backward has no vmap batching rule: eager attention there. Elsewhere
+        # None = not known yet; the first vmap step finds out (see _grads_vmap)
+        self.eager_attention: bool | None = True if self.device.type == "cpu" else None
 
     # -- the interface TTTNN offers --
 
@@ -318,8 +326,20 @@ class EnsembleTTT:
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         randomness = "different" if self.dropout else "error"
-        with self._vmap_attention():
-            return vmap(grad(self._loss), randomness=randomness)(self.weights, ids, mask)
+        step = vmap(grad(self._loss), randomness=randomness)
+        if self.eager_attention is not None:
+            with self._vmap_attention():
+                return step(self.weights, ids, mask)
+        # first step with the model's own attention: if PyTorch falls back to a per-member
+        # loop for a kernel without a batching rule (it warns), later steps run eager attention
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = step(self.weights, ids, mask)
+        slow = [w for w in caught if "batching rule" in str(w.message)]
+        self.eager_attention = bool(slow)
+        if slow:
+            log.info("vmap path: %s; eager attention from now on", str(slow[0].message)[:120])
+        return grads
 
     def _grads_loop(
         self, chunks: list[list[int] | None], slots: list[_Member | None]
@@ -340,10 +360,10 @@ class EnsembleTTT:
 
     @contextlib.contextmanager
     def _vmap_attention(self) -> Iterator[None]:
-        """Eager attention inside vmap on CPU, where SDPA's backward has no batching rule."""
+        """Eager attention inside vmap where the model's kernel has no batching rule."""
         config = getattr(self.model, "config", None)
         before = getattr(config, "_attn_implementation", None)
-        swap = self.device.type == "cpu" and before not in (None, "eager")
+        swap = bool(self.eager_attention) and before not in (None, "eager")
         if swap:
             config._attn_implementation = "eager"
         try:
