@@ -162,6 +162,7 @@ def bench_ttt(
     neighbors: int | None = None,
     max_length: int | None = None,
     members: int | None = None,
+    path: str | None = None,
     device: str | None = None,
     layers: int | None = None,
     width: int | None = None,
@@ -190,7 +191,9 @@ def bench_ttt(
         ensemble_size=members,
     )
     params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    engine = EnsembleTTT(lm, tokenizer, spec, members=members, seed=seed)
+    # path vmap on a model with dropout: independent masks per member, not the sequential
+    # loop's (equal in distribution only); the default follows choose_path
+    engine = EnsembleTTT(lm, tokenizer, spec, members=members, seed=seed, path=path)
     warm = texts[:1]
     paper_loop(lm, tokenizer, spec, [(warm[0][0], warm[0][1][:1])])  # kernels, allocator
     engine_loop(engine, [(warm[0][0], warm[0][1][:1])], where)
@@ -232,6 +235,7 @@ def bench_ttt(
             "neighbors": neighbors,
             "max_length": max_length,
             "members": members,
+            "path": path,
             "device": device,
             "layers": layers,
             "width": width,

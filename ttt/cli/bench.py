@@ -66,6 +66,7 @@ def _ttt(args: argparse.Namespace) -> dict:
         neighbors=args.neighbors,
         max_length=args.max_length,
         members=args.members,
+        path=args.path,
         device=args.device,
         layers=args.layers,
         width=args.width,
@@ -159,6 +160,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--neighbors", type=int, help="neighbors per document")
     t.add_argument("--max-length", type=int, help="tokens per training chunk")
     t.add_argument("--members", type=int, help="ensemble size (default: from free memory)")
+    t.add_argument(
+        "--path",
+        choices=["vmap", "loop"],
+        help="the engine's path (default: vmap without dropout, loop with it; vmap with "
+        "dropout draws each member's masks independently)",
+    )
     t.add_argument("--device")
     t.add_argument("--layers", type=int, help="GPT-2 presets: fewer layers (tests, CPUs)")
     t.add_argument("--width", type=int, help="GPT-2 presets: a smaller width")
