@@ -323,8 +323,7 @@ class EnsembleTTT:
             if chunk is not None:  # right padding: causal attention keeps real tokens exact
                 ids[e, : len(chunk)] = torch.tensor(chunk)
                 mask[e, : len(chunk) - 1] = 1
-        ids = ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
+        ids, mask = self._to_device(ids), self._to_device(mask)
         randomness = "different" if self.dropout else "error"
         step = vmap(grad(self._loss), randomness=randomness)
         if self.eager_attention is not None:
@@ -349,7 +348,7 @@ class EnsembleTTT:
             member = slots[e]
             if chunk is None or member is None:
                 continue
-            ids = torch.tensor(chunk).to(self.device, non_blocking=True)
+            ids = self._to_device(torch.tensor(chunk))
             mask = torch.ones(len(chunk) - 1, device=self.device)
             if member.rng:
                 self._set_rng(member.rng)
@@ -357,6 +356,13 @@ class EnsembleTTT:
             if member.rng:
                 member.rng = self._get_rng()
         return grads
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a host sync: from pageable memory a CUDA copy
+        waits for the stream, from pinned memory it is queued like a kernel."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
     def _vmap_attention(self) -> Iterator[None]:
