@@ -35,6 +35,7 @@ COMMANDS = [
     ["bench", "embed"],
     ["bench", "index"],
     ["bench", "retrieval"],
+    ["bench", "ttt"],
 ]
 
 
