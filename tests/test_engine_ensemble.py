@@ -140,6 +140,7 @@ def test_one_document_and_an_error_restore_the_weights(tiny_gpt2, gpt2_tokenizer
 
 def test_members_paths_and_refusals(tiny_gpt2, gpt2_tokenizer):
     assert choose_path(tiny_gpt2()) == "vmap" and choose_path(tiny_gpt2(dropout=0.1)) == "loop"
+    assert choose_path(tiny_gpt2(), members=1) == "loop"  # nothing to batch
     assert choose_members(tiny_gpt2(), spec(), torch.device("cpu")) == 1
     assert choose_members(tiny_gpt2(), spec(ensemble_size=6), torch.device("cpu")) == 6
     for unequal in ({"method": "dynamic-eval"}, {"reset_optimizer": False}):

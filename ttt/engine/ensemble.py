@@ -45,16 +45,17 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def choose_path(model: torch.nn.Module) -> str:
+def choose_path(model: torch.nn.Module, members: int = 2) -> str:
     """'vmap' when every member can step in one batched call with results equal to the loop's.
 
     Dropout makes the sequential loop's masks a function of one RNG stream per document,
     which only the loop path reproduces (it swaps each member's RNG state in and out), so a
     model with dropout takes the loop path. On CPU the vmap path runs eager attention, as
     PyTorch has no batching rule for CPU SDPA's backward; elsewhere it keeps the model's own
-    unless the first step shows a batching-rule fallback.
+    unless the first step shows a batching-rule fallback. One member takes the loop path:
+    nothing to batch, and it keeps the model's own attention kernel.
     """
-    return "loop" if has_dropout(model) else "vmap"
+    return "loop" if members == 1 or has_dropout(model) else "vmap"
 
 
 def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) -> int:
@@ -136,7 +137,7 @@ class EnsembleTTT:
         self.params = [p for _, p in named]
         self.base = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.members = members or choose_members(model, ttt_spec, self.device)
-        self.path = path or choose_path(model)
+        self.path = path or choose_path(model, self.members)
         if self.path not in ("vmap", "loop"):
             raise ValueError(f"path {self.path!r}: expected 'vmap' or 'loop'")
         self.weights = self.base.repeat(self.members, 1)
