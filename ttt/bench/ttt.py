@@ -22,7 +22,7 @@ from ttt.train import TTTNN, chunk_tokens
 # 774M built from their configs with random weights (speed only: no download), sized for
 # about a minute of the paper's loop on one H100 at the paper's 1024-token chunks.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"model": "smollm2-135m", "max_length": 256, "documents": 2, "neighbors": 3},
+    "cpu": {"model": "smollm2-135m", "max_length": 128, "documents": 2, "neighbors": 2},
     "gpt2": {"model": "gpt2", "max_length": 1024, "documents": 32, "neighbors": 16},
     "gpt2-large": {"model": "gpt2-large", "max_length": 1024, "documents": 16, "neighbors": 8},
 }
