@@ -63,7 +63,7 @@ def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) 
 
     A member costs its float32 weights, gradient, two Adam moments and temporaries (about
     24 bytes per parameter) plus the activations of one chunk; on a GPU E fills 70 % of the
-    free memory (at most 64), on a CPU it is 1 (more members only add work there).
+    free memory (at most 64); on a CPU it is 1 unless set (see docs/performance.md).
     """
     requested = getattr(ttt_spec, "ensemble_size", None)
     if requested:
