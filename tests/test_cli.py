@@ -37,6 +37,7 @@ COMMANDS = [
     ["bench", "retrieval"],
     ["plan"],
     ["bench", "reliability"],
+    ["bench", "ttt"],
 ]
 
 

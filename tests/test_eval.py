@@ -21,11 +21,11 @@ import pytest
 from ttt.eval import (
     EvalError,
     evaluate_rank,
-    guard_neighbors,
     partition,
     resolve_rank,
     select_test_documents,
 )
+from ttt.eval_document import guard_neighbors
 from ttt.results import ResultsError, merge_records, parse_results, rank_results
 from ttt.spec import parse_spec
 
@@ -559,8 +559,9 @@ def test_carried_optimizer_state_starts_afresh_with_each_task(tmp_path, model_di
     alone = github_scores(["Github"], "alone", reset=False)
     assert len(both) == 2 and both == alone  # Github starts with a fresh optimizer either way
     fresh = github_scores(["Github"], "fresh", reset=True)
-    assert fresh[0] == alone[0]  # the task's first document: nothing carried yet
-    assert fresh[1] != alone[1]  # the second trains with the first one's Adam moments
+    # resetOptimizer true runs the ensemble engine (equal to the loop up to float rounding)
+    assert fresh[0] == pytest.approx(alone[0], rel=1e-6)  # the task's first: nothing carried
+    assert fresh[1] != pytest.approx(alone[1], rel=1e-6)  # the second: the first one's moments
 
 
 class Counting:
@@ -862,7 +863,9 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
     )
     store = open_store(run.spec.storage)
     prefix = f"{run.prefix}/eval/rank-00000"
-    assert len(rank_results(store, prefix)) == 3  # three documents finished before the kill
+    # the kill comes at the fourth search; the engine retrieves one document ahead of the
+    # one it trains (ensemble of one on a CPU), so two documents had finished
+    assert len(rank_results(store, prefix)) == 2
     assert store.read_manifest(prefix) is None
     # a crash in the middle of an upload on a store without atomic writes: a torn tail
     (key,) = store.list(f"{prefix}/attempts/")  # the killed attempt's own file

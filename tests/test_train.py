@@ -263,7 +263,6 @@ def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
     outcome = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec(), rank="7").evaluate(DOC, RELATED)
     assert value(telemetry.TRAIN_STEPS) - steps == outcome.train_steps > 0
     assert value(telemetry.TRAIN_TOKENS) - tokens == outcome.train_tokens
-    assert value(telemetry.TRAIN_TOKENS_PER_SECOND) > 0
 
 
 def test_baseline_outcomes_reach_the_result_record(tiny_gpt2, gpt2_tokenizer):

@@ -72,6 +72,28 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def _attention_kwargs(path: str) -> dict[str, str]:
+    """attn_implementation="sdpa" for architectures that have it; {} for the others."""
+    try:
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        model_class = AutoModel._model_mapping[type(config)]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {"attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else {}
+
+
+def _collect(
+    pending: tuple[np.ndarray, torch.Tensor, int, Any],
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A launched batch's (rows, vectors, tokens), once its copy to the host has finished."""
+    rows, vectors, tokens, done = pending
+    if done is not None:
+        done.synchronize()
+    return rows, vectors.numpy(), tokens
+
+
 class Encoder:
     """A transformer encoder that turns texts into one vector each (float32, n x dim)."""
 
@@ -98,7 +120,10 @@ class Encoder:
         path = resolve_model(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path, **{_DTYPE_KWARG: self.dtype})
+            # SDPA (flash / memory-efficient kernels on a GPU) where the architecture has it
+            self.model = AutoModel.from_pretrained(
+                path, **{_DTYPE_KWARG: self.dtype}, **_attention_kwargs(path)
+            )
         except OSError as exc:
             raise EmbedError(f"encoder {model!r} ({path}): cannot load: {exc}") from None
         self.model.to(self.device).eval()
@@ -146,7 +171,8 @@ class Encoder:
         return sum(len(ids) for ids in self.tokenize(texts))
 
     @torch.inference_mode()
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+    def _launch(self, batch: list[list[int]]) -> torch.Tensor:
+        """Queue one batch on the device; its float32 vectors (on a GPU: still computing)."""
         width = max(len(x) for x in batch)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -154,7 +180,10 @@ class Encoder:
         for i, x in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
             input_ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if self.device.type == "cuda":  # pinned pages: the copy runs while the host packs on
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "mean":
             vectors = mean_pool(hidden, mask)
@@ -162,14 +191,31 @@ class Encoder:
             vectors = hidden[:, 0].to(torch.float32)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        return vectors.cpu().numpy()
+        if self.device.type == "cuda":
+            host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+            return host.copy_(vectors, non_blocking=True)
+        return vectors
 
     def encode_batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """Yields (rows, vectors, tokens) per packed batch; rows index into `texts`."""
+        """Yields (rows, vectors, tokens) per packed batch; rows index into `texts`.
+
+        On a GPU the next batch is packed and queued before the previous one is read back
+        (pinned, non-blocking copies), so the device never waits for the host in between.
+        """
         ids = self.tokenize(texts)
+        pending: tuple[np.ndarray, torch.Tensor, int, Any] | None = None
         for rows in plan_batches([len(x) for x in ids], self.batch_tokens):
             batch = [ids[r] for r in rows]
-            yield np.asarray(rows), self._forward(batch), sum(len(x) for x in batch)
+            launched = self._launch(batch)
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+            if pending is not None:
+                yield _collect(pending)
+            pending = (np.asarray(rows), launched, sum(len(x) for x in batch), done)
+        if pending is not None:
+            yield _collect(pending)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """One float32 vector per text, in the order of `texts`."""

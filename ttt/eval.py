@@ -16,8 +16,9 @@ from typing import Any
 from ttt import telemetry
 from ttt.bpb import TaskTotals
 from ttt.corpus import Document, iter_documents
+from ttt.engine.select import build_engine
 from ttt.errors import TTTError
-from ttt.index.retrieval import euclidean
+from ttt.eval_document import evaluate_documents, needs_neighbors
 from ttt.progress import WorkProgress
 from ttt.results import (
     ATTEMPTS,
@@ -26,11 +27,9 @@ from ttt.results import (
     checkpoint_score,
     load_existing,
     publish_rank,
-    result_record,
     task_totals,
     write_records,
 )
-from ttt.train import TTTNN, select_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -146,30 +145,6 @@ def rank_prefix(run: Any, rank: int) -> str:
     return f"{run.prefix}/eval/rank-{rank:05d}"
 
 
-def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tuple[list, list]:
-    """(kept, excluded) neighbors, nearest first: the distance threshold, then the leakage guard.
-
-    The rule is train.select_neighbors' (one definition); it is applied neighbor by neighbor
-    here so that the record can name which neighbors were used and which were excluded.
-    Neighbors carry FAISS's squared L2; the rule compares Euclidean distances.
-    """
-    kept, excluded = [], []
-    for n in sorted(neighbors, key=lambda n: n.distance):
-        verdict = select_neighbors(
-            text,
-            [n.text or ""],
-            [euclidean(n.distance)],
-            distance_threshold=retrieval.distance_threshold,
-            exclude_identical=retrieval.exclude_identical,
-            identical_distance=retrieval.identical_distance,
-        )
-        if verdict.texts:
-            kept.append(n)
-        elif verdict.excluded_identical:
-            excluded.append(n)
-    return kept, excluded
-
-
 def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
     """The run's shard servers (found by discover_endpoints), or its shards loaded here."""
     from ttt.index.client import LocalRetriever, ShardedRetriever
@@ -180,15 +155,10 @@ def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
 
 
 def _default_lm(run: Any) -> tuple[Any, Any]:
-    from ttt.lm import load_lm
+    from ttt.engine.precision import load_for_engine
+    from ttt.engine.select import choose_engine
 
-    t = run.spec.ttt
-    return load_lm(t.model, dtype=t.dtype, device=t.device)
-
-
-def _needs_neighbors(run: Any) -> bool:
-    t = run.spec.ttt
-    return run.spec.retrieval.neighbors > 0 and t.method != "dynamic-eval"
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt))
 
 
 class _Progress:
@@ -329,26 +299,20 @@ def evaluate_rank(
             log.warning("metrics port %d unavailable: %s", run.spec.metrics.port, exc)
 
     if todo:
-        if _needs_neighbors(run) and retriever is None:
+        if needs_neighbors(run) and retriever is None:
             retriever = _default_retriever(run, store, local_index)
         model, tokenizer = lm or _default_lm(run)
-        ttt = TTTNN(model, tokenizer, run.spec.ttt, rank=str(rank))
-        k = run.spec.retrieval.neighbors
+        # the fast engine wherever it equals the sequential loop (ttt.engine.select)
+        engine = build_engine(model, tokenizer, run.spec.ttt, rank=str(rank))
         last_flush = time.monotonic()
         bar = WorkProgress(
             f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
         )
-        ttt.on_neighbor = bar.neighbor
+        engine.on_neighbor = bar.neighbor
         try:
             with local.open("a", encoding="utf-8") as out:
-                task = None
-                for i, doc in enumerate(todo):
-                    bar.start_document(doc.id)
-                    if doc.domain != task:  # a carried optimizer state stays within a task
-                        ttt.new_task()
-                        task = doc.domain
-                    record = _evaluate_document(run, ttt, retriever, doc, k, spec_hash, rank)
-                    bar.finish_document()
+                finished = evaluate_documents(run, engine, retriever, todo, spec_hash, rank, bar)
+                for i, record in enumerate(finished):
                     out.write(json.dumps(record, sort_keys=True) + "\n")
                     out.flush()
                     records.append(record)
@@ -376,116 +340,3 @@ def evaluate_rank(
     progress_figures.push_final(run)
     log.info("eval rank %d: published %d records to %s", rank, len(records), key)
     return manifest
-
-
-def _retrieve(
-    retriever: Any, query: str, k: int, rank: int, wait_seconds: float, vectors: bool = False
-) -> Any:
-    """The query's retrieval, waiting (bounded, with backoff) while too few shards answer.
-
-    A shard not yet ready or restarting must not turn into a document scored on fewer
-    neighbors: the worker waits, says so in its log and in ttt_eval_waiting_for_shards /
-    ttt_eval_retrieval_waits_total, and fails after `wait_seconds` (its Job retries it).
-    """
-    from ttt.index.retrieval import ShardsUnavailable
-
-    start, pause = time.monotonic(), 1.0
-    label = str(rank)
-    try:
-        while True:
-            try:
-                extra = {"with_vectors": True} if vectors else {}  # SIFT's candidates
-                (result,) = retriever.search([query], k=k, with_text=True, **extra)
-                return result
-            except ShardsUnavailable as exc:
-                waited = time.monotonic() - start
-                if waited >= wait_seconds:
-                    raise EvalError(
-                        f"eval rank {rank}: shards {exc.failed} did not answer for "
-                        f"{waited:.0f} s (spec.retrieval.waitSeconds): {exc}"
-                    ) from exc
-                telemetry.EVAL_RETRIEVAL_WAITS.labels(label).inc()
-                telemetry.EVAL_WAITING.labels(label).set(1)
-                sleep = min(pause, wait_seconds - waited)
-                log.warning(
-                    "eval rank %d: waiting %.1f s for shard(s) %s (waited %.0f of %.0f s): %s",
-                    rank,
-                    sleep,
-                    exc.failed,
-                    waited,
-                    wait_seconds,
-                    exc,
-                )
-                time.sleep(sleep)
-                pause = min(2 * pause, 30.0)
-    finally:
-        telemetry.EVAL_WAITING.labels(label).set(0)
-
-
-def _evaluate_document(
-    run: Any, ttt: Any, retriever: Any, doc: Document, k: int, spec_hash: str, rank: int
-) -> dict[str, Any]:
-    """Retrieve, guard, train and score one test document; its result record."""
-    retrieval_spec = run.spec.retrieval
-    kept: list[Any] = []
-    excluded: list[Any] = []
-    retriever_excluded = 0
-    partial, failed = False, []
-    start = time.perf_counter()
-    sift = retrieval_spec.selection == "sift"
-    selected: dict[str, Any] = {}
-    if retriever is not None and _needs_neighbors(run):
-        query = ttt.query_text(doc.text)
-        # SIFT: K' candidates with their vectors; it picks k of them below
-        want = retrieval_spec.candidate_count if sift else k
-        result = _retrieve(retriever, query, want, rank, retrieval_spec.wait_seconds, sift)
-        # The retriever guards against the query; in split-text mode that is half the
-        # document, so the whole document is checked here too.
-        kept, excluded = guard_neighbors(doc.text, result.neighbors, retrieval_spec)
-        retriever_excluded = int(getattr(result, "excluded", 0))
-        partial, failed = bool(result.partial), sorted(result.failed_shards)
-        if sift:
-            kept, selected = _sift(kept, result.query_vector, k, retrieval_spec)
-    retrieve_seconds = time.perf_counter() - start - selected.get("seconds", 0.0)
-    distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
-    # SIFT's picks train in pick order (its most informative first), so the loop is not
-    # given distances to re-order by; the threshold was applied to the candidates already.
-    outcome = ttt.evaluate(doc.text, [n.text for n in kept], distances=None if sift else distances)
-    return result_record(
-        doc,
-        outcome,
-        spec_hash=spec_hash,
-        rank=rank,
-        neighbors=len(kept),
-        excluded=len(excluded) + retriever_excluded,
-        neighbor_ids=[n.id for n in kept],
-        excluded_ids=[n.id for n in excluded],
-        distances=distances,
-        distance_unit="euclidean",
-        partial=partial,
-        failed_shards=failed,
-        seconds={
-            "retrieve": retrieve_seconds,
-            "train": float(outcome.seconds_training),
-            "score": float(outcome.seconds_scoring),
-            **({"select": selected["seconds"]} if sift else {}),
-        },
-        **({"selection": "sift", **selected["facts"]} if sift else {}),
-    )
-
-
-def _sift(candidates: list, query_vector: Any, k: int, retrieval: Any) -> tuple[list, dict]:
-    """SIFT's k picks among the guarded candidates, and what the record says about them."""
-    from ttt.index.selection import choose_neighbors
-
-    start = time.perf_counter()
-    picked, selection = choose_neighbors(candidates, query_vector, k, "sift", retrieval.sift_lambda)
-    seconds = time.perf_counter() - start
-    facts = {
-        "candidates": len(candidates),
-        # each neighbor's rank by distance among the candidates (0 = nearest): what SIFT
-        # chose that nearest neighbors would not have
-        "neighbor_ranks": selection.indices,
-        "sift_variances": selection.variances,
-    }
-    return picked, {"seconds": seconds, "facts": facts}

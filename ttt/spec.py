@@ -184,6 +184,14 @@ class TTTSpec(_Section):
         2.3, ge=0, description="in-context: neighbors at Euclidean distance < this (reference)"
     )
     eval_after: list[int] = Field(default_factory=lambda: [0, 50])
+    engine: Literal["auto", "sequential", "ensemble"] = Field(
+        "auto",
+        description="auto = the ensemble engine wherever it equals the sequential loop "
+        "(ttt-nn, resetOptimizer true), else the sequential loop",
+    )
+    ensemble_size: int | None = Field(
+        None, ge=1, le=1024, description="documents trained at once; none = from free memory"
+    )
 
     @field_validator("eval_after")
     @classmethod
@@ -270,6 +278,8 @@ OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
         | {"allow_partial", "min_shards", "deadline_seconds", "max_backoff_seconds"}
         | {"wait_seconds", "registry_hosts"}
     ),
+    # each document trains as its own model, so how many train at once never changes a result
+    "ttt": frozenset({"ensemble_size"}),
 }
 
 

@@ -118,6 +118,8 @@ def bench_embed(
         "model": model,
         "device": str(ours.device),
         "dtype": str(ours.dtype).removeprefix("torch."),
+        "attention": str(getattr(ours.model.config, "_attn_implementation", "eager")),
+        "pinned_overlapped_copies": ours.device.type == "cuda",
         "documents": len(texts),
         "tokens": tokens,
         "ours_seconds": round(ours_s, 3),

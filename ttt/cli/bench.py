@@ -1,4 +1,4 @@
-"""`ttt bench embed|index|retrieval|reliability`: benchmarks that print figures, ratios and their command."""
+"""`ttt bench embed|index|retrieval|ttt|reliability`: figures and the command behind them."""
 
 from __future__ import annotations
 
@@ -68,6 +68,24 @@ def _reliability(args: argparse.Namespace) -> dict:
     return figures
 
 
+def _ttt(args: argparse.Namespace) -> dict:
+    from ttt.bench.ttt import bench_ttt
+
+    return bench_ttt(
+        preset=args.preset,
+        model=args.model,
+        documents=args.documents,
+        neighbors=args.neighbors,
+        max_length=args.max_length,
+        members=args.members,
+        path=args.path,
+        device=args.device,
+        layers=args.layers,
+        width=args.width,
+        seed=args.seed,
+    )
+
+
 def _runner(bench):
     def run(args: argparse.Namespace) -> int:
         figures = bench(args)
@@ -81,7 +99,7 @@ def _runner(bench):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks: embedding, index build, fan-out retrieval",
+        help="benchmarks: embedding, index build, fan-out retrieval, TTT-NN training",
         epilog="example: ttt bench retrieval --preset cpu --json",
     )
     benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -143,7 +161,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--with-text", action="store_true")
     r.set_defaults(func=_runner(_retrieval))
 
-    for parser in (e, i, r):
+    t = benches.add_parser(
+        "ttt",
+        help="TTT-NN ms per neighbor, TFLOP/s and bpb: the paper's loop vs ours, one process",
+        epilog="example: ttt bench ttt --preset cpu",
+    )
+    t.add_argument("--preset", choices=["cpu", "gpt2", "gpt2-large"], default="cpu")
+    t.add_argument("--model", help="an offline name, HF id or path instead of the preset's")
+    t.add_argument("--documents", type=int)
+    t.add_argument("--neighbors", type=int, help="neighbors per document")
+    t.add_argument("--max-length", type=int, help="tokens per training chunk")
+    t.add_argument("--members", type=int, help="ensemble size (default: from free memory)")
+    t.add_argument(
+        "--path",
+        choices=["vmap", "loop"],
+        help="the engine's path (default: vmap without dropout, loop with it; vmap with "
+        "dropout draws each member's masks independently)",
+    )
+    t.add_argument("--device")
+    t.add_argument("--layers", type=int, help="GPT-2 presets: fewer layers (tests, CPUs)")
+    t.add_argument("--width", type=int, help="GPT-2 presets: a smaller width")
+    t.set_defaults(func=_runner(_ttt))
+
+    for parser in (e, i, r, t):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
 

@@ -1,0 +1,47 @@
+"""StackedAdam over (E, P) rows is E independent torch optimizers; clip_rows is clip_grad_norm_."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.engine.adam import StackedAdam, clip_rows
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_one_stacked_adam_is_independent_optimizers_with_their_own_start_and_idle_steps(kind):
+    torch.manual_seed(0)
+    members, size = 3, 50
+    start = torch.randn(members, size)
+    weights = start.clone()
+    stacked = StackedAdam(weights, lr=1e-2, eps=1e-8, weight_decay=0.05, decoupled=kind == "adamw")
+    optimizer = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    params = [torch.nn.Parameter(start[e].clone()) for e in range(members)]
+    torch_opts = [optimizer([p], lr=1e-2, eps=1e-8, weight_decay=0.05) for p in params]
+    # member 1 idles at steps 2 and 3, member 2 is refilled (fresh optimizer) at step 4
+    schedule = [[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 1, 1], [1, 1, 1]]
+    for i, active in enumerate(schedule):
+        if i == 4:
+            stacked.reset(2)
+            torch_opts[2] = optimizer([params[2]], lr=1e-2, eps=1e-8, weight_decay=0.05)
+        grads = torch.randn(members, size)
+        stacked.step(grads, [bool(a) for a in active])
+        for e, on in enumerate(active):
+            if on:
+                params[e].grad = grads[e].clone()
+                torch_opts[e].step()
+    for e in range(members):
+        torch.testing.assert_close(weights[e], params[e].detach(), rtol=1e-6, atol=1e-7)
+    assert stacked.steps == [6, 4, 2]
+
+
+def test_clip_rows_scales_each_member_as_clip_grad_norm():
+    torch.manual_seed(1)
+    grads = torch.randn(4, 30) * torch.tensor([[0.01], [1.0], [5.0], [100.0]])
+    clipped = clip_rows(grads, 1.0)
+    for e in range(4):
+        p = torch.nn.Parameter(torch.zeros(30))
+        p.grad = grads[e].clone()
+        torch.nn.utils.clip_grad_norm_([p], 1.0)
+        torch.testing.assert_close(clipped[e], p.grad, rtol=1e-6, atol=0)
+    assert torch.equal(clip_rows(grads, None), grads)

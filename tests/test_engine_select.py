@@ -1,0 +1,56 @@
+"""The rule that picks an engine, and the precision each dtype means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.engine.precision import resolve_precision, weight_dtype
+from ttt.engine.select import EngineError, SequentialEngine, build_engine, choose_engine
+from ttt.spec import TTTSpec, parse_spec
+
+
+def test_auto_takes_the_ensemble_only_where_it_equals_the_sequential_loop():
+    assert choose_engine(TTTSpec()) == "ensemble"  # the paper's ttt-nn with a fresh Adam
+    assert choose_engine(TTTSpec(dtype="bfloat16")) == "ensemble"
+    for unequal in (
+        {"method": "dynamic-eval"},
+        {"method": "in-context"},
+        {"reset_optimizer": False},  # the reference code's carried optimizer state
+        {"dtype": "float16"},
+    ):
+        assert choose_engine(TTTSpec(**unequal)) == "sequential", unequal
+        with pytest.raises(EngineError, match="not equal to the sequential loop"):
+            choose_engine(TTTSpec(engine="ensemble", **unequal))
+    assert choose_engine(TTTSpec(engine="sequential")) == "sequential"
+
+
+def test_the_engine_switch_is_a_spec_field_and_ensemble_size_stays_out_of_the_hash():
+    def run(**ttt):
+        raw = {"apiVersion": "ttt.dev/v1alpha1", "kind": "TTTRun", "metadata": {"name": "a"}}
+        return parse_spec(raw | {"spec": {"ttt": ttt}}, environ={})
+
+    assert run(engine="sequential").spec.ttt.engine == "sequential"
+    assert run().stage_hash("eval") == run(ensembleSize=8).stage_hash("eval")
+    assert run().stage_hash("eval") != run(engine="sequential").stage_hash("eval")
+    with pytest.raises(ValueError, match="engine"):
+        run(engine="fastest")
+
+
+def test_a_model_not_in_float32_runs_the_sequential_loop(tiny_gpt2, gpt2_tokenizer):
+    model = tiny_gpt2().to(torch.bfloat16)
+    assert isinstance(build_engine(model, gpt2_tokenizer, TTTSpec()), SequentialEngine)
+    with pytest.raises(EngineError, match="float32"):
+        build_engine(model, gpt2_tokenizer, TTTSpec(engine="ensemble"))
+
+
+def test_auto_never_means_bf16_weights():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).autocast is None  # CPUs train in float32
+    assert resolve_precision("bfloat16", cpu).autocast is torch.bfloat16
+    assert resolve_precision("float32", cpu).name == "float32"
+    with pytest.raises(ValueError, match="float16"):
+        resolve_precision("float16", cpu)
+    assert weight_dtype("auto", "ensemble") == weight_dtype("auto", "sequential") == "float32"
+    assert weight_dtype("bfloat16", "ensemble") == "float32"  # masters, autocast computes
+    assert weight_dtype("bfloat16", "sequential") == "bfloat16"  # as asked, the old loop

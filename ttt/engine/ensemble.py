@@ -1,0 +1,410 @@
+"""Several test documents at once: an ensemble of independent models over stacked weights.
+
+Each member is one test document's copy of the model: its weights are one row of an
+(E, P) float32 matrix, its optimizer one row of StackedAdam, its gradient clipped on its
+own. A step trains every active member on its next chunk, either all at once with
+vmap(grad(functional_call)) (the "vmap" path) or member after member (the "loop" path,
+for attention kernels without a vmap rule and for dropout masks equal to the sequential
+loop's). Scoring copies a member's row into the model and calls the sequential loop's own
+scoring code; at the end the model is restored from its device-resident snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from ttt import telemetry
+from ttt.bpb import DEFAULT_BATCH_TOKENS
+from ttt.engine.adam import StackedAdam, clip_rows
+from ttt.engine.precision import Precision, resolve_precision
+from ttt.train import TTTNN, DocOutcome, chunk_tokens
+
+log = logging.getLogger(__name__)
+
+# (key, text, neighbors, distances or None): one test document as the stream gives it
+Item = tuple[Any, str, list[str], list[float] | None]
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training mode draws random numbers (a Dropout module or attention dropout)."""
+    config = getattr(model, "config", None)
+    for attr in ("attention_dropout", "attn_pdrop"):
+        if float(getattr(config, attr, 0.0) or 0.0) > 0:
+            return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def choose_path(model: torch.nn.Module, members: int = 2) -> str:
+    """'vmap' when every member can step in one batched call with results equal to the loop's.
+
+    Dropout makes the sequential loop's masks a function of one RNG stream per document,
+    which only the loop path reproduces (it swaps each member's RNG state in and out), so a
+    model with dropout takes the loop path. On CPU the vmap path runs eager attention, as
+    PyTorch has no batching rule for CPU SDPA's backward; elsewhere it keeps the model's own
+    unless the first step shows a batching-rule fallback. One member takes the loop path:
+    nothing to batch, and it keeps the model's own attention kernel.
+    """
+    return "loop" if members == 1 or has_dropout(model) else "vmap"
+
+
+def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) -> int:
+    """How many documents train at once: `spec.ttt.ensembleSize`, else from free memory.
+
+    A member costs its float32 weights, gradient, two Adam moments and temporaries (about
+    24 bytes per parameter) plus the activations of one chunk; on a GPU E fills 70 % of the
+    free memory (at most 64); on a CPU it is 1 unless set (see docs/performance.md).
+    """
+    requested = getattr(ttt_spec, "ensemble_size", None)
+    if requested:
+        return int(requested)
+    if device.type != "cuda":
+        return 1
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    layers = int(getattr(config, "num_hidden_layers", 12))
+    hidden = int(getattr(config, "hidden_size", 768))
+    vocab = int(getattr(config, "vocab_size", 50257))
+    activations = int(ttt_spec.max_length) * (layers * hidden * 40 + vocab * 12)
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(64, int(0.7 * free // (24 * params + activations))))
+
+
+@dataclass
+class _Plan:
+    """One document, tokenized: what to score and the steps to take, neighbor by neighbor."""
+
+    key: Any
+    scored: str
+    steps: list[list[list[int]]]  # per neighbor: its chunks, steps_per_neighbor times over
+
+
+@dataclass
+class _Member:
+    plan: _Plan
+    outcome: DocOutcome
+    last: int
+    n: int = 0  # neighbors finished
+    cursor: int = 0  # next chunk of neighbor n
+    rng: list[torch.Tensor] = field(default_factory=list)
+    step_losses: list[torch.Tensor] = field(default_factory=list)  # of neighbor n, on device
+    neighbor_losses: list[torch.Tensor] = field(default_factory=list)  # one per neighbor
+
+
+class EnsembleTTT:
+    """TTT-NN on E documents at once, each document's result equal to TTTNN.evaluate's.
+
+    Equal only where every document starts from the saved weights and a fresh optimizer
+    (method ttt-nn, resetOptimizer true): ttt.engine.select.choose_engine enforces it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        ttt_spec: Any,
+        *,
+        rank: str = "0",
+        seed: int = 0,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        members: int | None = None,
+        path: str | None = None,
+    ) -> None:
+        if ttt_spec.method != "ttt-nn" or not ttt_spec.reset_optimizer:
+            raise ValueError("the ensemble engine runs method ttt-nn with resetOptimizer true")
+        self.spec = ttt_spec
+        # the sequential loop: its texts, scoring, saved weights and exact restore, shared
+        self.ref = TTTNN(
+            model, tokenizer, ttt_spec, rank=rank, seed=seed, batch_tokens=batch_tokens
+        )
+        self.model, self.tokenizer = model, tokenizer
+        self.device = self.ref.device
+        self.precision: Precision = resolve_precision(ttt_spec.dtype, self.device)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if any(p.dtype != torch.float32 for _, p in named):
+            raise ValueError("the ensemble engine trains float32 master weights: load in float32")
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.params = [p for _, p in named]
+        self.base = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.members = members or choose_members(model, ttt_spec, self.device)
+        self.path = path or choose_path(model, self.members)
+        if self.path not in ("vmap", "loop"):
+            raise ValueError(f"path {self.path!r}: expected 'vmap' or 'loop'")
+        self.weights = self.base.repeat(self.members, 1)
+        self.adam = StackedAdam(
+            self.weights,
+            lr=ttt_spec.learning_rate,
+            eps=ttt_spec.eps,
+            weight_decay=ttt_spec.weight_decay,
+            decoupled=ttt_spec.optimizer == "adamw",
+        )
+        self.seed = seed
+        self.rank = str(rank)
+        # Called as on_neighbor(n, of, steps) after each neighbor (progress), with one member
+        # only: with several, documents interleave and "the current document" has no meaning.
+        self.on_neighbor: Any = None
+        self.on_start: Any = None  # called with a document's key as it starts, likewise
+        self.dropout = has_dropout(model)
+        # CPU SDPA's backward has no vmap batching rule: eager attention there. Elsewhere
+        # None = not known yet; the first vmap step finds out (see _grads_vmap)
+        self.eager_attention: bool | None = True if self.device.type == "cpu" else None
+
+    # -- the interface TTTNN offers --
+
+    def query_text(self, text: str) -> str:
+        return self.ref.query_text(text)
+
+    def new_task(self) -> None:
+        """Nothing to do: every document starts with a fresh optimizer (resetOptimizer true)."""
+
+    def evaluate(
+        self, text: str, neighbors: list[str], *, distances: list[float] | None = None
+    ) -> DocOutcome:
+        """One document, as TTTNN.evaluate (an ensemble of one)."""
+        ((_, outcome),) = list(self.evaluate_stream([(0, text, neighbors, distances)]))
+        return outcome
+
+    # -- documents -> plans (runs on the prefetch thread while the device works) --
+
+    def _plan(self, item: Item) -> _Plan:
+        key, text, neighbors, distances = item
+        if distances is not None:  # TTTNN.evaluate's order: by distance, stable, then reversed
+            if len(distances) != len(neighbors):
+                raise ValueError(f"{len(neighbors)} neighbors but {len(distances)} distances")
+            order = sorted(range(len(neighbors)), key=lambda i: distances[i])
+            neighbors = [neighbors[i] for i in order]
+        if self.spec.order == "farthest-first":
+            neighbors = neighbors[::-1]
+        last = min(max(self.spec.eval_after, default=0), len(neighbors))
+        stride = self.spec.chunk_stride
+        steps = []
+        for neighbor in neighbors[:last]:
+            ids = self.tokenizer.encode(neighbor, add_special_tokens=False)
+            chunks = chunk_tokens(ids, self.ref.max_length, stride)
+            steps.append(chunks * self.spec.steps_per_neighbor)
+        return _Plan(key, self.ref.scored_text(text), steps)
+
+    # -- the stream --
+
+    def evaluate_stream(self, items: Iterable[Item]) -> Iterator[tuple[Any, DocOutcome]]:
+        """(key, outcome) per document, in the order documents finish; E train at a time."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ttt-tokenize")
+        source = iter(items)
+        ahead: deque[Future[_Plan]] = deque()
+
+        def refill_ahead() -> None:
+            while len(ahead) < self.members:
+                item = next(source, None)
+                if item is None:
+                    return
+                ahead.append(pool.submit(self._plan, item))
+
+        slots: list[_Member | None] = [None] * self.members
+        try:
+            with torch.random.fork_rng(devices=self.ref._rng_devices()):
+                refill_ahead()
+                while True:
+                    done = self._fill(slots, ahead)
+                    refill_ahead()
+                    yield from done
+                    if not any(slots):
+                        if ahead:
+                            continue
+                        return
+                    yield from self._step(slots)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.ref.reset()
+
+    def _fill(
+        self, slots: list[_Member | None], ahead: deque[Future[_Plan]]
+    ) -> list[tuple[Any, DocOutcome]]:
+        """Start the next documents in free slots; returns those that finish without a step."""
+        done = []
+        for e in range(self.members):
+            while slots[e] is None and ahead:
+                member = self._start(e, ahead.popleft().result())
+                finished = self._advance(e, member)
+                if finished is None:
+                    slots[e] = member
+                else:
+                    done.append(finished)
+        return done
+
+    def _start(self, e: int, plan: _Plan) -> _Member:
+        self.weights[e].copy_(self.base)  # bit-identical start: the saved weights
+        self.adam.reset(e)
+        checkpoints = self.spec.eval_after
+        member = _Member(plan, DocOutcome(method="ttt-nn"), last=len(plan.steps))
+        if self.on_start is not None and self.members == 1:
+            self.on_start(plan.key)
+        if self.dropout:
+            torch.manual_seed(self.seed)  # the sequential loop seeds every document alike
+            member.rng = self._get_rng()
+        self._score(e, member, 0, checkpoints)
+        return member
+
+    def _advance(self, e: int, member: _Member) -> tuple[Any, DocOutcome] | None:
+        """Close finished neighbors (scoring those due); the outcome once the plan is done."""
+        while member.n < member.last and member.cursor >= len(member.plan.steps[member.n]):
+            # the sequential loop's training loss of a neighbor: the mean over its steps
+            steps = member.step_losses
+            nan = torch.tensor(float("nan"), device=self.device)
+            member.neighbor_losses.append(torch.stack(steps).mean() if steps else nan)
+            member.step_losses = []
+            member.n += 1
+            member.cursor = 0
+            member.outcome.neighbors_used = member.n
+            self._score(e, member, member.n, self.spec.eval_after)
+            if self.on_neighbor is not None and self.members == 1:
+                self.on_neighbor(member.n, member.last, member.outcome.train_steps)
+        if member.n < member.last:
+            return None
+        if member.neighbor_losses:  # one host sync per document, not per step
+            member.outcome.train_losses = torch.stack(member.neighbor_losses).tolist()
+        self._count(member.outcome)
+        return member.plan.key, member.outcome
+
+    def _score(self, e: int, member: _Member, n: int, checkpoints: list[int]) -> None:
+        due = [c for c in checkpoints if c == n or (n == member.last and c > member.last)]
+        if not due:
+            return
+        with torch.no_grad():
+            for p, row in zip(self.params, self.weights[e].split(self.sizes), strict=True):
+                p.copy_(row.view(p.shape))
+        self.ref._score_due(member.outcome, member.plan.scored, n, checkpoints, member.last)
+
+    def _count(self, outcome: DocOutcome) -> None:
+        telemetry.TRAIN_TOKENS.labels(self.rank).inc(outcome.train_tokens)
+        telemetry.TRAIN_STEPS.labels(self.rank).inc(outcome.train_steps)
+
+    # -- one step of every active member --
+
+    def _loss(self, flat: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one member on one chunk; `mask` marks the real targets."""
+        views = (c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
+        params = dict(zip(self.names, views, strict=True))
+        with self.precision.context():
+            # no use_cache=False: transformers then takes the mask-building path (position
+            # ids -> packed-sequence check), which is far slower than SDPA's is_causal
+            out = functional_call(self.model, params, (), {"input_ids": ids[None]})
+        logp = out.logits[0, :-1].float().log_softmax(-1)
+        picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
+        return -(picked * mask).sum() / mask.sum().clamp(min=1)
+
+    def _step(self, slots: list[_Member | None]) -> list[tuple[Any, DocOutcome]]:
+        start = time.perf_counter()
+        chunks = [m.plan.steps[m.n][m.cursor] if m is not None else None for m in slots]
+        active = [c is not None for c in chunks]
+        self.model.train()  # as the sequential loop: dropout on while training, if configured
+        try:
+            if self.path == "vmap":
+                grads, losses = self._grads_vmap(chunks)
+            else:
+                grads, losses = self._grads_loop(chunks, slots)
+        finally:
+            self.model.eval()
+        self.adam.step(clip_rows(grads, self.spec.grad_clip), active)
+        share = (time.perf_counter() - start) / sum(active)
+        done = []
+        for e, member in enumerate(slots):
+            if member is None:
+                continue
+            chunk = chunks[e]
+            member.step_losses.append(losses[e].detach().float())
+            member.outcome.train_steps += 1
+            member.outcome.train_tokens += len(chunk)
+            member.outcome.seconds_training += share
+            member.cursor += 1
+            finished = self._advance(e, member)
+            if finished is not None:
+                slots[e] = None
+                done.append(finished)
+        return done
+
+    def _grads_vmap(self, chunks: list[list[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(c) for c in chunks if c is not None)
+        ids = torch.zeros((self.members, width), dtype=torch.long)
+        mask = torch.zeros((self.members, width - 1))
+        for e, chunk in enumerate(chunks):
+            if chunk is not None:  # right padding: causal attention keeps real tokens exact
+                ids[e, : len(chunk)] = torch.tensor(chunk)
+                mask[e, : len(chunk) - 1] = 1
+        ids, mask = self._to_device(ids), self._to_device(mask)
+        randomness = "different" if self.dropout else "error"
+        step = vmap(grad_and_value(self._loss), randomness=randomness)
+        if self.eager_attention is not None:
+            with self._vmap_attention():
+                return step(self.weights, ids, mask)
+        # first step with the model's own attention: if PyTorch falls back to a per-member
+        # loop for a kernel without a batching rule (it warns), later steps run eager attention
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = step(self.weights, ids, mask)
+        slow = [w for w in caught if "batching rule" in str(w.message)]
+        self.eager_attention = bool(slow)
+        if slow:
+            log.info("vmap path: %s; eager attention from now on", str(slow[0].message)[:120])
+        return found
+
+    def _grads_loop(
+        self, chunks: list[list[int] | None], slots: list[_Member | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = torch.zeros_like(self.weights)
+        losses = torch.zeros(self.members, device=self.weights.device)
+        for e, chunk in enumerate(chunks):
+            member = slots[e]
+            if chunk is None or member is None:
+                continue
+            ids = self._to_device(torch.tensor(chunk))
+            mask = torch.ones(len(chunk) - 1, device=self.device)
+            if member.rng:
+                self._set_rng(member.rng)
+            grads[e], losses[e] = grad_and_value(self._loss)(self.weights[e], ids, mask)
+            if member.rng:
+                member.rng = self._get_rng()
+        return grads, losses
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a host sync: from pageable memory a CUDA copy
+        waits for the stream, from pinned memory it is queued like a kernel."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    @contextlib.contextmanager
+    def _vmap_attention(self) -> Iterator[None]:
+        """Eager attention inside vmap where the model's kernel has no batching rule."""
+        config = getattr(self.model, "config", None)
+        before = getattr(config, "_attn_implementation", None)
+        swap = bool(self.eager_attention) and before not in (None, "eager")
+        if swap:
+            config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            if swap:
+                config._attn_implementation = before
+
+    def _get_rng(self) -> list[torch.Tensor]:
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        return states
+
+    def _set_rng(self, states: list[torch.Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[1], self.device)
