@@ -705,9 +705,12 @@ def test_two_writers_on_one_rank_lose_nothing_and_count_nothing_twice(tmp_path, 
     assert pods["old"].entered.acquire(timeout=60)  # the old pod is at its first document
     threads["new"].start()  # the replacement starts while the old one still runs
     assert pods["new"].entered.acquire(timeout=60)
-    pods["old"].step()
-    pods["old"].step()  # the old pod finished two documents
-    pods["new"].step()  # the new one, one (the old pod's first, which it had not seen)
+    # The engine retrieves one document ahead of the one it trains: a document is written
+    # when the search after next begins.
+    for _ in range(3):
+        pods["old"].step()  # the old pod finished two documents
+    for _ in range(2):
+        pods["new"].step()  # the new one, one (the old pod's first, which it had not seen)
     for name in ("old", "new"):  # the old pod dies first, the new one's upload comes last
         pods[name].kill = True
         pods[name].go.release()

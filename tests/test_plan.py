@@ -56,7 +56,7 @@ def test_small_plan_by_hand():
     assert embed["tokens"] == 1e6 * 512 + 3e8
     assert embed["gpu_hours"] == pytest.approx(8.12e8 / 1e5 / 3600)
     assert embed["wall_hours"] == pytest.approx(8.12e8 / 1e5 / 3600 / 2)
-    assert embed["storage_gb"] == pytest.approx(2e6 * 1024 * 2 / 1e9)
+    assert embed["storage_gb"] == pytest.approx(2e6 * 1024 * 4 / 1e9)  # float32 by default
     # index: nlist = 4 sqrt(2e6) = 5657 -> 4096; centroids 4096 x 1024 x 4 B over 2e6 rows
     # = 8.388608 B; PQ32 + 8 B of id = 48.39 <= 64 < PQ64's 72.39 (1024 % 48 != 0)
     assert index["type"] == "IVF4096,PQ32"
@@ -174,3 +174,18 @@ def test_pile_profile_in_examples_plans():
     assert plan["train"]["documents"] == 210e6
     assert plan["stages"]["eval"]["documents"] == pytest.approx(42_916, abs=1)
     assert plan["stages"]["index"]["bytes_per_vector"] <= 64
+
+
+def test_float16_storage_halves_the_embeddings_on_disk():
+    run = _run()
+    half = run.model_copy(
+        update={
+            "spec": run.spec.model_copy(
+                update={"embedding": run.spec.embedding.model_copy(update={"storage": "float16"})}
+            )
+        }
+    )
+    full = plan_run(run, PROFILE, bytes_per_vector=64)["stages"]["embed"]["storage_gb"]
+    assert plan_run(half, PROFILE, bytes_per_vector=64)["stages"]["embed"]["storage_gb"] == (
+        pytest.approx(full / 2)
+    )

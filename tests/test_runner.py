@@ -198,8 +198,9 @@ def test_a_killed_shard_server_is_waited_for_and_the_report_equals_all_shards(
     proc = _start(spec, work, tmp_path)
     log = work / "eval-0.log"
     try:
-        # a worker is training on a document's neighbors: the kill lands mid-evaluation
-        _wait_for("training", lambda: log.exists() and "neighbors" in log.read_text(), proc)
+        # a worker starts training on its first document (its first line goes out at once):
+        # the kill lands mid-evaluation, before most retrievals (the engine looks one ahead)
+        _wait_for("training", lambda: log.exists() and ": training" in log.read_text(), proc)
         assert registry.exists()
         url = json.loads(registry.read_text())["url"]
         servers = [

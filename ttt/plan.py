@@ -90,15 +90,16 @@ def make_plan(
     per_shard = n / shards
     stages: dict[str, Any] = {}
 
+    vector_bytes = 4 if s.embedding.storage == "float32" else 2  # spec.embedding.storage
     embed_tokens = train.total("embed_tokens")
     gpu_h = _hours(embed_tokens, rates.embed_tokens_per_second)
     stages["embed"] = {
         "tokens": embed_tokens,
         "gpu_hours": gpu_h,
         "wall_hours": None if gpu_h is None else gpu_h / shards,
-        "storage_gb": n * dim * 2 / GB,
+        "storage_gb": n * dim * vector_bytes / GB,
         "formula": "tokens / embed_tokens_per_second / 3600; wall = / shards (one pod each); "
-        "storage = documents x dim x 2 B (float16)",
+        f"storage = documents x dim x {vector_bytes} B ({s.embedding.storage})",
     }
 
     budget = bytes_per_vector_budget or hw.gpu_memory_gb * GB / n

@@ -55,7 +55,7 @@ class WorkProgress:
 
     def start_document(self, doc: str) -> None:
         self.doc, self.doc_started = doc, time.monotonic()
-        self._report(f"document {doc}: retrieving", force=False)
+        self._report(f"document {doc}: training", force=False)
 
     def neighbor(self, n: int, of: int, steps: int) -> None:
         """Called after each neighbor trained on (TTTNN.on_neighbor)."""

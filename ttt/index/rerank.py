@@ -1,4 +1,4 @@
-"""Exact re-ranking of approximate candidates against a shard's float16 embeddings on disk."""
+"""Exact re-ranking of approximate candidates against a shard's embeddings on disk."""
 
 from __future__ import annotations
 
