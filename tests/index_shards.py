@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,10 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
-import httpx
 import numpy as np
 import uvicorn
 
+from ttt.bench import world as bench_world
 from ttt.corpus import TextStore
 from ttt.index.server import bind_socket
 from ttt.spec import TTTRun, load_spec
@@ -96,20 +95,12 @@ def make_run(
     return spec, run, store, vectors, stores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = bench_world.free_port  # one definition, the benchmarks'
 
 
 def wait_ready(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready within {timeout} s")
+    """The benchmarks' readiness wait, with the tests' shorter default."""
+    bench_world.wait_ready(url, timeout)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from index_shards import app_server, free_port, make_run, start_server, stop, wait_ready
 
+from ttt.bench.load import SyntheticTexts
 from ttt.index.server import Limits, create_app
 from ttt.index.shard import ShardError, load_shard, ordinal_from_hostname, shard_of_ordinal
 
@@ -281,22 +282,6 @@ def test_read_token_sources_in_order(tmp_path, monkeypatch):
         read_token()
 
 
-class BigTexts:
-    """A text store of `n` rows whose texts are `size` bytes each (no corpus on disk)."""
-
-    def __init__(self, n: int, size: int) -> None:
-        self.n, self.size = n, size
-
-    def __len__(self) -> int:
-        return self.n
-
-    def meta(self, row: int) -> tuple[str, str, int]:
-        return f"doc:{row}", "Github", self.size
-
-    def text(self, row: int) -> str:
-        return "x" * self.size
-
-
 def _flat(n: int, dim: int, seed: int = 0):
     import faiss
 
@@ -309,7 +294,9 @@ def test_one_small_request_cannot_draw_a_huge_response():
     """k x queries, the vectors and the response bytes are bounded (a 10.8 KB request drew a
     314 MB response before)."""
     limits = Limits(max_results=1000, max_vector_values=2000, max_response=100_000)
-    app = create_app(lambda: (_flat(2000, 8), BigTexts(2000, 1000)), 0, token=TOKEN, limits=limits)
+    app = create_app(
+        lambda: (_flat(2000, 8), SyntheticTexts(2000, 1000)), 0, token=TOKEN, limits=limits
+    )
     with app_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
         ask = {"vectors": [[0.0] * 8] * 11, "k": 100}
         r = http.post("/v1/search", json=ask)
@@ -333,13 +320,13 @@ def test_one_small_request_cannot_draw_a_huge_response():
 SYNTHETIC_SERVER = """
 import sys, numpy as np, faiss, uvicorn
 sys.path.insert(0, sys.argv[4])
-from test_index_server import BigTexts
+from ttt.bench.load import SyntheticTexts
 from ttt.index.server import HeaderTimeoutH11, bind_socket, create_app
 n, dim, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 def load():
     index = faiss.IndexFlatL2(dim)
     index.add(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32))
-    return index, BigTexts(n, 200)
+    return index, SyntheticTexts(n, 200)
 app = create_app(load, 0, token="s3cret")
 config = uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11, lifespan="on")
 uvicorn.Server(config).run(sockets=[bind_socket("127.0.0.1", port)])
@@ -401,7 +388,9 @@ def test_searches_past_the_queue_are_told_busy(monkeypatch):
 
     monkeypatch.setattr(server, "_search", slow)
     limits = Limits(max_concurrent=1, max_queued=1)
-    app = create_app(lambda: (_flat(100, 8), BigTexts(100, 10)), 0, token=TOKEN, limits=limits)
+    app = create_app(
+        lambda: (_flat(100, 8), SyntheticTexts(100, 10)), 0, token=TOKEN, limits=limits
+    )
     ask = {"vectors": [[0.0] * 8], "k": 3}
     with app_server(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = [pool.submit(httpx.post, f"{url}/v1/search", json=ask, headers=AUTH)]
@@ -423,7 +412,7 @@ def test_a_connection_that_sends_no_headers_is_closed(monkeypatch):
     from ttt.index.server import HeaderTimeoutH11, bind_socket
 
     monkeypatch.setattr(HeaderTimeoutH11, "header_timeout", 0.3)
-    app = create_app(lambda: (_flat(10, 8), BigTexts(10, 10)), 0, token=TOKEN)
+    app = create_app(lambda: (_flat(10, 8), SyntheticTexts(10, 10)), 0, token=TOKEN)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11, lifespan="on")

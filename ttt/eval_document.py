@@ -105,7 +105,10 @@ def retrieve_document(run: Any, engine: Any, retriever: Any, doc: Document, rank
             kept, selected = sift_picks(kept, result.query_vector, k, retrieval_spec)
     retrieve_seconds = time.perf_counter() - start - selected.get("seconds", 0.0)
     distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
-    facts = (doc, kept, excluded, retriever_excluded, partial, failed, retrieve_seconds, selected)
+    facts = (
+        doc, kept, distances, excluded, retriever_excluded, partial, failed, retrieve_seconds,
+        selected,
+    )  # fmt: skip
     # SIFT's picks train in pick order (its most informative first), so the loop is not
     # given distances to re-order by; the threshold was applied to the candidates already.
     return facts, doc.text, [n.text for n in kept], None if sift else distances
@@ -113,7 +116,10 @@ def retrieve_document(run: Any, engine: Any, retriever: Any, doc: Document, rank
 
 def document_record(facts: tuple, outcome: Any, spec_hash: str, rank: int) -> dict[str, Any]:
     """One document's result record from its retrieval facts and its training outcome."""
-    doc, kept, excluded, retriever_excluded, partial, failed, retrieve_seconds, selected = facts
+    (
+        doc, kept, distances, excluded, retriever_excluded, partial, failed, retrieve_seconds,
+        selected,
+    ) = facts  # fmt: skip
     return result_record(
         doc,
         outcome,
@@ -123,7 +129,7 @@ def document_record(facts: tuple, outcome: Any, spec_hash: str, rank: int) -> di
         excluded=len(excluded) + retriever_excluded,
         neighbor_ids=[n.id for n in kept],
         excluded_ids=[n.id for n in excluded],
-        distances=[euclidean(n.distance) for n in kept],
+        distances=distances,
         distance_unit="euclidean",
         partial=partial,
         failed_shards=failed,
