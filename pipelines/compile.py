@@ -1,5 +1,6 @@
 """Compile the pipelines to the YAML users submit:
-`python -m pipelines.compile [--registry REGISTRY] [--tag TAG] [--digests FILE] [OUT_DIR]`."""
+`python -m pipelines.compile [--registry REGISTRY] [--tag TAG] [--digests FILE]
+[--pull-secret NAME]... [OUT_DIR]`."""
 
 import argparse
 import os
@@ -36,6 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--digests", type=Path, help='JSON {"cpu": "sha256:...", ...}: pin these images by digest'
     )
+    parser.add_argument(
+        "--pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an image pull Secret (in the KFP namespace) every pod gets; repeatable",
+    )
     args = parser.parse_args(argv)
     if args.registry is not None:
         os.environ["TTT_IMAGE_REGISTRY"] = args.registry
@@ -43,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TTT_IMAGE_TAG"] = args.tag
     if args.digests is not None:
         os.environ["TTT_IMAGE_DIGESTS"] = args.digests.read_text(encoding="utf-8")
+    if args.pull_secret:
+        bad = [n for n in args.pull_secret if not n or "," in n]
+        if bad:
+            parser.error(f"--pull-secret: not a Secret name: {bad}")
+        os.environ["TTT_IMAGE_PULL_SECRETS"] = ",".join(args.pull_secret)
     for path in compile_all(args.out_dir):
         print(path)
 

@@ -1,5 +1,7 @@
 """The full TTT-NN pipeline: corpus, embed+index per shard, deploy the index, eval per rank, report."""
 
+import os
+
 from kfp import dsl, kubernetes
 
 from components.corpus_shard.component import corpus_shard
@@ -42,6 +44,18 @@ CPU_SIZES = {
 }
 
 
+# Image pull Secrets every pod gets (private registries), chosen when the pipelines are
+# compiled (`python -m pipelines.compile --pull-secret NAME` sets this variable): none in the
+# committed YAML. The Secrets must exist in the KFP namespace.
+PULL_SECRETS = [n for n in os.environ.get("TTT_IMAGE_PULL_SECRETS", "").split(",") if n]
+
+
+def pulled(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    if PULL_SECRETS:
+        kubernetes.set_image_pull_secrets(task, list(PULL_SECRETS))
+    return task
+
+
 def with_store(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=STORE_SECRET_KEYS)
     return task
@@ -64,7 +78,7 @@ def sized(task: dsl.PipelineTask, kind: str, sizes: dict) -> dsl.PipelineTask:
     kubernetes.set_timeout(task, timeout)
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "ttt")
     kubernetes.add_pod_label(task, "app.kubernetes.io/component", kind)
-    return task
+    return pulled(task)
 
 
 def observed(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -109,12 +123,16 @@ def build_full(accelerators: bool = True):
             )
             for task in (embed, index):
                 task.set_retry(num_retries=3, backoff_duration="60s")  # both resume
+        # deploy-index reads the index manifests from the store: it needs the keys too.
         deploy = sized(
-            deploy_index(
-                spec=spec,
-                indexes=dsl.Collected(index.outputs["manifest"]),
-                namespace=namespace,
-                statefulset=index_statefulset,
+            with_store(
+                deploy_index(
+                    spec=spec,
+                    indexes=dsl.Collected(index.outputs["manifest"]),
+                    namespace=namespace,
+                    statefulset=index_statefulset,
+                ),
+                store_secret,
             ),
             "deploy",
             sizes,

@@ -34,17 +34,44 @@ def _dag(name: str) -> dict:
 
 @pytest.mark.parametrize("name", ["full.yaml", "full-cpu.yaml"])
 def test_full_pipeline_shape(name):
-    spec, platform = _dag(name)
+    spec, _ = _dag(name)
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"corpus-shard", "for-loop-1", "deploy-index", "for-loop-2", "report"}
     assert "for-loop-1" in tasks["deploy-index"]["dependentTasks"]
     assert "deploy-index" in tasks["for-loop-2"]["dependentTasks"]
     assert "for-loop-2" in tasks["report"]["dependentTasks"]
-    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for executor in ("exec-shard-embed", "exec-index-build", "exec-ttt-eval", "exec-report"):
-        envs = {e["envVar"] for e in execs[executor]["secretAsEnv"][0]["keyToEnv"]}
-        assert envs == {"TTT_S3_ACCESS_KEY", "TTT_S3_SECRET_KEY"}
     assert spec["root"]["inputDefinitions"]["parameters"]["spec"]["parameterType"] == "STRING"
+
+
+def _store_users(spec: dict) -> set[str]:
+    """Every executor whose component body opens the store (`open_store`): derived from the
+    compiled code, so a new task that reads the store is checked without being listed."""
+    return {
+        name
+        for name, body in spec["deploymentSpec"]["executors"].items()
+        if any("open_store(" in part for part in body["container"]["command"])
+    }
+
+
+@pytest.mark.parametrize("name", ["full.yaml", "full-cpu.yaml", "smoke.yaml"])
+def test_every_task_that_touches_the_store_gets_the_store_secret(name):
+    """Each executor that opens the store gets the Secret's keys as env (secretAsEnv), named by
+    the `store_secret` parameter: without them ttt.store falls back to anonymous access,
+    which MinIO refuses (deploy-index failed every full run this way)."""
+    spec, *rest = _dag(name)
+    users = _store_users(spec)
+    expected = {"exec-corpus-shard", "exec-shard-embed", "exec-index-build", "exec-ttt-eval"}
+    expected |= {"exec-report"} | ({"exec-deploy-index"} if name != "smoke.yaml" else set())
+    assert users == expected, sorted(users)
+    assert rest, f"{name} has no kubernetes platform spec"
+    execs = rest[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor in sorted(users):
+        (secret,) = execs.get(executor, {}).get("secretAsEnv", [None])
+        assert secret is not None, f"{name}: {executor} opens the store but gets no secretAsEnv"
+        envs = {e["secretKey"]: e["envVar"] for e in secret["keyToEnv"]}
+        assert envs == {"accesskey": "TTT_S3_ACCESS_KEY", "secretkey": "TTT_S3_SECRET_KEY"}
+        name_param = secret["secretNameParameter"]["componentInputParameter"]
+        assert name_param.endswith("store_secret"), (executor, name_param)
 
 
 def _executors(name: str) -> tuple[dict, dict]:
@@ -107,6 +134,17 @@ def test_every_task_has_requests_timeout_labels_and_no_cache(name):
     assert plan["shards"]["parameterType"] == plan["ranks"]["parameterType"] == "LIST"
 
 
+def test_smoke_pipeline_turns_kfps_cache_off():
+    """Every smoke task runs: with KFP's cache on (the default), a second smoke run on the
+    same cluster would replay the first run's outputs instead of checking anything."""
+    spec, _ = _dag("smoke.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"corpus-shard", "shard-embed", "index-build", "ttt-eval", "report"}
+    for name, task in tasks.items():
+        # The compiler writes `enableCache: true` for a cached task and `{}` for one without.
+        assert task["cachingOptions"] == {}, (name, task["cachingOptions"])
+
+
 @pytest.mark.parametrize("name", ["full.yaml", "full-cpu.yaml"])
 def test_eval_gets_the_token_the_service_and_the_labels(name):
     spec, _ = _dag(name)
@@ -162,6 +200,33 @@ def test_images_come_from_the_compile_time_registry_and_tag(tmp_path):
     assert {b["container"]["image"] for b in committed.values()} == {
         f"ttt-{s}:0.1.0" for s in ("cpu", "embed", "index", "eval")
     }
+
+
+def test_pull_secrets_reach_every_pod_when_compiled_with_them(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_IMAGE_")}
+    args = ["--pull-secret", "ghcr-pull", "--pull-secret", "mirror-pull", str(tmp_path)]
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", *args],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    for name in NAMES:
+        resources, platform = _executors_at(tmp_path / name)
+        k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert set(k8s) == set(resources), name  # every executor has a platform spec
+        for executor in resources:
+            pulls = [p["secretName"] for p in k8s[executor]["imagePullSecret"]]
+            assert pulls == ["ghcr-pull", "mirror-pull"], (name, executor)
+    # The committed YAML names none (public images, or kind's locally loaded ones).
+    for name in NAMES:
+        _, k8s = _executors(name)
+        for body in k8s.values():
+            assert "imagePullSecret" not in body, name
 
 
 def _executors_at(path: Path) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""deploy-index: scale the index StatefulSet to the run's shards and wait until all are ready."""
+"""deploy-index: restart the chart's index StatefulSet onto the published indexes; wait."""
 
 from kfp import dsl
 
