@@ -128,3 +128,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $spec.retrieval }}{{ $_ := set $spec "retrieval" (omit $spec.retrieval "timeoutSeconds" "retries" "servers" "service" "inProcess" "allowPartial" "minShards" "deadlineSeconds" "maxBackoffSeconds" "waitSeconds" "registryHosts") }}{{ end -}}
 {{- toYaml $run | sha256sum -}}
 {{- end -}}
+
+{{/* Labels of a Prometheus Operator object: the chart's, `release: <monitoring.prometheusRelease>`
+     (what kube-prometheus-stack's default selectors match), then the object's own `labels`
+     (which win). Called with (list $ .Values.monitoring.<object>.labels). */}}
+{{- define "ttt.monitorLabels" -}}
+{{- $root := index . 0 -}}
+{{- $labels := dict -}}
+{{- with $root.Values.monitoring.prometheusRelease }}{{- $_ := set $labels "release" . -}}{{- end -}}
+{{- $labels = merge (deepCopy (index . 1 | default dict)) $labels -}}
+{{ include "ttt.labels" $root }}
+{{- with $labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,163 @@
+"""The chart's values against the cluster they meet: KFP's MinIO, image pulls, Prometheus."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.test_chart import CHART, RELEASE, VARIANTS, _load, by_kind, objects, render
+
+# Kubeflow Pipelines' own MinIO: the Service `minio-service` in `kubeflow`, port 9000
+# (KFP's manifests, third-party/minio/base/minio-service.yaml; the kind workflow reads the
+# same name and port from the installed Service).
+KFP_MINIO = "minio-service.kubeflow:9000"
+
+
+def run_spec_text(docs: list[dict]) -> str:
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"{RELEASE}-run"]
+    return cm["data"]["run.yaml"]
+
+
+@pytest.fixture(scope="module")
+def rendered_values() -> dict[str, list[dict]]:
+    return {name: objects(render(_load(src))) for name, src in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu", "cpu"])
+def test_values_name_kfps_minio_and_corpus_in_the_stores_bucket(
+    rendered_values, variant, s3_server
+):
+    """The run spec each values file renders, loaded by the library's own validation, names
+    KFP's MinIO Service, and its corpus URIs pass the corpus reader against a real S3 server
+    holding the store's bucket: the reader rejects a URI whose bucket is not the store's
+    (`s3://pile/...` against bucket `ttt` failed here)."""
+    from ttt.corpus.reader import resolve_sources
+    from ttt.spec import loads_spec
+    from ttt.store import open_store
+
+    run = loads_spec(run_spec_text(rendered_values[variant]), f"{variant}: run.yaml", environ={})
+    storage = run.spec.storage
+    assert storage.endpoint == KFP_MINIO, f"{variant}: run.spec.storage.endpoint"
+    values = {**yaml.safe_load((CHART / "values.yaml").read_text()), **_load(VARIANTS[variant])}
+    store_port = values.get("networkPolicy", {}).get("store", {}).get("port", 9000)
+    assert int(storage.endpoint.rsplit(":", 1)[1]) == store_port, "networkPolicy.store.port"
+    # The store of the spec, at the stand-in's address: same bucket, same reader.
+    store = open_store(storage, endpoint=s3_server)
+    store.ensure_bucket()
+    uris = [*run.spec.corpus.train, *run.spec.corpus.test]
+    assert uris and all(u.startswith("s3://") for u in uris), uris
+    for uri in uris:
+        # One object per URI (a glob gets one match), as a user's upload would leave it.
+        key = uri.split("/", 3)[3].replace("*", "part-00")
+        store.put_bytes(key, b'{"text": "x", "meta": {"pile_set_name": "Github"}}\n')
+    sources = resolve_sources(uris, store)
+    assert len(sources) == len(uris), sources
+    assert all(s.name.startswith(f"s3://{storage.bucket}/") for s in sources), sources
+
+
+# kube-prometheus-stack's Prometheus with its default values (*SelectorNilUsesHelmValues:
+# true): each selector is `matchLabels: {release: <its release name>}`, every namespace.
+KPS_RELEASE = "kube-prometheus-stack"
+KPS_SELECTORS = {
+    "ServiceMonitor": {"matchLabels": {"release": KPS_RELEASE}},
+    "PodMonitor": {"matchLabels": {"release": KPS_RELEASE}},
+    "PrometheusRule": {"matchLabels": {"release": KPS_RELEASE}},
+}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) applied to `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+MONITORS_ON = {
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+    }
+}
+
+
+@pytest.mark.parametrize("variant", ["monitors-on", "gpu"])
+def test_kube_prometheus_stacks_default_selectors_pick_up_every_monitor(variant):
+    values = MONITORS_ON if variant == "monitors-on" else _load(VARIANTS["gpu"])
+    docs = objects(render(values))
+    found = [d for d in docs if d["kind"] in KPS_SELECTORS]
+    # ServiceMonitor, the eval PodMonitor, the KFP pipeline PodMonitor, the PrometheusRule.
+    assert sorted(d["kind"] for d in found) == sorted(
+        ["ServiceMonitor", "PodMonitor", "PodMonitor", "PrometheusRule"]
+    )
+    for doc in found:
+        labels = doc["metadata"]["labels"]
+        assert selects(KPS_SELECTORS[doc["kind"]], labels), (doc["metadata"]["name"], labels)
+
+
+def test_monitor_release_label_follows_the_values_and_own_labels_win():
+    other = {"monitoring": {**MONITORS_ON["monitoring"], "prometheusRelease": "prom"}}
+    for doc in objects(render(other)):
+        if doc["kind"] in KPS_SELECTORS:
+            assert doc["metadata"]["labels"]["release"] == "prom"
+            assert not selects(KPS_SELECTORS[doc["kind"]], doc["metadata"]["labels"])
+    off = {"monitoring": {**MONITORS_ON["monitoring"], "prometheusRelease": ""}}
+    for doc in objects(render(off)):
+        if doc["kind"] in KPS_SELECTORS:
+            assert "release" not in doc["metadata"]["labels"], doc["metadata"]["name"]
+    own = {
+        "monitoring": {
+            **MONITORS_ON["monitoring"],
+            "serviceMonitor": {"enabled": True, "labels": {"release": "mine", "team": "ml"}},
+        }
+    }
+    (sm,) = [d for d in objects(render(own)) if d["kind"] == "ServiceMonitor"]
+    assert (
+        sm["metadata"]["labels"]["release"] == "mine" and sm["metadata"]["labels"]["team"] == "ml"
+    )
+
+
+def pod_specs_of(docs: list[dict]) -> dict[str, dict]:
+    """Every pod template the chart renders, by workload: the index StatefulSet, the eval Job."""
+    kinds = ("StatefulSet", "Job", "Deployment", "DaemonSet", "CronJob")
+    specs = {}
+    for doc in docs:
+        if doc["kind"] in kinds:
+            spec = doc["spec"]
+            if doc["kind"] == "CronJob":
+                spec = spec["jobTemplate"]["spec"]
+            specs[f"{doc['kind']}/{doc['metadata']['name']}"] = spec["template"]["spec"]
+    return specs
+
+
+def test_image_pull_secrets_reach_every_pod():
+    pulls = [{"name": "ghcr-pull"}, {"name": "mirror-pull"}]
+    docs = objects(render({"imagePullSecrets": pulls, "eval": {"enabled": True}}))
+    specs = pod_specs_of(docs)
+    assert {k.split("/")[0] for k in specs} == {"StatefulSet", "Job"}, sorted(specs)
+    for name, spec in specs.items():
+        assert spec.get("imagePullSecrets") == pulls, name
+    for name, spec in pod_specs_of(objects(render({"eval": {"enabled": True}}))).items():
+        assert "imagePullSecrets" not in spec, name
+
+
+def test_schema_rejects_malformed_pull_secrets_and_release_labels():
+    import helm_python as helm
+
+    for bad, where in (
+        ({"imagePullSecrets": ["ghcr-pull"]}, "imagePullSecrets"),
+        ({"imagePullSecrets": [{"secret": "ghcr-pull"}]}, "secret"),
+        ({"monitoring": {"prometheusRelease": "kube prometheus"}}, "prometheusRelease"),
+    ):
+        with pytest.raises(helm.HelmValuesError, match=where):
+            render(bad)
