@@ -33,11 +33,14 @@ ALL_ON = {
         "prometheusRule": {"enabled": True},
     },
 }
+_GPU = yaml.safe_load((CHART / "values-gpu.yaml").read_text(encoding="utf-8"))
 VARIANTS = {
     "default": None,
     "all-on": ALL_ON,
     "gpu": CHART / "values-gpu.yaml",
     "cpu": CHART / "values-cpu.yaml",
+    # Without Kubeflow (docs): the GPU values with the chart's eval Job as the rank owner.
+    "gpu-no-kfp": {**_GPU, "eval": {**_GPU["eval"], "enabled": True}},
 }
 
 # checkov findings accepted on purpose, each with the reason; anything else fails the test.
@@ -197,7 +200,8 @@ def gpus(docs: list[dict]) -> list[Any]:
 
 
 def test_gpu_resources_only_in_the_gpu_render(rendered) -> None:
-    assert gpus(rendered["gpu"]) == [1, 1]  # the index server and the eval worker
+    assert gpus(rendered["gpu"]) == [1]  # the index server (the pipeline evaluates)
+    assert gpus(rendered["gpu-no-kfp"]) == [1, 1]  # the index server and the eval worker
     for variant in ("default", "all-on", "cpu"):
         assert not any(gpus(rendered[variant])), variant
 
@@ -220,8 +224,8 @@ def test_secrets_are_referenced_never_created(rendered) -> None:
 
 def test_eval_is_an_indexed_job_with_world_size(rendered) -> None:
     assert not by_kind(rendered["default"], "Job")
-    (job,) = by_kind(rendered["gpu"], "Job")
-    workers = _load(VARIANTS["gpu"])["run"]["spec"]["eval"]["workers"]
+    (job,) = by_kind(rendered["gpu-no-kfp"], "Job")
+    workers = _load(VARIANTS["gpu-no-kfp"])["run"]["spec"]["eval"]["workers"]
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == workers
     (c,) = job["spec"]["template"]["spec"]["containers"]

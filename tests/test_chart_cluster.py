@@ -161,3 +161,59 @@ def test_schema_rejects_malformed_pull_secrets_and_release_labels():
     ):
         with pytest.raises(helm.HelmValuesError, match=where):
             render(bad)
+
+
+def documented_helm_installs() -> list[tuple[str, int, str]]:
+    """(file, offset, line) of every `helm install` the README and docs/ show."""
+    import re
+
+    from tests.test_chart import ROOT
+
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"helm install [^`\n]+", text):
+            found.append((path.name, m.start(), m.group(0)))
+    return found
+
+
+def test_pipeline_values_leave_the_eval_job_off_and_docs_say_who_evaluates():
+    """One evaluation owner per rank: the values used with the pipeline (whose ttt-eval
+    evaluates every rank) render no eval Job; a documented install that turns the Job on
+    is the path without Kubeflow."""
+    for name in ("gpu", "cpu"):
+        assert not by_kind(objects(render(_load(VARIANTS[name]))), "Job"), name
+    installs = documented_helm_installs()
+    assert {"getting-started.md", "paper.md"} <= {f for f, _, _ in installs}, installs
+    from tests.test_chart import ROOT
+
+    for file, offset, line in installs:
+        if "eval.enabled=true" in line:
+            before = (ROOT / "docs" / file).read_text(encoding="utf-8")[max(0, offset - 300) : offset]
+            assert "Without Kubeflow" in before, (file, line)
+
+
+def test_documented_installs_create_the_namespace_after_the_secrets():
+    """Each documented `helm install` creates its namespace, and getting-started creates
+    every Secret the chart and the pipeline name, in both namespaces, before it."""
+    import re
+
+    from tests.test_chart import ROOT
+
+    for file, _, line in documented_helm_installs():
+        assert "--create-namespace" in line, (file, line)
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    install = text.index("helm install ")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart_ns = re.search(r"helm install \S+ \S+ -n (\S+)", text[install:]).group(1)
+    first = text[:install]
+    assert f"kubectl create namespace {chart_ns}" in first
+    loop = re.search(r"for ns in ([^;]+); do(.*?)done", first, re.S)
+    assert loop, "getting-started creates the Secrets per namespace in a loop"
+    namespaces = loop.group(1).split()
+    assert chart_ns in namespaces and values["pipelines"]["rbac"]["namespace"] in namespaces
+    in_loop = set(re.findall(r"create secret generic (\S+)", loop.group(2)))
+    # The pipeline's Secrets (store_secret, auth_secret) in both namespaces.
+    assert {values["secrets"]["store"]["name"], values["secrets"]["auth"]["name"]} <= in_loop
+    created = set(re.findall(r"create secret generic (\S+)", first))
+    assert {s["name"] for s in values["secrets"].values()} <= created, created
