@@ -189,7 +189,9 @@ def test_pipeline_values_leave_the_eval_job_off_and_docs_say_who_evaluates():
 
     for file, offset, line in installs:
         if "eval.enabled=true" in line:
-            before = (ROOT / "docs" / file).read_text(encoding="utf-8")[max(0, offset - 300) : offset]
+            before = (ROOT / "docs" / file).read_text(encoding="utf-8")[
+                max(0, offset - 300) : offset
+            ]
             assert "Without Kubeflow" in before, (file, line)
 
 
@@ -208,7 +210,7 @@ def test_documented_installs_create_the_namespace_after_the_secrets():
     chart_ns = re.search(r"helm install \S+ \S+ -n (\S+)", text[install:]).group(1)
     first = text[:install]
     assert f"kubectl create namespace {chart_ns}" in first
-    loop = re.search(r"for ns in ([^;]+); do(.*?)done", first, re.S)
+    loop = re.search(r"for ns in ([^;]+); do(.*?)done", first, re.DOTALL)
     assert loop, "getting-started creates the Secrets per namespace in a loop"
     namespaces = loop.group(1).split()
     assert chart_ns in namespaces and values["pipelines"]["rbac"]["namespace"] in namespaces
