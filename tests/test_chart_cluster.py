@@ -219,3 +219,25 @@ def test_documented_installs_create_the_namespace_after_the_secrets():
     assert {values["secrets"]["store"]["name"], values["secrets"]["auth"]["name"]} <= in_loop
     created = set(re.findall(r"create secret generic (\S+)", first))
     assert {s["name"] for s in values["secrets"].values()} <= created, created
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu", "cpu"])
+def test_grace_period_outlasts_drain_and_server_shutdown(variant):
+    """The kubelet's SIGKILL comes after terminationGracePeriodSeconds: the server drains
+    (--drain-seconds, unready but answering) and then gives in-flight requests uvicorn's
+    shutdown timeout; 30 s of grace against 5 + 30 s killed servers mid-answer."""
+    from ttt.index.server import SHUTDOWN_SECONDS
+
+    (sts,) = by_kind(objects(render(_load(VARIANTS[variant]))), "StatefulSet")
+    spec = sts["spec"]["template"]["spec"]
+    (server,) = [c for c in spec["containers"] if c["name"] == "index"]
+    (drain,) = [
+        float(a.split("=", 1)[1]) for a in server["args"] if a.startswith("--drain-seconds=")
+    ]
+    assert spec["terminationGracePeriodSeconds"] > drain + SHUTDOWN_SECONDS, variant
+
+
+def test_chart_refuses_a_grace_period_the_shutdown_does_not_fit():
+    with pytest.raises(Exception, match="terminationGracePeriodSeconds"):
+        render({"index": {"drainSeconds": 5, "terminationGracePeriodSeconds": 35}})
+    render({"index": {"drainSeconds": 5.5, "terminationGracePeriodSeconds": 36}})

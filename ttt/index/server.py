@@ -47,6 +47,9 @@ from ttt.index.shard import ShardError, load_shard, read_token, shard_of_ordinal
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
+# Seconds uvicorn waits for in-flight requests after the drain (the chart's grace period
+# must exceed drain + this).
+SHUTDOWN_SECONDS = 30
 # A loader returns (index, text store); the text store needs meta(row), text(row), len().
 Loader = Callable[[], tuple[faiss.Index, Any]]
 
@@ -467,7 +470,7 @@ def serve(
     config = uvicorn.Config(
         app,
         log_level="warning",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         access_log=False,
         lifespan="on",
         http=HeaderTimeoutH11,
