@@ -30,7 +30,10 @@ SIZES = {
     "corpus": ("1", "4G", 6 * 3600),
     "embed": ("4", "16G", 12 * 3600),
     "index": ("4", "32G", 6 * 3600),
-    "deploy": ("100m", "256M", 2 * 3600),
+    # deploy-index fails when no index pod progressed for its timeout_s (1800 s per pod, as
+    # a rolling update replaces them one at a time); this bounds the whole rollout: 30 shards
+    # at up to 24 min each.
+    "deploy": ("100m", "256M", 12 * 3600),
     "eval": ("8", "64G", 48 * 3600),
     "report": ("1", "4G", 3600),
 }
@@ -137,6 +140,8 @@ def build_full(accelerators: bool = True):
             "deploy",
             sizes,
         )
+        # Idempotent: a retry restarts nothing already restarted and waits again.
+        deploy.set_retry(num_retries=2, backoff_duration="60s")
         with dsl.ParallelFor(plan.outputs["ranks"], name="ranks", parallelism=PARALLELISM) as r:
             evaluate = ttt_eval(
                 spec=spec,

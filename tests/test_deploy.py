@@ -155,8 +155,43 @@ def test_a_replica_change_in_the_chart_is_still_this_run(store):
 
 
 def test_deploy_times_out_with_the_figures(store):
-    with pytest.raises(DeployError, match="ttt/ttt-index: not ready"):
+    with pytest.raises(DeployError, match="ttt/ttt-index: no pod updated or ready for 0 s"):
         deploy(_Cluster(SPEC, ready_after=10**9), store, timeout_s=0.05, poll_s=0.01)
+
+
+class _RollingCluster(_Cluster):
+    """A rolling update that replaces one pod at a time: every `polls_per_pod` status
+    polls one more pod is updated and ready, until `stall_at` (if given)."""
+
+    def __init__(self, polls_per_pod: int, stall_at: int | None = None) -> None:
+        super().__init__(SPEC, ready_after=10**9)
+        self.polls_per_pod, self.stall_at = polls_per_pod, stall_at
+
+    def read_namespaced_stateful_set_status(self, name, namespace):
+        self.calls.append(("get", "statefulsets/status", name))
+        self.polls += 1
+        done = min(6, self.polls // self.polls_per_pod)
+        if self.stall_at is not None:
+            done = min(done, self.stall_at)
+        return SimpleNamespace(
+            status=SimpleNamespace(
+                observed_generation=2, replicas=6, updated_replicas=done, ready_replicas=done
+            )
+        )
+
+
+def test_the_timeout_bounds_each_pod_of_a_rolling_update_not_the_whole(store):
+    """Six pods replaced one at a time, about 0.2 s each: 1.2 s in all against a 0.6 s
+    timeout, which a whole-rollout deadline (30 shards against 1800 s) would fail."""
+    cluster = _RollingCluster(polls_per_pod=10)
+    result = deploy(cluster, store, timeout_s=0.6, poll_s=0.02)
+    assert result["readyReplicas"] == 6 and cluster.polls >= 60
+
+
+def test_a_stalled_rolling_update_fails_after_the_timeout(store):
+    cluster = _RollingCluster(polls_per_pod=1, stall_at=3)
+    with pytest.raises(DeployError, match=r"no pod updated or ready for 0 s \(6 replicas\)"):
+        deploy(cluster, store, timeout_s=0.2, poll_s=0.01)
 
 
 def test_chart_rbac_covers_exactly_the_calls_deploy_makes(store):

@@ -122,7 +122,7 @@ def test_every_task_has_requests_timeout_labels_and_no_cache(name):
     # The store is the cache: KFP's cache would replay a stale deployment or evaluation.
     assert all(t["cachingOptions"] == {} for t in leaf), [t["cachingOptions"] for t in leaf]
     retried = {t["taskInfo"]["name"] for t in leaf if "retryPolicy" in t}
-    assert retried == {"shard-embed", "index-build", "ttt-eval"}
+    assert retried == {"shard-embed", "index-build", "deploy-index", "ttt-eval"}
     # Both loops are limited, and their items are integers (shard and rank take int).
     for loop in ("comp-for-loop-1", "comp-for-loop-2"):
         params = spec["components"][loop]["inputDefinitions"]["parameters"]

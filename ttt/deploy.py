@@ -95,6 +95,10 @@ def deploy_index(
 
     Helm owns the StatefulSet and the run spec (values `run:`): deploy-index never scales it
     nor rewrites its spec, so `helm upgrade` after a pipeline run changes nothing it did.
+
+    `timeout_s` bounds each step of the rollout, not the whole: a rolling update replaces
+    one pod at a time, each loading its shard's index, so the wait fails only when no pod
+    became updated or ready for `timeout_s` (the total scales with the shard count).
     """
     if apps_api is None or core_api is None:
         apps_api, core_api = _apis()
@@ -128,6 +132,7 @@ def deploy_index(
         log.info("%s: restarting onto index %s (generation %d)", where, digest, generation)
     replicas = current.spec.replicas
     deadline = time.monotonic() + timeout_s
+    progress = -1
     while True:
         status = apps_api.read_namespaced_stateful_set_status(statefulset, namespace).status
         figures = {
@@ -145,6 +150,12 @@ def deploy_index(
                 "published": digest,
                 **figures,
             }
-        if time.monotonic() > deadline:
-            raise DeployError(f"{where}: not ready after {timeout_s:.0f} s: {figures}")
+        done = (figures["updatedReplicas"] or 0) + (figures["readyReplicas"] or 0)
+        if done > progress:  # another pod updated or ready: the next one gets timeout_s
+            progress, deadline = done, time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            raise DeployError(
+                f"{where}: no pod updated or ready for {timeout_s:.0f} s "
+                f"({replicas} replicas): {figures}"
+            )
         time.sleep(poll_s)
