@@ -241,3 +241,18 @@ def test_chart_refuses_a_grace_period_the_shutdown_does_not_fit():
     with pytest.raises(Exception, match="terminationGracePeriodSeconds"):
         render({"index": {"drainSeconds": 5, "terminationGracePeriodSeconds": 35}})
     render({"index": {"drainSeconds": 5.5, "terminationGracePeriodSeconds": 36}})
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu", "cpu"])
+def test_index_servers_wait_unready_for_the_index_instead_of_crash_looping(variant):
+    """Installed before the pipeline has run, a server has no index to load: the rendered
+    command, parsed by ttt's own CLI, waits for it (tests/test_index_wait_published.py
+    runs that) rather than exiting, which made the kubelet restart it in a loop."""
+    from ttt.cli import build_parser
+
+    (sts,) = by_kind(objects(render(_load(VARIANTS[variant]))), "StatefulSet")
+    (server,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "index"]
+    args = build_parser().parse_args(server["args"])
+    assert args.wait_for_index is not None and args.wait_for_index > 0, server["args"]
+    # Alive while it waits: the liveness probe asks /healthz, which answers during the wait.
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"

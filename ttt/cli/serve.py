@@ -47,6 +47,15 @@ def register(subparsers: Any) -> None:
         help="write this server's URL to the run's registry in the store once ready "
         "(default: only when the store is a local directory)",
     )
+    p.add_argument(
+        "--wait-for-index",
+        type=float,
+        nargs="?",
+        const=10.0,
+        metavar="SECONDS",
+        help="until this run's index of the shard is published, stay alive and unready, "
+        "polling the store every SECONDS (default 10), instead of exiting",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -69,4 +78,5 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         threads=args.threads,
         register=args.register,
+        wait_for_index=args.wait_for_index,
     )

@@ -418,12 +418,15 @@ def serve(
     drain_seconds: float = 5.0,
     register: bool | None = None,
     threads: int | None = None,
+    wait_for_index: float | None = None,
 ) -> int:
     """Serve one shard of `run` until SIGTERM; returns the exit status (1 if loading failed).
 
     The shard comes from `shard`, or from a StatefulSet `ordinal` (shard = ordinal % shards).
     `register` (default: when the store is a local directory) writes
     runs/<name>/registry/shard-NNNNN.json with this server's URL once it is ready.
+    `wait_for_index` (seconds between polls): wait, alive and unready, until the shard's index
+    of this run is published, instead of failing when it is not (yet) there.
     """
     shards = run.spec.corpus.shards
     replica = 0
@@ -457,8 +460,15 @@ def serve(
             with contextlib.suppress(Exception):  # the registry is a hint, never fatal
                 store.delete(key)
 
+    def loader() -> Any:
+        if wait_for_index is not None:
+            from ttt.index.published import wait_published
+
+            wait_published(run, store, shard, wait_for_index)
+        return load_shard(run, store, shard)
+
     app = create_app(
-        lambda: load_shard(run, store, shard),
+        loader,
         shard,
         token=token,
         auth_disabled=auth_disabled,
