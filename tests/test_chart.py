@@ -116,7 +116,11 @@ def test_every_object_validates(rendered, variant) -> None:
     docs = rendered[variant]
     assert docs
     for doc in docs:
-        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+        # One object lives in the store's namespace: the NetworkPolicy admitting this
+        # release's pods to KFP's SeaweedFS (values networkPolicy.store.seaweedfs).
+        store_admission = doc["metadata"]["name"] == f"{RELEASE}-{NAMESPACE}-store"
+        expected = "kubeflow" if store_admission else NAMESPACE
+        assert doc["metadata"]["namespace"] == expected, doc["metadata"]["name"]
         if doc["kind"] in CRD_KINDS:
             check_prometheus_operator_object(doc)
             continue
@@ -530,7 +534,8 @@ def test_network_policy_admits_only_index_clients_and_limits_egress(rendered) ->
     ]
     egress_ports = [{p["port"] for p in rule["ports"]} for rule in worker["egress"]]
     assert {53} in egress_ports and {9000} in egress_ports and {8080} in egress_ports
-    assert [{p["port"] for p in r["ports"]} for r in index["egress"]] == [{53}, {9000}]
+    # DNS, the store as MinIO (KFP <= 2.14) and as SeaweedFS (KFP >= 2.15): nothing else.
+    assert [{p["port"] for p in r["ports"]} for r in index["egress"]] == [{53}, {9000}, {8333}]
 
 
 @pytest.mark.parametrize(

@@ -256,3 +256,85 @@ def test_index_servers_wait_unready_for_the_index_instead_of_crash_looping(varia
     assert args.wait_for_index is not None and args.wait_for_index > 0, server["args"]
     # Alive while it waits: the liveness probe asks /healthz, which answers during the wait.
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+# The store's pods as Kubeflow Pipelines runs them, behind Service minio-service:9000.
+# KFP up to 2.14: MinIO (pods app: minio, port 9000), no NetworkPolicy of its own.
+# KFP 2.15 and later: SeaweedFS (pods app: seaweedfs, S3 on container port 8333) and its own
+# NetworkPolicy (manifests/kustomize/third-party/seaweedfs/base/seaweedfs/
+# seaweedfs-networkpolicy.yaml), which admits port 8333 from pods of its own namespace and
+# from namespaces labelled app.kubernetes.io/part-of=kubeflow-profile (restated here, with
+# its rules for istio-system and the profile controller left out: they admit no ttt pod).
+MINIO = ("kubeflow", {"app": "minio"}, 9000)
+SEAWEEDFS = ("kubeflow", {"app": "seaweedfs"}, 8333)
+SEAWEEDFS_POLICY = {
+    "kind": "NetworkPolicy",
+    "metadata": {"name": "seaweedfs", "namespace": "kubeflow"},
+    "spec": {
+        "podSelector": {
+            "matchExpressions": [{"key": "app", "operator": "In", "values": ["seaweedfs"]}]
+        },
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {
+                                    "key": "app.kubernetes.io/part-of",
+                                    "operator": "In",
+                                    "values": ["kubeflow-profile"],
+                                }
+                            ]
+                        }
+                    }
+                ],
+                "ports": [{"port": 8333}],
+            },
+            {"from": [{"podSelector": {}}], "ports": [{"port": 8333}]},
+        ],
+    },
+}
+
+
+def chart_pods(docs: list[dict]) -> dict[str, object]:
+    from netpol import Pod
+
+    return {
+        d["kind"]: Pod(d["metadata"]["namespace"], d["spec"]["template"]["metadata"]["labels"])
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Job")
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "store", "reachable"),
+    [
+        ({}, MINIO, True),
+        ({}, SEAWEEDFS, True),
+        (
+            {"networkPolicy": {"store": {"seaweedfs": {"admitFromRelease": False}}}},
+            SEAWEEDFS,
+            False,
+        ),
+        ({"networkPolicy": {"store": {"seaweedfs": {"enabled": False}}}}, SEAWEEDFS, False),
+    ],
+)
+def test_the_store_is_reachable_under_both_kfp_stores(values, store, reachable):
+    """The index servers and eval workers reach KFP's store, MinIO (KFP <= 2.14) or SeaweedFS
+    (KFP >= 2.15), through every NetworkPolicy in force: the chart's egress, SeaweedFS's own
+    ingress policy and the chart's admission next to it. Before, the chart allowed only
+    app: minio on 9000, and SeaweedFS's policy admitted no ttt pod."""
+    from netpol import Pod, allowed
+
+    docs = objects(render({**values, "eval": {"enabled": True}}))
+    policies = [*by_kind(docs, "NetworkPolicy"), SEAWEEDFS_POLICY]
+    namespace, labels, port = store
+    target = Pod(namespace, labels)
+    pods = chart_pods(docs)
+    assert set(pods) == {"StatefulSet", "Job"}
+    for kind, pod in pods.items():
+        assert allowed(policies, pod, target, port) is reachable, (kind, store)
+    # The evaluator can say no: nothing else in kubeflow is opened to the release's pods.
+    assert not allowed(policies, pods["Job"], Pod("kubeflow", {"app": "ml-pipeline"}), 8888)
