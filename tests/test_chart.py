@@ -658,6 +658,34 @@ tests:
       - eval_time: 10m
         alertname: TTTIndexShardsMissing
         exp_alerts: []
+  # A fresh install before the pipeline ran: both shards' servers await their index
+  # (alive, unready): no shard alert. Then shard 1's index arrives but its server fails
+  # to load it: that one pages.
+  - interval: 1m
+    input_series:
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '0x30'
+      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '0x30'
+      - series: 'ttt_index_shard_awaiting_index{namespace="ttt", shard="0", pod="ttt-index-0"}'
+        values: '1x30'
+      - series: 'ttt_index_shard_awaiting_index{namespace="ttt", shard="1", pod="ttt-index-1"}'
+        values: '1x10 0x20'
+    alert_rule_test:
+      - eval_time: 9m
+        alertname: TTTIndexShardDown
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: TTTIndexShardsMissing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: TTTIndexShardDown
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: ttt, shard: "1"}
+            exp_annotations:
+              summary: ttt index shard 1 has no ready server
+              description: >-
+                No server of shard 1 in ttt has loaded its index for 5m; retrievals are partial.
 """
 
 

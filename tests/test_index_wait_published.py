@@ -93,3 +93,18 @@ def test_without_the_flag_a_server_with_no_index_exits(unpublished):
     finally:
         output = stop(proc)
     assert "no index at" in output, output
+
+
+def test_the_awaiting_gauge_is_up_only_while_waiting(unpublished):
+    from ttt import telemetry
+
+    _, run, store = unpublished
+    gauge = telemetry.SHARD_AWAITING_INDEX.labels("0")
+    seen = []
+
+    def sleep(_):
+        seen.append(gauge._value.get())
+        publish_index(run, store, 0, np.zeros((12, 4), dtype=np.float32))
+
+    wait_published(run, store, 0, poll_s=0, sleep=sleep)
+    assert seen == [1.0] and gauge._value.get() == 0.0

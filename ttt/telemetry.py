@@ -35,6 +35,11 @@ SEARCH_LATENCY = Histogram(
 VECTORS_SERVED = Counter("ttt_index_vectors_served_total", "neighbors returned", ["shard"])
 SHARD_READY = Gauge("ttt_index_shard_ready", "1 once the shard's index is loaded", ["shard"])
 SHARD_VECTORS = Gauge("ttt_index_shard_vectors", "vectors in the loaded shard index", ["shard"])
+SHARD_AWAITING_INDEX = Gauge(
+    "ttt_index_shard_awaiting_index",
+    "1 while the server waits for its run's index to be published",
+    ["shard"],
+)
 
 # --- retrieval client ----------------------------------------------------------------------
 RETRIEVAL_LATENCY = Histogram(

@@ -20,11 +20,14 @@ def wait_published(
     """Poll the store until `shard`'s index manifest of this run's index spec exists; return
     it. A missing index, or one built from another spec (a previous run's), is waited for:
     the server stays alive and unready (a chart installed before the pipeline has run)."""
+    from ttt import telemetry
     from ttt.stages import is_done, shard_prefix
 
     prefix = shard_prefix(run, "index", shard)
+    awaiting = telemetry.SHARD_AWAITING_INDEX.labels(str(shard))
     waited = False
     while not is_done(run, store, prefix, "index"):
+        awaiting.set(1)  # the shard alerts leave a shard alone while its index is awaited
         if not waited:
             log.warning(
                 "shard %d: no index of run %s (index %s) at %s yet; waiting, unready",
@@ -35,6 +38,7 @@ def wait_published(
             )
             waited = True
         sleep(poll_s)
+    awaiting.set(0)
     if waited:
         log.warning("shard %d: index published at %s; loading", shard, prefix)
     return store.read_manifest(prefix)
