@@ -338,3 +338,17 @@ def test_the_store_is_reachable_under_both_kfp_stores(values, store, reachable):
         assert allowed(policies, pod, target, port) is reachable, (kind, store)
     # The evaluator can say no: nothing else in kubeflow is opened to the release's pods.
     assert not allowed(policies, pods["Job"], Pod("kubeflow", {"app": "ml-pipeline"}), 8888)
+
+
+def test_scaling_down_deletes_the_removed_pods_claims():
+    """values-gpu.yaml gives each index pod a 100Gi claim: fewer shards must not leave the
+    removed pods' claims bound (the StatefulSet controller deletes them on scale-down)."""
+    (sts,) = by_kind(objects(render(_load(VARIANTS["gpu"]))), "StatefulSet")
+    assert sts["spec"]["volumeClaimTemplates"], "values-gpu.yaml persists the index cache"
+    policy = sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert policy == {"whenDeleted": "Retain", "whenScaled": "Delete"}
+    keep = {"index": {"persistence": {"enabled": True, "deleteOnScaleDown": False}}}
+    (sts,) = by_kind(objects(render(keep)), "StatefulSet")
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    (sts,) = by_kind(objects(render({})), "StatefulSet")  # an emptyDir: no claims at all
+    assert "persistentVolumeClaimRetentionPolicy" not in sts["spec"]
