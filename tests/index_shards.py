@@ -20,12 +20,15 @@ import uvicorn
 
 from ttt.bench import world as bench_world
 from ttt.corpus import TextStore
-from ttt.index.server import bind_socket
+from ttt.index.server import bind_socket, create_app
+from ttt.index.shard import load_shard
 from ttt.spec import TTTRun, load_spec
 from ttt.stages import publish_corpus, shard_prefix
 from ttt.store import open_store
 
 DOMAINS = ["Github", "ArXiv", "Pile-CC", "Wikipedia (en)"]
+TOKEN = "s3cret"  # the shard servers' bearer token in the tests
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def write_corpus(path: Path, n_docs: int) -> list[str]:
@@ -50,10 +53,16 @@ def write_spec(directory: Path, corpus: Path, shards: int, extra: str = "") -> P
     return spec
 
 
-def publish_index(run: TTTRun, store, shard: int, vectors: np.ndarray) -> None:
-    """Publish a flat index over `vectors` as the index stage would (embeddings bypassed)."""
+def flat_index(vectors: np.ndarray) -> faiss.IndexFlatL2:
+    """An exact (flat L2) FAISS index over the rows of `vectors`."""
     index = faiss.IndexFlatL2(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def publish_index(run: TTTRun, store, shard: int, vectors: np.ndarray) -> None:
+    """Publish a flat index over `vectors` as the index stage would (embeddings bypassed)."""
+    index = flat_index(vectors)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index.faiss"
         faiss.write_index(index, str(path))
@@ -124,8 +133,19 @@ def app_server(app, ready: bool = True) -> Iterator[str]:
         sock.close()
 
 
+@contextlib.contextmanager
+def serve_shard(
+    run: TTTRun, store, shard: int, token: str | None = TOKEN, **options
+) -> Iterator[str]:
+    """An in-process shard server of a published run (create_app's `options`: limits, ...),
+    served until the block ends; yields its URL once it is ready."""
+    app = create_app(lambda: load_shard(run, store, shard), shard, token=token, **options)
+    with app_server(app) as url:
+        yield url
+
+
 def start_server(
-    spec: Path, shard: int, port: int, token: str = "s3cret", *extra: str
+    spec: Path, shard: int, port: int, token: str = TOKEN, *extra: str
 ) -> subprocess.Popen:
     """`python -m ttt serve` as a subprocess (a real process to kill and SIGTERM)."""
     env = {**os.environ, "TTT_AUTH_TOKEN": token, "TTT_LOG_LEVEL": "WARNING"}
@@ -155,3 +175,15 @@ def stop(proc: subprocess.Popen) -> str:
     output = proc.stdout.read().decode(errors="replace")
     proc.stdout.close()
     return output
+
+
+@contextlib.contextmanager
+def shard_processes(spec: Path, ports: list[int], token: str = TOKEN) -> Iterator[list]:
+    """`ttt serve` of shard s on ports[s], for every shard; yields the list of processes
+    (a test may replace one) and stops every process in it at the end."""
+    procs = [start_server(spec, s, port, token) for s, port in enumerate(ports)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            stop(proc)

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helm_chart import CHART, NAMESPACE, by_kind, objects, render
+from tool_paths import missing, promtool
 
 from tests.chart_schema import SCHEMA, with_run_schema
 
@@ -19,8 +21,6 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not install
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "ttt"
-RELEASE, NAMESPACE = "ttt", "ttt"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
 KUBE_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Prometheus Operator CRDs: kubernetes-validate has no schema for them; checked by hand below.
@@ -62,23 +62,6 @@ def _load(source: Path | dict | None) -> dict:
     return yaml.safe_load(source.read_text(encoding="utf-8"))
 
 
-def render(values: dict | None = None) -> dict[str, str]:
-    return helm.Chart.load(CHART).render(values=values or {}, name=RELEASE, namespace=NAMESPACE)
-
-
-def objects(rendered: dict[str, str]) -> list[dict]:
-    docs = []
-    for path, text in rendered.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
-
-
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
     return {name: objects(render(_load(src))) for name, src in VARIANTS.items()}
@@ -118,7 +101,7 @@ def test_every_object_validates(rendered, variant) -> None:
     for doc in docs:
         # One object lives in the store's namespace: the NetworkPolicy admitting this
         # release's pods to KFP's SeaweedFS (values networkPolicy.store.seaweedfs).
-        store_admission = doc["metadata"]["name"] == f"{RELEASE}-{NAMESPACE}-store"
+        store_admission = doc["metadata"]["name"] == f"ttt-{NAMESPACE}-store"
         expected = "kubeflow" if store_admission else NAMESPACE
         assert doc["metadata"]["namespace"] == expected, doc["metadata"]["name"]
         if doc["kind"] in CRD_KINDS:
@@ -332,12 +315,11 @@ def checkov() -> list[str]:
     found = shutil.which("checkov")
     if found:
         return [found]
-    if os.environ.get("CI"):
-        pytest.fail(
-            "checkov not found: python -m venv build/checkov-venv && "
-            "build/checkov-venv/bin/pip install checkov==3.3.30"
-        )
-    pytest.skip("checkov not installed (see tests/test_chart.py:checkov)")
+    missing(
+        "checkov",
+        "python -m venv build/checkov-venv && build/checkov-venv/bin/pip install checkov==3.3.30",
+        "see tests/test_chart.py:checkov",
+    )
 
 
 def run_checkov(args: list[str]) -> list[dict]:
@@ -591,132 +573,89 @@ def test_notes_state_the_kfp_backend_and_the_rbac() -> None:
 
 # --- the alerts, evaluated by promtool ----------------------------------------------------
 
-RULE_TESTS = """
-rule_files: [rules.yml]
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
-        values: '1x15'
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
-        values: '0x15'
-    alert_rule_test:
-      - eval_time: 10m
-        alertname: TTTIndexShardDown
-        exp_alerts:
-          - exp_labels: {severity: critical, namespace: ttt, shard: "1"}
-            exp_annotations:
-              summary: ttt index shard 1 has no ready server
-              description: >-
-                No server of shard 1 in ttt has loaded its index for 5m; retrievals are partial.
-      - eval_time: 10m
-        alertname: TTTIndexShardsMissing
-        exp_alerts:
-          - exp_labels: {severity: critical}
-            exp_annotations:
-              summary: "ttt index: fewer than 2 shards have a ready server"
-              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
-  # Shard 1's only pod is gone: no series at all. Only the count sees it.
-  - interval: 1m
-    input_series:
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
-        values: '1x15'
-    alert_rule_test:
-      - eval_time: 10m
-        alertname: TTTIndexShardDown
-        exp_alerts: []
-      - eval_time: 10m
-        alertname: TTTIndexShardsMissing
-        exp_alerts:
-          - exp_labels: {severity: critical}
-            exp_annotations:
-              summary: "ttt index: fewer than 2 shards have a ready server"
-              description: Only 1 of 2 shards in ttt have a ready server; retrievals are partial.
-  # Nothing scraped at all (the StatefulSet scaled to 0): still an alert.
-  - interval: 1m
-    input_series: []
-    alert_rule_test:
-      - eval_time: 10m
-        alertname: TTTIndexShardsMissing
-        exp_alerts:
-          - exp_labels: {severity: critical}
-            exp_annotations:
-              summary: "ttt index: fewer than 2 shards have a ready server"
-              description: Only 0 of 2 shards in ttt have a ready server; retrievals are partial.
-  # Every shard ready: silence.
-  - interval: 1m
-    input_series:
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
-        values: '1x15'
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
-        values: '1x15'
-    alert_rule_test:
-      - eval_time: 10m
-        alertname: TTTIndexShardDown
-        exp_alerts: []
-      - eval_time: 10m
-        alertname: TTTIndexShardsMissing
-        exp_alerts: []
-  # A fresh install before the pipeline ran: both shards' servers await their index
-  # (alive, unready): no shard alert. Then shard 1's index arrives but its server fails
-  # to load it: that one pages.
-  - interval: 1m
-    input_series:
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="0", pod="ttt-index-0"}'
-        values: '0x30'
-      - series: 'ttt_index_shard_ready{namespace="ttt", shard="1", pod="ttt-index-1"}'
-        values: '0x30'
-      - series: 'ttt_index_shard_awaiting_index{namespace="ttt", shard="0", pod="ttt-index-0"}'
-        values: '1x30'
-      - series: 'ttt_index_shard_awaiting_index{namespace="ttt", shard="1", pod="ttt-index-1"}'
-        values: '1x10 0x20'
-    alert_rule_test:
-      - eval_time: 9m
-        alertname: TTTIndexShardDown
-        exp_alerts: []
-      - eval_time: 9m
-        alertname: TTTIndexShardsMissing
-        exp_alerts: []
-      - eval_time: 20m
-        alertname: TTTIndexShardDown
-        exp_alerts:
-          - exp_labels: {severity: critical, namespace: ttt, shard: "1"}
-            exp_annotations:
-              summary: ttt index shard 1 has no ready server
-              description: >-
-                No server of shard 1 in ttt has loaded its index for 5m; retrievals are partial.
-"""
+SHARD_READY = 'ttt_index_shard_ready{{namespace="ttt", shard="{0}", pod="ttt-index-{0}"}}'
+AWAITING = 'ttt_index_shard_awaiting_index{{namespace="ttt", shard="{0}", pod="ttt-index-{0}"}}'
 
 
-def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
-    )
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
-    pytest.skip("promtool not installed (apt-get install prometheus)")
+def ready(*values: int) -> list[dict]:
+    """The input series: shard s's readiness `values[s]` for 15 minutes."""
+    return [{"series": SHARD_READY.format(s), "values": f"{v}x15"} for s, v in enumerate(values)]
+
+
+def alerts(name: str, *expected: dict) -> dict:
+    """What alert `name` must fire (nothing, when no `expected`) at 10m."""
+    return {"eval_time": "10m", "alertname": name, "exp_alerts": list(expected)}
+
+
+def shard_down(shard: int) -> dict:
+    return {
+        "exp_labels": {"severity": "critical", "namespace": "ttt", "shard": str(shard)},
+        "exp_annotations": {
+            "summary": f"ttt index shard {shard} has no ready server",
+            "description": f"No server of shard {shard} in ttt has loaded its index for 5m; "
+            "retrievals are partial.",
+        },
+    }
+
+
+def shards_missing(ready: int) -> dict:
+    return {
+        "exp_labels": {"severity": "critical"},
+        "exp_annotations": {
+            "summary": "ttt index: fewer than 2 shards have a ready server",
+            "description": f"Only {ready} of 2 shards in ttt have a ready server; "
+            "retrievals are partial.",
+        },
+    }
+
+
+def rule_test(series: list[dict], *checks: dict) -> dict:
+    return {"interval": "1m", "input_series": series, "alert_rule_test": list(checks)}
+
+
+RULE_TESTS = {
+    "rule_files": ["rules.yml"],
+    "evaluation_interval": "1m",
+    "tests": [
+        rule_test(
+            ready(1, 0),
+            alerts("TTTIndexShardDown", shard_down(1)),
+            alerts("TTTIndexShardsMissing", shards_missing(1)),
+        ),
+        # Shard 1's only pod is gone: no series at all. Only the count sees it.
+        rule_test(
+            ready(1),
+            alerts("TTTIndexShardDown"),
+            alerts("TTTIndexShardsMissing", shards_missing(1)),
+        ),
+        # Nothing scraped at all (the StatefulSet scaled to 0): still an alert.
+        rule_test(ready(), alerts("TTTIndexShardsMissing", shards_missing(0))),
+        # Every shard ready: silence.
+        rule_test(ready(1, 1), alerts("TTTIndexShardDown"), alerts("TTTIndexShardsMissing")),
+        # A fresh install before the pipeline ran: both shards' servers await their index
+        # (alive, unready): no shard alert. Then shard 1's index arrives but its server
+        # fails to load it: that one pages.
+        rule_test(
+            [
+                {"series": SHARD_READY.format(0), "values": "0x30"},
+                {"series": SHARD_READY.format(1), "values": "0x30"},
+                {"series": AWAITING.format(0), "values": "1x30"},
+                {"series": AWAITING.format(1), "values": "1x10 0x20"},
+            ],
+            {**alerts("TTTIndexShardDown"), "eval_time": "9m"},
+            {**alerts("TTTIndexShardsMissing"), "eval_time": "9m"},
+            {**alerts("TTTIndexShardDown", shard_down(1)), "eval_time": "20m"},
+        ),
+    ],
+}
 
 
 def test_alert_rules_pass_promtool_tests(rendered, tmp_path) -> None:
     (rule,) = by_kind(rendered["all-on"], "PrometheusRule")
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    (tmp_path / "tests.yml").write_text(RULE_TESTS)
-    check = subprocess.run(
-        [promtool(), "check", "rules", "rules.yml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
-    proc = subprocess.run(
-        [promtool(), "test", "rules", "tests.yml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(RULE_TESTS))
+    for command in (["check", "rules", "rules.yml"], ["test", "rules", "tests.yml"]):
+        proc = subprocess.run(
+            [promtool(), *command], cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from helm_chart import CHART, RELEASE, by_kind, objects, render
 
-from tests.test_chart import CHART, RELEASE, VARIANTS, _load, by_kind, objects, render
+from tests.test_chart import VARIANTS, _load
 
 # Kubeflow Pipelines' own MinIO: the Service `minio-service` in `kubeflow`, port 9000
 # (KFP's manifests, third-party/minio/base/minio-service.yaml; the kind workflow reads the
@@ -226,7 +227,7 @@ def test_grace_period_outlasts_drain_and_server_shutdown(variant):
     """The kubelet's SIGKILL comes after terminationGracePeriodSeconds: the server drains
     (--drain-seconds, unready but answering) and then gives in-flight requests uvicorn's
     shutdown timeout; 30 s of grace against 5 + 30 s killed servers mid-answer."""
-    from ttt.index.server import SHUTDOWN_SECONDS
+    from ttt.index.lifecycle import SHUTDOWN_SECONDS
 
     (sts,) = by_kind(objects(render(_load(VARIANTS[variant]))), "StatefulSet")
     spec = sts["spec"]["template"]["spec"]

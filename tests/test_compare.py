@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ttt.compare import compare_records, format_comparison
-from ttt.results import ResultsError
+from ttt.eval.records import ResultsError
+from ttt.report.compare import compare_records, format_comparison
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_run import tiny_spec

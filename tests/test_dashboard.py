@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,9 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from index_shards import free_port, start_server, stop, wait_ready
+from index_shards import TOKEN, free_port, start_server, stop, wait_ready
 from prometheus_client import start_http_server
 from tiny_run import tiny_spec
+from tool_paths import debian_binary, missing
 
 from ttt import telemetry
 from ttt.embed import embed_shard
@@ -35,7 +35,6 @@ from ttt.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts" / "ttt" / "dashboards" / "ttt.json"
-TOKEN = "s3cret"
 RUN = "dash"
 
 # What Grafana puts in for the dashboard's variables before it sends a query: every
@@ -45,14 +44,9 @@ VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": ".*"}
 
 def binary(name: str) -> str:
     """The path of a Debian-packaged binary: fail in CI when it is missing, skip elsewhere."""
-    found = shutil.which(name) or (
-        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
+    return debian_binary(name) or missing(
+        name, "run scripts/install-servers (`make test` does)", f"apt-get install {name}"
     )
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} not found: run scripts/install-servers (`make test` does)")
-    pytest.skip(f"{name} not installed (apt-get install {name})")
 
 
 def substitute(expr: str) -> str:

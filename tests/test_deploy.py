@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from helm_chart import render
 
 from ttt.deploy import (
     FIELD_MANAGER,
@@ -195,13 +195,11 @@ def test_a_stalled_rolling_update_fails_after_the_timeout(store):
 
 
 def test_chart_rbac_covers_exactly_the_calls_deploy_makes(store):
-    helm = pytest.importorskip("helm_python")
+    pytest.importorskip("helm_python")
     cluster = _Cluster(SPEC, ready_after=1)
     deploy(cluster, store)
     made = {(verb, resource, name) for verb, resource, name in cluster.calls}
-    chart = Path(__file__).resolve().parents[1] / "charts" / "ttt"
-    rendered = helm.Chart.load(chart).render(values={}, name="ttt", namespace="ttt")
-    docs = list(yaml.safe_load_all(rendered["ttt/templates/pipelines-rbac.yaml"]))
+    docs = list(yaml.safe_load_all(render()["ttt/templates/pipelines-rbac.yaml"]))
     (role,) = [d for d in docs if d and d["kind"] == "Role"]
     granted = {
         (verb, resource, name)

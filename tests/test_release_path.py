@@ -74,7 +74,7 @@ def set_value(values: dict, path: str, value: str) -> dict:
 
 
 def test_the_documented_helm_install_pulls_the_released_images(user):
-    from tests.test_chart import by_kind, objects, render
+    from helm_chart import by_kind, objects, render
 
     text = GETTING_STARTED.read_text(encoding="utf-8")
     (line,) = [m for m in re.findall(r"helm install [^`\n]+", text) if "values-images" in m]

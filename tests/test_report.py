@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ttt.cli import main
+from ttt.eval.records import ResultsError
 from ttt.report import build_report, format_table, summarize
-from ttt.results import ResultsError
 from ttt.spec import parse_spec
 from ttt.store import open_store
 
@@ -139,7 +139,7 @@ def test_both_aggregations_side_by_side_with_their_document_counts():
 
 
 def test_bootstrap_error_bars_per_task_and_for_the_mean():
-    from ttt.aggregate import bootstrap
+    from ttt.report.aggregate import bootstrap
 
     rows = _curve_records()
     s = summarize(rows, [0, 2])

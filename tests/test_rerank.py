@@ -8,17 +8,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from index_shards import app_server, make_run
+from index_shards import AUTH, make_run, serve_shard
 
 from ttt.bench.index import embedding_like
 from ttt.index.build import build_index, build_shard_index, measure_recall
 from ttt.index.rerank import RerankedIndex, search_reranked
-from ttt.index.server import create_app
 from ttt.index.shard import ShardError, load_shard
 from ttt.stages import shard_prefix
-
-TOKEN = "s3cret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def exact(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +83,7 @@ def test_server_with_rerank_answers_as_flat(tmp_path):
     manifest = build_shard_index(run, store, 0)
     assert manifest["rerank"] == 20 and manifest["recall"] == 1.0
     stored = vectors[0].astype(np.float16).astype(np.float32)
-    app = create_app(lambda: load_shard(run, store, 0), 0, token=TOKEN)
-    with app_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+    with serve_shard(run, store, 0) as url, httpx.Client(base_url=url, timeout=10) as http:
         q = stored[:4] + 0.01
         body = {"vectors": q.tolist(), "k": 5, "include_vectors": True}
         r = http.post("/v1/search", json=body, headers=AUTH)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from ttt.s3_credentials import S3Credentials, read_credentials_file
 from ttt.spec import StorageSpec
 from ttt.store import (
     IntegrityError,
@@ -29,7 +28,8 @@ from ttt.store import (
     StoreUnreachable,
     open_store,
 )
-from ttt.store_s3 import S3Store
+from ttt.store.credentials import S3Credentials, read_credentials_file
+from ttt.store.s3 import S3Store
 
 MiB = 1 << 20
 
@@ -188,7 +188,7 @@ def test_local_writes_fsync_the_file_before_the_rename_and_the_directory_after(
 ) -> None:
     import stat
 
-    from ttt.results import write_records
+    from ttt.eval.records import write_records
 
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace

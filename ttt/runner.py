@@ -63,7 +63,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def _documents_published(run: TTTRun, store: Any, spec_hash: str) -> int:
     """Test documents whose results some worker has uploaded (each counted once)."""
-    from ttt.results import merge_records, parse_results
+    from ttt.eval.records import merge_records, parse_results
 
     groups = []
     for key in store.list(f"{run.prefix}/eval/"):

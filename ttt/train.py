@@ -10,16 +10,18 @@ conditions on the neighbors' text instead of training on it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ttt import telemetry
-from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, score_document
+from ttt.baselines import BASELINES
+from ttt.bpb import DEFAULT_BATCH_TOKENS, score_document
 from ttt.index.retrieval import is_leak
 from ttt.lm import eot_token_id
+from ttt.outcome import DocOutcome, checkpoint
 
 # --- which neighbors a document trains on ----------------------------------------------------
 
@@ -97,63 +99,6 @@ def chunk_tokens(token_ids: list[int], max_length: int, stride: int) -> list[lis
 
 
 # --- what one document gives ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The scored text's likelihood after training on `neighbors` neighbors (`after` asked)."""
-
-    after: int  # the evalAfter entry
-    neighbors: int  # neighbors actually used (fewer than `after` when fewer were retrieved)
-    loglik: float  # natural log, summed over the scored text's tokens
-    tokens: int
-    bytes: int
-    words: int
-    train_steps: int  # cumulative optimizer steps when scored
-    train_tokens: int
-    seconds_scoring: float
-
-    @property
-    def bits_per_byte(self) -> float:
-        return DocScore(self.loglik, self.tokens, self.bytes, self.words).bits_per_byte
-
-
-@dataclass
-class DocOutcome:
-    """Everything one test document gives: a score per checkpoint and what it cost."""
-
-    method: str
-    checkpoints: list[Checkpoint] = field(default_factory=list)
-    neighbors_used: int = 0
-    train_steps: int = 0
-    train_tokens: int = 0
-    seconds_training: float = 0.0
-    seconds_scoring: float = 0.0
-    score_passes: int = 0  # scoring passes run (one pass's cost: seconds_scoring / this)
-    train_losses: list[float] = field(default_factory=list)  # mean loss per neighbor, in order
-    # interpolation: per evalAfter entry, the loglik at each mixing weight of MIX_WEIGHTS
-    mixtures: dict[str, list[float]] = field(default_factory=dict)
-    fits_window: bool | None = None  # in-context: the scored text fits one window
-
-    def at(self, after: int) -> Checkpoint:
-        """The checkpoint recorded for evalAfter entry `after`."""
-        for cp in self.checkpoints:
-            if cp.after == after:
-                return cp
-        raise KeyError(f"no checkpoint after {after} neighbors (have {self.afters})")
-
-    @property
-    def afters(self) -> list[int]:
-        return [cp.after for cp in self.checkpoints]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DocOutcome:
-        data = dict(data)
-        data["checkpoints"] = [Checkpoint(**cp) for cp in data.get("checkpoints", [])]
-        return cls(**data)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -249,8 +194,6 @@ class TTTNN:
             distances = distances[::-1] if distances is not None else None
         method = self.spec.method
         query, scored = self.split(text)
-        from ttt.baselines import BASELINES  # they build on this module's types
-
         if method in BASELINES:
             return BASELINES[method](self, scored, neighbors, distances)
         if method == "dynamic-eval":
@@ -331,21 +274,8 @@ class TTTNN:
         for c in due:
             outcome.checkpoints.append(self.checkpoint(c, n, score, outcome, seconds))
 
-    @staticmethod
-    def checkpoint(
-        after: int, n: int, score: DocScore, outcome: DocOutcome, seconds: float
-    ) -> Checkpoint:
-        return Checkpoint(
-            after=after,
-            neighbors=n,
-            loglik=score.loglik,
-            tokens=score.tokens,
-            bytes=score.bytes,
-            words=score.words,
-            train_steps=outcome.train_steps,
-            train_tokens=outcome.train_tokens,
-            seconds_scoring=seconds,
-        )
+    # the outcome module's, kept here for callers of TTTNN.checkpoint
+    checkpoint = staticmethod(checkpoint)
 
     # -- reset --
 

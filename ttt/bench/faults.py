@@ -10,7 +10,6 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,25 +226,3 @@ def sigterm_drain(spec: Path, run: Any, store: Any) -> Row:
 
 
 RETRIEVAL_FAULTS = [shard_killed, shard_slow, shard_trickling, shard_garbage, sigterm_drain]
-
-
-def fault_matrix(root: Path, log: Callable[[str], None] = print) -> list[Row]:
-    """Every fault of the matrix on a tiny published run under `root`."""
-    from ttt.bench.faults_eval import EVAL_FAULTS, _evaluate, _report, _variant
-    from ttt.bench.world import make_world
-    from ttt.store import open_store
-
-    spec, run = make_world(root)
-    store = open_store(run.spec.storage)
-    rows = []
-    for fault in RETRIEVAL_FAULTS:
-        log(f"fault: {fault.__name__}")
-        rows.append(fault(spec, run, store))
-    ref_run = _variant(run, root / "reference")
-    _evaluate(ref_run, root / "reference" / "w")
-    ref = _report(ref_run, root / "reference" / "rep")
-    for fault in EVAL_FAULTS:
-        log(f"fault: {fault.__name__}")
-        (root / fault.__name__).mkdir()
-        rows.append(fault(spec, run, store, root / fault.__name__, ref))
-    return rows

@@ -18,7 +18,7 @@ from ttt.bench.faults import Row
 from ttt.bench.world import local_retriever
 
 
-def _variant(run: Any, root: Path) -> Any:
+def copy_run(run: Any, root: Path) -> Any:
     import shutil
 
     from ttt.spec import loads_spec
@@ -41,7 +41,7 @@ def _figures(summary: dict) -> dict:
     return walk(summary["tasks"], "tasks", {})
 
 
-def _report(run: Any, out: Path) -> dict:
+def report_copy(run: Any, out: Path) -> dict:
     from ttt.report import build_report
     from ttt.store import open_store
 
@@ -53,7 +53,7 @@ def _equal(a: dict, b: dict) -> bool:
     return fa.keys() == fb.keys() and all(np.isclose(fa[k], fb[k], rtol=1e-9) for k in fa)
 
 
-def _evaluate(run: Any, work: Path, retriever: Any = None, store: Any = None) -> dict:
+def evaluate_copy(run: Any, work: Path, retriever: Any = None, store: Any = None) -> dict:
     from ttt.eval import evaluate_rank
     from ttt.store import open_store
 
@@ -115,15 +115,15 @@ def store_down_mid_upload(spec: Path, run: Any, store: Any, root: Path, ref: dic
 def store_down_mid_eval(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> Row:
     from ttt.store import StoreError, open_store
 
-    r = _variant(run, root)
+    r = copy_run(run, root)
     flaky = _FlakyStore(open_store(r.spec.storage), fail_from=4)
     try:
-        _evaluate(r, root / "w1", store=flaky)
+        evaluate_copy(r, root / "w1", store=flaky)
         raised = "no error"
     except StoreError as exc:
         raised = type(exc).__name__
-    _evaluate(r, root / "w2")
-    got = _report(r, root / "rep")
+    evaluate_copy(r, root / "w2")
+    got = report_copy(r, root / "rep")
     ok = raised == "StoreUnreachable" and _equal(got, ref) and got["documents"] == ref["documents"]
     return Row("store down mid-eval (from the 4th upload)",
                f"worker stopped with {raised}; rerun: {got['documents']} documents, report = "
@@ -132,13 +132,13 @@ def store_down_mid_eval(spec: Path, run: Any, store: Any, root: Path, ref: dict)
 
 
 def worker_sigkill(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> Row:
-    r = _variant(run, root)
+    r = copy_run(run, root)
     yaml = root / "run.yaml"
     yaml.write_text(r.to_yaml())
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from ttt.bench.faults_eval import _evaluate\n"
+        "from ttt.bench.faults_eval import evaluate_copy\n"
         "from ttt.bench.world import local_retriever\n"
         "from ttt.spec import load_spec\n"
         "from ttt.store import open_store\n"
@@ -151,12 +151,12 @@ def worker_sigkill(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> R
         "        if self.n == 4:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        return inner.search(texts, k=k, with_text=with_text)\n"
-        "_evaluate(run, Path(sys.argv[2]), Kill())\n"
+        "evaluate_copy(run, Path(sys.argv[2]), Kill())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(yaml), str(root / "w1")],
                           capture_output=True, timeout=600, check=False)  # fmt: skip
-    _evaluate(r, root / "w2")  # a fresh pod: nothing local survives
-    got = _report(r, root / "rep")
+    evaluate_copy(r, root / "w2")  # a fresh pod: nothing local survives
+    got = report_copy(r, root / "rep")
     ok = proc.returncode == -signal.SIGKILL and _equal(got, ref)
     return Row("worker SIGKILL mid-document (at its 4th)",
                f"exit {proc.returncode}; restarted: {got['documents']} documents, report = "
@@ -184,13 +184,13 @@ class _Stepper:
 def two_writers(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> Row:
     from ttt.store import open_store
 
-    r = _variant(run, root)
+    r = copy_run(run, root)
     inner = local_retriever(r, open_store(r.spec.storage))
     pods = {name: _Stepper(inner) for name in ("old", "new")}
 
     def pod(name: str) -> None:
         with contextlib.suppress(KeyboardInterrupt):
-            _evaluate(r, root / name, pods[name])
+            evaluate_copy(r, root / name, pods[name])
 
     threads = {n: threading.Thread(target=pod, args=(n,)) for n in pods}
     threads["old"].start()
@@ -204,8 +204,8 @@ def two_writers(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> Row:
         pods[name].kill = True
         pods[name].go.release()
         threads[name].join(120)
-    _evaluate(r, root / "w3")
-    got = _report(r, root / "rep")
+    evaluate_copy(r, root / "w3")
+    got = report_copy(r, root / "rep")
     return Row("two writers on one rank (old pod and its replacement)",
                f"both attempts' files kept, merged: {got['documents']} documents, report = "
                "uninterrupted", ref["documents"] - got["documents"],
@@ -218,13 +218,13 @@ def flipped_byte(spec: Path, run: Any, store: Any, root: Path, ref: dict) -> Row
     from ttt.stages import shard_prefix
     from ttt.store import open_store
 
-    r = _variant(run, root)
+    r = copy_run(run, root)
     s = open_store(r.spec.storage)
-    _evaluate(r, root / "w")
+    evaluate_copy(r, root / "w")
     caught = []
     targets: list[tuple[str, Callable[[], Any]]] = [
-        (f"{r.prefix}/eval/rank-00000/results.jsonl", lambda: _report(r, root / "rep")),
-        (f"{r.prefix}/eval/rank-00000/manifest.json", lambda: _report(r, root / "rep")),
+        (f"{r.prefix}/eval/rank-00000/results.jsonl", lambda: report_copy(r, root / "rep")),
+        (f"{r.prefix}/eval/rank-00000/manifest.json", lambda: report_copy(r, root / "rep")),
         (f"{shard_prefix(r, 'index', 0)}/index.faiss", lambda: load_shard(r, s, 0)),
     ]
     for key, read in targets:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,31 @@ def _api_fuzz(examples: int) -> dict[str, Any]:
         return fuzz_shard_api(url, TOKEN, examples, Limits().max_response)
 
 
+def fault_matrix(root: Path, log: Callable[[str], None] = print) -> list[Any]:
+    """Every fault of the matrix on a tiny published run under `root`."""
+    from ttt.bench.faults import RETRIEVAL_FAULTS
+    from ttt.bench.faults_eval import EVAL_FAULTS, copy_run, evaluate_copy, report_copy
+    from ttt.bench.world import make_world
+    from ttt.store import open_store
+
+    spec, run = make_world(root)
+    store = open_store(run.spec.storage)
+    rows = []
+    for fault in RETRIEVAL_FAULTS:
+        log(f"fault: {fault.__name__}")
+        rows.append(fault(spec, run, store))
+    ref_run = copy_run(run, root / "reference")
+    evaluate_copy(ref_run, root / "reference" / "w")
+    ref = report_copy(ref_run, root / "reference" / "rep")
+    for fault in EVAL_FAULTS:
+        log(f"fault: {fault.__name__}")
+        (root / fault.__name__).mkdir()
+        rows.append(fault(spec, run, store, root / fault.__name__, ref))
+    return rows
+
+
 def bench_reliability(preset: str = "full", out: str | Path | None = None) -> dict[str, Any]:
     """Every figure of docs/reliability.md, measured now; writes the page when `out` is given."""
-    from ttt.bench.faults import fault_matrix
     from ttt.bench.fuzz import fuzz_corpus_reader, fuzz_spec_loader
     from ttt.bench.load import load_run, probes_under_load
 

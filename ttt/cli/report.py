@@ -24,7 +24,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
     if args.compare:
-        from ttt.compare import compare_runs
+        from ttt.report.compare import compare_runs
 
         others = [load_spec(path) for path in args.compare]
         stores = [store] + [open_store(o.spec.storage) for o in others]

@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ttt.index.server import Limits, serve
+    from ttt.index.lifecycle import Limits, serve
     from ttt.index.shard import ordinal_from_hostname
     from ttt.spec import load_spec
 

@@ -11,7 +11,7 @@ from ttt.spec import json_schema, load_spec
 def _validate(args: argparse.Namespace) -> int:
     run = load_spec(args.file)  # a SpecError lists every bad field: `ttt` prints it, exit 1
     if args.paper:
-        from ttt.parity import format_departures
+        from ttt.spec.parity import format_departures
 
         print(format_departures(run, args.file), end="")
         return 0

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ttt.errors import TTTError
-from ttt.train import TTTNN, DocOutcome
+from ttt.outcome import DocOutcome
+from ttt.train import TTTNN
 
 log = logging.getLogger(__name__)
 

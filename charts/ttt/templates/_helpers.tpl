@@ -117,7 +117,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The run spec's checksum without its operational fields (ttt/spec.py OPERATIONAL_FIELDS:
+{{/* The run spec's checksum without its operational fields (ttt/spec/run.py OPERATIONAL_FIELDS:
      index.replicas, retrieval timeout/retries/servers/service/inProcess): scaling the
      servers or tuning retrieval changes neither the index pod template nor the eval Job. */}}
 {{- define "ttt.runChecksum" -}}

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +18,10 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.error import MinioException, S3Error
 from minio.helpers import check_bucket_name
 
-from ttt.s3_credentials import S3Credentials, read_credentials_file
-from ttt.store import (
+from ttt.store.base import (
     CHUNK,
     ObjectInfo,
     ObjectNotFound,
@@ -38,6 +36,8 @@ from ttt.store import (
     tmp_sibling,
     verify,
 )
+from ttt.store.credentials import S3Credentials, read_credentials_file
+from ttt.store.s3_failures import DENIED, NETWORK, TRANSIENT, short_error, status_code
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,19 +47,6 @@ T = TypeVar("T")
 PART_SIZE = 32 << 20
 UPLOAD_THREADS = 4
 BIG = 256 << 20  # transfers at least this large are logged with their rate
-
-DENIED = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-    "ExpiredToken", "AllAccessDisabled", "AccountProblem", "InvalidSecurity",
-}  # fmt: skip
-TRANSIENT = {
-    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
-    "OperationAborted", "XMinioServerNotInitialized", "XMinioReadQuorum",
-    "XMinioWriteQuorum",
-}  # fmt: skip
-# A network failure: refused or reset connections, timeouts, truncated bodies. Local file
-# errors (PermissionError, disk full) are OSErrors too but not these, so they propagate.
-NETWORK = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class _HashingReader:
@@ -73,23 +60,6 @@ class _HashingReader:
         self.digest.update(data)
         self.size += len(data)
         return data
-
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        exc = exc.reason
-    # urllib3 prefixes "<urllib3.connection.HTTPConnection object at 0x..>: "
-    return re.sub(r"<[^>]+ object at 0x[0-9a-f]+>: ", "", str(exc)) or type(exc).__name__
-
-
-def _status(exc: MinioException) -> int | None:
-    if isinstance(exc, S3Error):
-        return exc.response.status if exc.response is not None else None
-    if isinstance(exc, ServerError):
-        return exc.status_code
-    if isinstance(exc, InvalidResponseError):
-        return exc._code
-    return None
 
 
 class S3Store(Store):
@@ -181,17 +151,17 @@ class S3Store(Store):
                     break
                 log.warning(
                     "%s on %s failed (attempt %d/%d): %s; retrying in %.1fs",
-                    what, self.describe(), attempt, self.attempts, _short(exc), delay,
+                    what, self.describe(), attempt, self.attempts, short_error(exc), delay,
                 )  # fmt: skip
                 time.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 10.0)
         if isinstance(last, NETWORK):
             raise StoreUnreachable(
                 f"cannot connect to S3 store at {self.url} (bucket {self.bucket!r}) after "
-                f"{self.attempts} attempts during {what}: {_short(last)}"
+                f"{self.attempts} attempts during {what}: {short_error(last)}"
             ) from last
         raise StoreError(
-            f"{what} failed on {self.describe()} after {self.attempts} attempts: {_short(last)}"
+            f"{what} failed on {self.describe()} after {self.attempts} attempts: {short_error(last)}"
         ) from last
 
     def _raise_if_final(self, exc: BaseException, what: str, key: str | None) -> None:
@@ -201,12 +171,12 @@ class S3Store(Store):
         if isinstance(exc, urllib3.exceptions.SSLError):
             raise StoreUnreachable(
                 f"cannot connect to S3 store at {self.url} (bucket {self.bucket!r}): TLS "
-                f"failed ({_short(exc)}); check storage.secure and the certificate"
+                f"failed ({short_error(exc)}); check storage.secure and the certificate"
             ) from exc
         if isinstance(exc, NETWORK):
             return
         code = exc.code if isinstance(exc, S3Error) else None
-        status = _status(exc)
+        status = status_code(exc)
         if code in DENIED or (code is None and status == 403):
             raise StoreAccessDenied(
                 f"S3 store at {self.url} (bucket {self.bucket!r}) rejected the credentials "
@@ -222,7 +192,7 @@ class S3Store(Store):
             ) from exc
         if code in TRANSIENT or (status is not None and (status >= 500 or status == 429)):
             return
-        raise StoreError(f"{what} failed on {self.describe()}: {_short(exc)}") from exc
+        raise StoreError(f"{what} failed on {self.describe()}: {short_error(exc)}") from exc
 
     # --- transfers ----------------------------------------------------------------------
 

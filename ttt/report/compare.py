@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ttt.report import _figure, _finite, read_results, summarize
-from ttt.results import ResultsError
+from ttt.eval.records import ResultsError
+from ttt.report.build import read_results
+from ttt.report.plots import new_figure
+from ttt.report.summary import finite, summarize
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
 def plot_comparison(comparison: dict[str, Any], path: str | Path) -> Path:
     """Pile-weighted bits per byte against neighbors trained on, one line per run."""
-    fig = _figure(7, 4.5)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     xs = comparison["checkpoints"]
     for name, summary in comparison["runs"].items():
@@ -143,7 +145,7 @@ def compare_runs(
     out = Path(out_dir or tempfile.mkdtemp(prefix=f"ttt-compare-{runs[0].name}-"))
     out.mkdir(parents=True, exist_ok=True)
     table = format_comparison(comparison)
-    (out / "compare.json").write_text(json.dumps(_finite(comparison), indent=2, sort_keys=True))
+    (out / "compare.json").write_text(json.dumps(finite(comparison), indent=2, sort_keys=True))
     (out / "compare.md").write_text(table)
     plot_comparison(comparison, out / "compare_bpb_vs_neighbors.png")
     stores[0].publish(

@@ -1,16 +1,14 @@
-"""The artifact store: one interface over a local directory and an S3/MinIO bucket."""
+"""The store's interface (Store, ObjectInfo), its errors, and the key, hashing and manifest helpers both backends share."""
 
 from __future__ import annotations
 
 import abc
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +25,7 @@ MANIFEST_CHECKSUM = "manifest_sha256"
 CHUNK = 1 << 20  # 1 MiB: hashing and copying granularity; never a whole file in memory
 # Temporary files are hidden siblings of their destination so os.replace stays on one
 # filesystem (atomic); list() never shows them.
-_TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
 class StoreError(TTTError):
@@ -207,125 +205,6 @@ class Store(abc.ABC):
         return f"<{type(self).__name__} {self.describe()}>"
 
 
-class LocalStore(Store):
-    """A directory on this machine; every write lands by atomic rename."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().absolute()
-
-    def describe(self) -> str:
-        return f"local dir {self.root}"
-
-    def ensure_bucket(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
-
-    def _missing(self, key: str) -> ObjectNotFound:
-        return ObjectNotFound(f"no object {key!r} in {self.describe()}")
-
-    def _write(self, key: str, src: BinaryIO) -> ObjectInfo:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(dest)
-        digest = hashlib.sha256()
-        try:
-            with open(tmp, "wb") as out:
-                size = copy_hashing(src, out, digest)
-                out.flush()
-                os.fsync(out.fileno())  # the data on disk before the rename publishes it
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)  # and the rename itself
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return ObjectInfo(key, size, digest.hexdigest())
-
-    def put_file(self, local_path: str | Path, key: str) -> ObjectInfo:
-        local_path = Path(local_path)
-        dest = self._path(key)
-        if dest.exists() and dest.samefile(local_path):  # written in place already
-            return ObjectInfo(key, dest.stat().st_size, sha256_file(dest))
-        with open(local_path, "rb") as src:
-            return self._write(key, src)
-
-    def get_file(self, key: str, local_path: str | Path, sha256: str | None = None) -> Path:
-        src_path = self._path(key)
-        dest = Path(local_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(dest)
-        digest = hashlib.sha256()
-        try:
-            with open(src_path, "rb") as src, open(tmp, "wb") as out:
-                copy_hashing(src, out, digest)
-                out.flush()
-                os.fsync(out.fileno())
-            verify(key, self, digest.hexdigest(), sha256)
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-        except FileNotFoundError as e:
-            tmp.unlink(missing_ok=True)
-            if not src_path.is_file():
-                raise self._missing(key) from e
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return dest
-
-    def fetch(self, key: str, sha256: str | None = None) -> Path:
-        path = self._path(key)
-        if not path.is_file():
-            raise self._missing(key)
-        if sha256 is not None:
-            verify(key, self, sha256_file(path), sha256)
-        return path
-
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        return self._write(key, io.BytesIO(data))
-
-    def get_bytes(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            raise self._missing(key) from e
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def _walk(self, prefix: str) -> Iterator[str]:
-        # Walk only the deepest directory the prefix names, then filter by string prefix.
-        base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if _TMP.match(name):
-                    continue
-                key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix):
-                    yield key
-
-    def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._walk(check_prefix(prefix)))
-
-    def delete(self, prefix: str) -> int:
-        keys = self.list(check_prefix(prefix, allow_empty=False))
-        dirs = set()
-        for key in keys:
-            path = self.root / key
-            path.unlink(missing_ok=True)
-            dirs.update(path.parents)
-        # Prune directories left empty, deepest first, never the root itself.
-        for d in sorted((d for d in dirs if self.root in d.parents), key=lambda p: -len(p.parts)):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        return len(keys)
-
-
 def manifest_checksum(body: dict) -> str:
     """sha256 of a manifest's canonical JSON, its own checksum field left out."""
     rest = {k: v for k, v in body.items() if k != MANIFEST_CHECKSUM}
@@ -337,49 +216,3 @@ def verify(key: str, store: Store, actual: str, expected: str | None) -> None:
         raise IntegrityError(
             f"{key} in {store.describe()}: sha256 mismatch (expected {expected}, got {actual})"
         )
-
-
-def open_store(storage: Any = None, **overrides: Any) -> Store:
-    """The store a spec's `storage` section names: S3 when it has an endpoint, else local.
-
-    `storage` is any object with the StorageSpec attributes (endpoint, bucket, secure,
-    region, root, credentials_file, cache_dir); keyword arguments override them.
-    """
-    fields = {
-        "endpoint": None,
-        "bucket": "ttt",
-        "secure": False,
-        "region": None,
-        "root": "ttt-store",
-        "credentials_file": None,
-        "cache_dir": None,
-    }
-    for name in fields:
-        if storage is not None and hasattr(storage, name):
-            fields[name] = getattr(storage, name)
-    unknown = set(overrides) - set(fields)
-    if unknown:
-        raise TypeError(f"open_store: unknown storage fields {sorted(unknown)}")
-    fields.update(overrides)
-    if not fields["endpoint"]:
-        return LocalStore(fields["root"])
-    from ttt.store_s3 import S3Store
-
-    return S3Store(
-        fields["endpoint"],
-        fields["bucket"],
-        secure=fields["secure"],
-        region=fields["region"],
-        credentials_file=fields["credentials_file"],
-        cache_dir=fields["cache_dir"],
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # S3Store lives in its own module (the minio client, retries, credentials); it is
-    # importable from here so callers see one store module.
-    if name == "S3Store":
-        from ttt.store_s3 import S3Store
-
-        return S3Store
-    raise AttributeError(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ttt.store import StoreError
+from ttt.store.base import StoreError
 
 
 class S3Credentials(BaseSettings):

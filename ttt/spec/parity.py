@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ttt.spec import PAPER_ENCODER
+from ttt.spec.sections import PAPER_ENCODER
 
 # The paper's three language models and their settings (its Table / Figure 4 runs).
 PAPER_MODELS: dict[str, dict[str, Any]] = {

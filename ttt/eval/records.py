@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,77 @@ def task_totals(records: Sequence[dict[str, Any]], n: int) -> dict[str, TaskTota
     for r in records:
         totals.setdefault(r["task"], TaskTotals()).add(checkpoint_score(r, n))
     return totals
+
+
+class RankRecords:
+    """One attempt at a rank's records: resumed from earlier attempts, appended to a local
+    file as documents finish, uploaded to this attempt's own key at most every
+    `flush_seconds`, and published with the rank's manifest at the end.
+
+    An attempt writes only its own file (see ATTEMPTS), so another attempt on the same rank
+    (a replaced pod) can never overwrite it.
+    """
+
+    def __init__(self, store: Any, prefix: str, local: Path, spec_hash: str) -> None:
+        self.store, self.prefix, self.local, self.spec_hash = store, prefix, local, spec_hash
+        self.key = f"{prefix}/{RESULTS}"
+        self.attempt = attempt_id()
+        self.attempt_key = f"{prefix}/{ATTEMPTS}/{self.attempt}.jsonl"
+        self.records: list[dict[str, Any]] = []
+
+    def resume(self, wanted: set[str], allow_partial: bool) -> list[dict[str, Any]]:
+        """The records of `wanted` documents that earlier attempts finished, kept.
+
+        A partial record (a shard did not answer) is kept only where the spec allows partial
+        retrieval; otherwise its document is evaluated again. The local file is rewritten
+        clean (a torn last line must not precede new records) and uploaded at once: that
+        marks the evaluation as the one the local copy belongs to (see load_existing), so a
+        crash before the first flush loses nothing.
+        """
+        records = load_existing(self.store, self.key, self.local, self.spec_hash)
+        records = [r for r in records if r["doc"] in wanted]
+        if not allow_partial:
+            partial = [r["doc"] for r in records if r.get("partial")]
+            if partial:
+                log.warning(
+                    "%s: %d partial record(s) (a shard did not answer) evaluated again; "
+                    "spec.retrieval.allowPartial is false",
+                    self.prefix,
+                    len(partial),
+                )
+                records = [r for r in records if not r.get("partial")]
+        write_records(self.local, records)
+        self.upload()
+        self.records = records
+        return records
+
+    def upload(self) -> None:
+        self.store.put_file(self.local, self.attempt_key)
+
+    @contextlib.contextmanager
+    def appending(self, flush_seconds: float) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """An `append(record)` that writes each record as it comes and uploads now and then;
+        on leaving (an error or a drain too: SIGTERM -> KeyboardInterrupt) what was finished
+        is uploaded."""
+        last_flush = time.monotonic()
+        try:
+            with self.local.open("a", encoding="utf-8") as out:
+
+                def append(record: dict[str, Any]) -> None:
+                    nonlocal last_flush
+                    out.write(json.dumps(record, sort_keys=True) + "\n")
+                    out.flush()
+                    self.records.append(record)
+                    if time.monotonic() - last_flush >= flush_seconds:
+                        self.upload()
+                        last_flush = time.monotonic()
+
+                yield append
+        finally:
+            self.upload()
+
+    def publish(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """results.jsonl and the manifest (with `facts`, this attempt's name and the count)."""
+        write_records(self.local, self.records)
+        facts = {**facts, "count": len(self.records), "attempt": self.attempt}
+        return publish_rank(self.store, self.prefix, self.local, facts)

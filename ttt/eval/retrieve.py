@@ -1,20 +1,18 @@
-"""One test document's way through a rank: its neighbors (waiting for missing shards, guarded,
-optionally chosen by SIFT), the engine that trains on them, and its result record."""
+"""One document's neighbors: retrieved (waiting for shards), guarded, maybe chosen by SIFT."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ttt import telemetry
 from ttt.corpus import Document
-from ttt.index.retrieval import euclidean
-from ttt.results import result_record
+from ttt.eval.errors import EvalError
+from ttt.index.retrieval import ShardsUnavailable, euclidean
 from ttt.train import select_neighbors
-
-log = logging.getLogger("ttt.eval")
 
 
 def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tuple[list, list]:
@@ -41,45 +39,34 @@ def guard_neighbors(text: str, neighbors: Sequence[Any], retrieval: Any) -> tupl
     return kept, excluded
 
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DocumentFacts:
+    """What retrieval found for one document, carried through the engine to its record."""
+
+    doc: Document
+    kept: list[Any] = field(default_factory=list)  # the neighbors it trains on, in order
+    distances: list[float] = field(default_factory=list)  # of `kept`, Euclidean
+    excluded: list[Any] = field(default_factory=list)  # removed by the leakage guard here
+    retriever_excluded: int = 0  # removed by the retriever's own guard (counted only)
+    partial: bool = False  # some shard did not answer and the spec allowed it
+    failed_shards: list[int] = field(default_factory=list)
+    retrieve_seconds: float = 0.0
+    # SIFT: {"seconds": selection time, "facts": what the record says}; empty for nearest
+    selected: dict[str, Any] = field(default_factory=dict)
+
+
 def needs_neighbors(run: Any) -> bool:
+    """Whether the run's method trains on (or conditions on) retrieved neighbors at all."""
     t = run.spec.ttt
     return run.spec.retrieval.neighbors > 0 and t.method != "dynamic-eval"
 
 
-def evaluate_documents(
-    run: Any,
-    engine: Any,
-    retriever: Any,
-    docs: Sequence[Document],
-    spec_hash: str,
-    rank: int,
-    progress: Any = None,
-) -> Iterator[dict[str, Any]]:
-    """Result records of `docs`, in the order the engine finishes them (several train at once).
-
-    Documents are retrieved as the engine asks for them, so retrieval overlaps training. With
-    resetOptimizer false the sequential engine carries its optimizer state within a task:
-    documents arrive in task order and a new task starts a fresh optimizer (the sequential
-    engine has finished the previous document before it asks for the next).
-    """
-
-    def items() -> Iterator[tuple]:
-        task = None
-        for doc in docs:
-            if doc.domain != task:
-                engine.new_task()
-                task = doc.domain
-            yield retrieve_document(run, engine, retriever, doc, rank)
-
-    if progress is not None:  # the engine says when a document starts training
-        engine.on_start = lambda facts: progress.start_document(facts[0].id)
-    for facts, outcome in engine.evaluate_stream(items()):
-        if progress is not None:
-            progress.finish_document()
-        yield document_record(facts, outcome, spec_hash, rank)
-
-
-def retrieve_document(run: Any, engine: Any, retriever: Any, doc: Document, rank: int) -> tuple:
+def retrieve_document(
+    run: Any, engine: Any, retriever: Any, doc: Document, rank: int
+) -> tuple[DocumentFacts, str, list[str], list[float] | None]:
     """(facts, text, neighbor texts, distances): one document's neighbors, guarded (and chosen
     by SIFT when the spec says so), as the engine's stream takes them."""
     retrieval_spec = run.spec.retrieval
@@ -105,42 +92,13 @@ def retrieve_document(run: Any, engine: Any, retriever: Any, doc: Document, rank
             kept, selected = sift_picks(kept, result.query_vector, k, retrieval_spec)
     retrieve_seconds = time.perf_counter() - start - selected.get("seconds", 0.0)
     distances = [euclidean(n.distance) for n in kept]  # the record's and in-context's unit
-    facts = (
+    facts = DocumentFacts(
         doc, kept, distances, excluded, retriever_excluded, partial, failed, retrieve_seconds,
         selected,
     )  # fmt: skip
     # SIFT's picks train in pick order (its most informative first), so the loop is not
     # given distances to re-order by; the threshold was applied to the candidates already.
     return facts, doc.text, [n.text for n in kept], None if sift else distances
-
-
-def document_record(facts: tuple, outcome: Any, spec_hash: str, rank: int) -> dict[str, Any]:
-    """One document's result record from its retrieval facts and its training outcome."""
-    (
-        doc, kept, distances, excluded, retriever_excluded, partial, failed, retrieve_seconds,
-        selected,
-    ) = facts  # fmt: skip
-    return result_record(
-        doc,
-        outcome,
-        spec_hash=spec_hash,
-        rank=rank,
-        neighbors=len(kept),
-        excluded=len(excluded) + retriever_excluded,
-        neighbor_ids=[n.id for n in kept],
-        excluded_ids=[n.id for n in excluded],
-        distances=distances,
-        distance_unit="euclidean",
-        partial=partial,
-        failed_shards=failed,
-        seconds={
-            "retrieve": retrieve_seconds,
-            "train": float(outcome.seconds_training),
-            "score": float(outcome.seconds_scoring),
-            **({"select": selected["seconds"]} if selected else {}),
-        },
-        **({"selection": "sift", **selected["facts"]} if selected else {}),
-    )
 
 
 def retrieve_waiting(
@@ -152,9 +110,6 @@ def retrieve_waiting(
     neighbors: the worker waits, says so in its log and in ttt_eval_waiting_for_shards /
     ttt_eval_retrieval_waits_total, and fails after `wait_seconds` (its Job retries it).
     """
-    from ttt.eval import EvalError  # eval imports this module
-    from ttt.index.retrieval import ShardsUnavailable
-
     start, pause = time.monotonic(), 1.0
     label = str(rank)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ttt.bpb import task_weights
-from ttt.results import checkpoint_score
+from ttt.eval.records import checkpoint_score
 
 RESAMPLES = 1000
 QUANTILES = (0.1, 0.9)

@@ -1,0 +1,139 @@
+"""The rank worker: resumable evaluation of one rank's test documents, published with a manifest."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ttt import telemetry
+from ttt.engine.select import build_engine
+from ttt.eval.document import evaluate_documents
+from ttt.eval.figures import RankFigures
+from ttt.eval.records import (
+    RESULTS,
+    RankRecords,
+)
+from ttt.eval.retrieve import needs_neighbors
+from ttt.eval.sample import partition, select_test_documents
+from ttt.progress import WorkProgress
+
+log = logging.getLogger(__name__)
+
+
+def rank_prefix(run: Any, rank: int) -> str:
+    """runs/<name>/eval/rank-NNNNN: where a rank publishes its results and manifest."""
+    return f"{run.prefix}/eval/rank-{rank:05d}"
+
+
+def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
+    """The run's shard servers (found by discover_endpoints), or its shards loaded here."""
+    from ttt.index.client import LocalRetriever, ShardedRetriever
+
+    if local_index or run.spec.retrieval.in_process:
+        return LocalRetriever.from_run(run, store=store)
+    return ShardedRetriever.from_run(run, store=store)
+
+
+def _default_lm(run: Any) -> tuple[Any, Any]:
+    from ttt.engine.precision import load_for_engine
+    from ttt.engine.select import choose_engine
+
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt))
+
+
+def evaluate_rank(
+    run: Any,
+    store: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    retriever: Any = None,
+    lm: tuple[Any, Any] | None = None,
+    work_dir: str | Path | None = None,
+    flush_seconds: float = 5.0,
+    progress: bool = True,
+    local_index: bool = False,
+    progress_seconds: float = 30.0,
+) -> dict[str, Any]:
+    """Evaluate one rank's test documents; resumable, one record per document; the manifest.
+
+    Records go to a local results.jsonl and to `runs/<name>/eval/rank-NNNNN/results.jsonl`
+    in the store at most every `flush_seconds` (and at the end); a restarted worker reads
+    both back, skips finished documents and never counts one twice. Without a `retriever`,
+    the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
+    Progress moves within a document too (neighbors, steps, ETA): on the bar on a terminal,
+    else in a log line at most every `progress_seconds`.
+    """
+    spec_hash = run.stage_hash("eval")
+    prefix = rank_prefix(run, rank)
+    mine = partition(select_test_documents(run, store), rank, world_size)
+    manifest = store.read_manifest(prefix)
+    if (
+        manifest
+        and manifest.get("spec_hash") == spec_hash
+        and manifest.get("world_size") == world_size
+        and manifest.get("count") == len(mine)
+    ):
+        log.info("eval rank %d: finished already (%d documents)", rank, len(mine))
+        return manifest
+
+    # Work to do: a manifest of another world size or count must not say "finished" meanwhile.
+    if manifest is not None:
+        store.delete(f"{prefix}/manifest.json")
+    work = Path(work_dir or Path(tempfile.gettempdir()) / f"ttt-eval-{run.name}")
+    work.mkdir(parents=True, exist_ok=True)
+    results = RankRecords(store, prefix, work / f"rank-{rank:05d}-{RESULTS}", spec_hash)
+    records = results.resume({d.id for d in mine}, run.spec.retrieval.allow_partial)
+    done = {r["doc"] for r in records}
+    todo = [d for d in mine if d.id not in done]
+    log.info(
+        "eval rank %d/%d: %d documents, %d done before, %d to go",
+        rank,
+        world_size,
+        len(mine),
+        len(done),
+        len(todo),
+    )
+    progress_figures = RankFigures(rank, sorted(run.spec.ttt.eval_after) or [0], records)
+    progress_figures.start({doc.domain for doc in todo})
+    telemetry.DOCUMENTS_PENDING.labels(str(rank)).set(len(todo))
+    if run.spec.metrics.enabled:
+        try:
+            telemetry.start_metrics_server(run.spec.metrics.port)
+        except OSError as exc:
+            log.warning("metrics port %d unavailable: %s", run.spec.metrics.port, exc)
+
+    if todo:
+        if needs_neighbors(run) and retriever is None:
+            retriever = _default_retriever(run, store, local_index)
+        model, tokenizer = lm or _default_lm(run)
+        # the fast engine wherever it equals the sequential loop (ttt.engine.select)
+        engine = build_engine(model, tokenizer, run.spec.ttt, rank=str(rank))
+        bar = WorkProgress(
+            f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
+        )
+        engine.on_neighbor = bar.neighbor
+        try:
+            with results.appending(flush_seconds) as append:
+                finished = evaluate_documents(run, engine, retriever, todo, spec_hash, rank, bar)
+                for i, record in enumerate(finished):
+                    append(record)
+                    progress_figures.add(record, pending=len(todo) - i - 1)
+        finally:
+            bar.close()
+
+    manifest = results.publish(
+        {
+            "stage": "eval",
+            "rank": rank,
+            "world_size": world_size,
+            "spec_hash": spec_hash,
+            "neighbors_excluded": progress_figures.excluded,
+            "partial_retrievals": sum(bool(r.get("partial")) for r in records),
+        }
+    )
+    progress_figures.push_final(run)
+    log.info("eval rank %d: published %d records to %s", rank, len(records), results.key)
+    return manifest
