@@ -321,6 +321,53 @@ def test_ranks_partition_the_documents_exactly(tmp_path):
         partition(selected, 2, 2)
 
 
+def test_the_strided_split_is_the_references_per_task(tmp_path):
+    docs = [(["Github", "ArXiv"][i % 2], "x" * (1 + i)) for i in range(23)]
+    write_jsonl(tmp_path / "test.jsonl", docs)
+    selected = select_test_documents(make_run(tmp_path, eval={"portion": 1.0}))
+    by_task: dict[str, list] = {}
+    for d in selected:
+        by_task.setdefault(d.domain, []).append(d.id)
+    for world in (1, 2, 3, 32):
+        parts = [partition(selected, r, world, "strided") for r in range(world)]
+        for r, part in enumerate(parts):
+            # tttlm: per task, np.arange(rank, len(task_docs), world_size)
+            want = [i for task in by_task.values() for i in task[r::world]]
+            assert [d.id for d in part] == want
+        ids = sorted(d.id for p in parts for d in p)
+        assert ids == sorted(d.id for d in selected)
+    # greedy by bytes would put the longest documents elsewhere: not the same split
+    assert partition(selected, 0, 3, "strided") != partition(selected, 0, 3)
+    with pytest.raises(EvalError, match="split 'x' is not one of"):
+        partition(selected, 0, 2, "x")
+
+
+def test_a_carried_optimizer_splits_strided_and_records_the_world_size(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0, 1],
+             "optimizer": "adamw", "weightDecay": 0.01, "resetOptimizer": False},
+        retrieval=TINY_RETRIEVAL,
+        eval={"portion": 1.0, "tasks": ["Github"]},
+    )  # fmt: skip
+    store = open_store(run.spec.storage)
+    retriever = local_retriever(run, tmp_path / "shards")
+    selected = [d.id for d in select_test_documents(run, store)]
+    for rank in (0, 1):
+        manifest = evaluate_rank(
+            run, store, rank, 2, retriever=retriever, work_dir=tmp_path / "w", progress=False
+        )
+        assert manifest["split"] == "strided" and manifest["world_size"] == 2
+        records = parse_results(
+            store.get_bytes(f"{run.prefix}/eval/rank-{rank:05d}/results.jsonl"), "r"
+        )
+        assert [r["doc"] for r in records] == selected[rank::2]
+        assert {(r["world_size"], r["split"]) for r in records} == {(2, "strided")}
+
+
 def test_rank_from_arguments_or_environment():
     assert resolve_rank(1, 3, {"RANK": "2"}, 4) == (1, 3)
     assert resolve_rank(None, None, {"RANK": "2", "WORLD_SIZE": "5"}, 1) == (2, 5)

@@ -16,7 +16,7 @@ from ttt.eval.records import (
     RankRecords,
 )
 from ttt.eval.retrieve import needs_neighbors
-from ttt.eval.sample import partition, select_test_documents
+from ttt.eval.sample import partition, select_test_documents, split_for
 from ttt.progress import WorkProgress
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,14 @@ def evaluate_rank(
     """
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
-    mine = partition(select_test_documents(run, store), rank, world_size)
+    split = split_for(run)  # strided per task with a carried optimizer, as the reference
+    mine = partition(select_test_documents(run, store), rank, world_size, split)
     manifest = store.read_manifest(prefix)
     if (
         manifest
         and manifest.get("spec_hash") == spec_hash
         and manifest.get("world_size") == world_size
+        and manifest.get("split", "bytes") == split
         and manifest.get("count") == len(mine)
     ):
         log.info("eval rank %d: finished already (%d documents)", rank, len(mine))
@@ -119,6 +121,8 @@ def evaluate_rank(
             with results.appending(flush_seconds) as append:
                 finished = evaluate_documents(run, engine, retriever, todo, spec_hash, rank, bar)
                 for i, record in enumerate(finished):
+                    # the split over workers changes a carried optimizer's results: recorded
+                    record = {**record, "world_size": world_size, "split": split}
                     append(record)
                     progress_figures.add(record, pending=len(todo) - i - 1)
         finally:
@@ -129,6 +133,7 @@ def evaluate_rank(
             "stage": "eval",
             "rank": rank,
             "world_size": world_size,
+            "split": split,
             "spec_hash": spec_hash,
             "neighbors_excluded": progress_figures.excluded,
             "partial_retrievals": sum(bool(r.get("partial")) for r in records),

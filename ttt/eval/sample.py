@@ -60,16 +60,37 @@ def select_test_documents(run: Any, store: Any = None) -> list[Document]:
     return [found[i] for i in order]
 
 
-def partition(docs: Sequence[Document], rank: int, world_size: int) -> list[Document]:
-    """The documents of one rank: every document in exactly one rank, balanced by bytes.
+SPLITS = ("bytes", "strided")
 
-    Longest-first greedy assignment to the lightest rank (ties: the lower rank), so the
+
+def split_for(run: Any) -> str:
+    """How a run's documents split over workers: with the optimizer carried within a task a
+    document's result depends on the documents before it on its worker, so the reference's
+    split (strided per task); otherwise balanced by bytes."""
+    return "bytes" if run.spec.ttt.reset_optimizer else "strided"
+
+
+def partition(
+    docs: Sequence[Document], rank: int, world_size: int, split: str = "bytes"
+) -> list[Document]:
+    """The documents of one rank: every document in exactly one rank.
+
+    bytes: longest-first greedy assignment to the lightest rank (ties: the lower rank), so the
     slowest rank finishes soon after the others; each rank keeps the input order.
+    strided: as tttlm's eval_tttlm.py, per task `task_docs[rank::world_size]` of the task's
+    documents in selection order (tasks in the selection's order).
     """
     if world_size < 1:
         raise EvalError(f"world size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise EvalError(f"rank {rank} is outside 0..{world_size - 1}")
+    if split == "strided":
+        by_task: dict[str, list[Document]] = {}
+        for doc in docs:
+            by_task.setdefault(doc.domain, []).append(doc)
+        return [d for task_docs in by_task.values() for d in task_docs[rank::world_size]]
+    if split != "bytes":
+        raise EvalError(f"split {split!r} is not one of {SPLITS}")
     heap = [(0, r) for r in range(world_size)]
     owner: dict[int, int] = {}
     order = sorted(range(len(docs)), key=lambda i: (-docs[i].nbytes, docs[i].id))
