@@ -368,6 +368,41 @@ def test_a_carried_optimizer_splits_strided_and_records_the_world_size(tmp_path,
         assert {(r["world_size"], r["split"]) for r in records} == {(2, "strided")}
 
 
+def test_lines_the_reader_skips_keep_their_place_in_the_sample(tmp_path):
+    """tttlm reads every line: an empty text or a lone surrogate is a document of its task in
+    the shuffle; ours are skipped after the sample is drawn, so the rest is the reference's."""
+    import random
+
+    lines, ids = [], {"Github": [], "ArXiv": []}
+    for i in range(40):
+        task = ["Github", "ArXiv"][i % 3 == 0]
+        text = f"document {i} " * 3
+        if i in (4, 11, 25):
+            text = ""  # empty: skipped by our reader
+        raw = json.dumps({"text": text, "meta": {"pile_set_name": task}})
+        if i == 17:
+            raw = raw.replace(f"document {i}", "broken \\ud800 text")  # a lone surrogate
+        lines.append(raw)
+        ids[task].append(f"test:{i + 1}")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    bad = {"test:5", "test:12", "test:26", "test:18"}
+    run = make_run(tmp_path, eval={"portion": 0.5})
+    # the reference: every line of a task in file order, Random(1216).shuffle, first int(0.5 n)
+    want = []
+    for task in sorted(ids):
+        pool = list(ids[task])
+        random.Random(1216).shuffle(pool)
+        want += pool[: int(0.5 * len(pool))]
+    got = [d.id for d in select_test_documents(run)]
+    assert got == [i for i in want if i not in bad]
+    assert bad & set(want)  # the case is real: some skipped lines were drawn
+    # with `skipped`, placeholders keep the reference's positions for the ranks' split
+    skipped: set[str] = set()
+    placed = select_test_documents(run, skipped=skipped)
+    assert [d.id for d in placed] == want and skipped == bad & set(want)
+    assert all(d.text == "" and d.nbytes == 0 for d in placed if d.id in skipped)
+
+
 def test_rank_from_arguments_or_environment():
     assert resolve_rank(1, 3, {"RANK": "2"}, 4) == (1, 3)
     assert resolve_rank(None, None, {"RANK": "2", "WORLD_SIZE": "5"}, 1) == (2, 5)

@@ -69,7 +69,10 @@ def evaluate_rank(
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
     split = split_for(run)  # strided per task with a carried optimizer, as the reference
-    mine = partition(select_test_documents(run, store), rank, world_size, split)
+    skipped: set[str] = set()  # selected, but the reader skips them: they keep their place
+    mine = partition(select_test_documents(run, store, skipped), rank, world_size, split)
+    skipped_here = sum(d.id in skipped for d in mine)
+    mine = [d for d in mine if d.id not in skipped]
     manifest = store.read_manifest(prefix)
     if (
         manifest
@@ -134,6 +137,7 @@ def evaluate_rank(
             "rank": rank,
             "world_size": world_size,
             "split": split,
+            "skipped_documents": skipped_here,
             "spec_hash": spec_hash,
             "neighbors_excluded": progress_figures.excluded,
             "partial_retrievals": sum(bool(r.get("partial")) for r in records),
