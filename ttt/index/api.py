@@ -82,17 +82,26 @@ class SearchResponse(BaseModel):
 
 
 class DocumentsRequest(BaseModel):
-    """POST /v1/documents: ids, domains and texts of rows (the second phase of a fan-out)."""
+    """POST /v1/documents: ids, domains and texts of rows (the second phase of a fan-out).
+
+    Paged: an answer holds the texts of the first rows that fit the response cap, and a text
+    too long for one answer comes in pieces; `offset` is where rows[0]'s text resumes (its
+    characters already received)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     rows: list[int]
+    offset: Annotated[int, Field(ge=0)] = 0
 
 
 class DocumentsResponse(BaseModel):
+    """The texts of the first len(texts) rows asked for (texts[0] from the request's offset);
+    `next_offset`, when set, says the last text is cut there: ask again from that row."""
+
     shard: Annotated[int, Field(ge=0)]
     ids: list[str]
     domains: list[str]
     texts: list[str]
+    next_offset: Annotated[int, Field(ge=1)] | None = None
 
 
 class BadAnswer(ValueError):
@@ -121,8 +130,9 @@ def check_documents_answer(data: bytes, shard: int, rows: int) -> DocumentsRespo
     body = _validated(data, DocumentsResponse)
     if body.shard != shard:
         raise BadAnswer(f"answered for shard {body.shard}, not {shard}")
-    if not len(body.texts) == len(body.ids) == len(body.domains) == rows:
-        raise BadAnswer(f"{len(body.texts)} texts for {rows} rows")
+    n = len(body.texts)
+    if not n == len(body.ids) == len(body.domains) or not min(rows, 1) <= n <= rows:
+        raise BadAnswer(f"{n} texts for {rows} rows")  # a page holds at least one
     return body
 
 

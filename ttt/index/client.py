@@ -313,17 +313,29 @@ class ShardedRetriever(BaseRetriever):
         return hits
 
     def _texts_of(self, shard: int, rows: list[int], deadline: float) -> list[str]:
+        """The texts of `rows`, page by page: a shard answers as many rows as fit its response
+        cap and cuts a longer text into pieces (`next_offset`), so no answer is too large."""
         texts: list[str] = []
-        for lo in range(0, len(rows), self.rows_per_request):
-            chunk = rows[lo : lo + self.rows_per_request]
+        pending, offset, partial = list(rows), 0, ""
+        while pending:
+            chunk = pending[: self.rows_per_request]
             body = self._post(
                 shard,
                 "/v1/documents",
-                {"rows": chunk},
+                {"rows": chunk, **({"offset": offset} if offset else {})},
                 functools.partial(check_documents_answer, shard=shard, rows=len(chunk)),
                 deadline,
             )
-            texts += body.texts
+            got = list(body.texts)
+            got[0], partial = partial + got[0], ""
+            if body.next_offset is None:
+                texts += got
+                pending, offset = pending[len(got) :], 0
+                continue
+            if len(got) == 1 and body.next_offset <= offset:
+                raise BadAnswer(f"next_offset {body.next_offset} does not move past {offset}")
+            texts += got[:-1]
+            pending, offset, partial = pending[len(got) - 1 :], body.next_offset, got[-1]
         return texts
 
     def _fan_out(self, vectors, k, with_text, with_vectors=False):
