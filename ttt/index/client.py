@@ -18,7 +18,12 @@ import httpx
 import numpy as np
 
 from ttt import telemetry
-from ttt.index.api import BadAnswer, check_documents_answer, check_search_answer
+from ttt.index.api import (
+    BadAnswer,
+    check_documents_answer,
+    check_search_answer,
+    collect_texts,
+)
 from ttt.index.discovery import discover_endpoints, normalize_url
 from ttt.index.retrieval import (
     BaseRetriever,
@@ -313,30 +318,14 @@ class ShardedRetriever(BaseRetriever):
         return hits
 
     def _texts_of(self, shard: int, rows: list[int], deadline: float) -> list[str]:
-        """The texts of `rows`, page by page: a shard answers as many rows as fit its response
-        cap and cuts a longer text into pieces (`next_offset`), so no answer is too large."""
-        texts: list[str] = []
-        pending, offset, partial = list(rows), 0, ""
-        while pending:
-            chunk = pending[: self.rows_per_request]
-            body = self._post(
-                shard,
-                "/v1/documents",
-                {"rows": chunk, **({"offset": offset} if offset else {})},
-                functools.partial(check_documents_answer, shard=shard, rows=len(chunk)),
-                deadline,
-            )
-            got = list(body.texts)
-            got[0], partial = partial + got[0], ""
-            if body.next_offset is None:
-                texts += got
-                pending, offset = pending[len(got) :], 0
-                continue
-            if len(got) == 1 and body.next_offset <= offset:
-                raise BadAnswer(f"next_offset {body.next_offset} does not move past {offset}")
-            texts += got[:-1]
-            pending, offset, partial = pending[len(got) - 1 :], body.next_offset, got[-1]
-        return texts
+        """The texts of `rows`, page by page (ttt.index.api.collect_texts)."""
+
+        def ask(chunk: list[int], offset: int) -> Any:
+            payload = {"rows": chunk, **({"offset": offset} if offset else {})}
+            check = functools.partial(check_documents_answer, shard=shard, rows=len(chunk))
+            return self._post(shard, "/v1/documents", payload, check, deadline)
+
+        return collect_texts(ask, rows, self.rows_per_request)
 
     def _fan_out(self, vectors, k, with_text, with_vectors=False):
         start = time.monotonic()
