@@ -192,13 +192,18 @@ def tiny_worker(tmp: Path, model, per_task: int, retrieval: dict | None = None, 
     return run, open_store(run.spec.storage), local_retriever(run, tmp / "shards")
 
 
+CARRIED = {"optimizer": "adamw", "weightDecay": 0.01, "resetOptimizer": False}
+
+
 def worker_main(argv: list[str]) -> int:
-    """`worker TMP MODEL WORK [KILL_AFTER]`: evaluate rank 0 of the tiny run in TMP."""
+    """`worker TMP MODEL WORK [KILL_AFTER] [carried]`: evaluate rank 0 of the tiny run in TMP
+    (`carried`: with the paper's optimizer, carried across a task's documents)."""
     tmp, model, work = Path(argv[0]), argv[1], Path(argv[2])
-    kill_after = int(argv[3]) if len(argv) > 3 else None
+    rest = [a for a in argv[3:] if a != "carried"]
+    kill_after = int(rest[0]) if rest else None
     from ttt.store import open_store
 
-    run = worker_run(tmp, model)
+    run = worker_run(tmp, model, **(CARRIED if "carried" in argv[3:] else {}))
     retriever = local_retriever(run, work / "shards")
     if kill_after is not None:
         retriever = KillAfter(retriever, kill_after)
@@ -913,6 +918,63 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
         assert a["tasks"][task]["neighbors_excluded"] == figures["neighbors_excluded"]
     assert a["mean"]["bits_per_byte"] == pytest.approx(b["mean"]["bits_per_byte"], rel=1e-9)
     assert a["neighbors_excluded"] == b["neighbors_excluded"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_killed_rank_resumes_its_carried_optimizer_and_equals_an_uninterrupted_run(
+    tmp_path, model_dir
+):
+    """resetOptimizer false: the optimizer state saved with the record boundary (checksummed)
+    carries the resumed task on, so the results equal an uninterrupted run's exactly."""
+    import torch
+
+    from ttt.eval.carried import CarriedState
+    from ttt.store import open_store
+
+    def start(tmp: Path, work: str, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, __file__, "worker", str(tmp), str(model_dir), str(tmp / work)]
+        return subprocess.Popen(
+            [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    for tmp in (crashed, clean):
+        tmp.mkdir()
+        tiny_corpus(tmp)
+    first = start(crashed, "pod-1", "3", "carried")  # killed at the 4th document's search
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker_main([str(clean), str(model_dir), str(clean / "pod"), "carried"])
+    finally:
+        torch.set_num_threads(threads)
+    out = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == -signal.SIGKILL, out
+    run = worker_run(crashed, model_dir, **CARRIED)
+    store = open_store(run.spec.storage)
+    prefix = f"{run.prefix}/eval/rank-00000"
+    done = rank_results(store, prefix)
+    assert len(done) == 3 and len({r["task"] for r in done}) == 1  # mid-task: 3 of its 4
+    (state,) = CarriedState(store, prefix, run.stage_hash("eval")).saved()
+    assert state["records"] == 3 and state["doc"] == done[-1]["doc"]
+
+    second = start(crashed, "pod-2", "carried")  # a fresh pod: nothing local survives
+    out = second.communicate(timeout=120)[0].decode()
+    assert second.returncode == 0, out
+    clean_run = worker_run(clean, model_dir, **CARRIED)
+    got = {r["doc"]: r for r in _results(store, run)}
+    want = {r["doc"]: r for r in _results(open_store(clean_run.spec.storage), clean_run)}
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for doc, r in want.items():
+        assert got[doc]["loglik"] == pytest.approx(r["loglik"], rel=1e-9, abs=0), doc
+        assert got[doc]["train_losses"] == pytest.approx(r["train_losses"], rel=1e-9), doc
+    # the three finished documents were kept, not evaluated again (their timings are the
+    # killed pod's), so the fourth resumed from the saved state, not from the task's start
+    for r in done:
+        assert got[r["doc"]]["seconds"] == r["seconds"]
+    assert CarriedState(store, prefix, run.stage_hash("eval")).saved()[0]["records"] == 8
 
 
 if __name__ == "__main__":

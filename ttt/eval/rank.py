@@ -9,6 +9,7 @@ from typing import Any
 
 from ttt import telemetry
 from ttt.engine.select import build_engine
+from ttt.eval.carried import CarriedState, resume_point
 from ttt.eval.document import evaluate_documents
 from ttt.eval.figures import RankFigures
 from ttt.eval.records import (
@@ -91,6 +92,20 @@ def evaluate_rank(
     work.mkdir(parents=True, exist_ok=True)
     results = RankRecords(store, prefix, work / f"rank-{rank:05d}-{RESULTS}", spec_hash)
     records = results.resume({d.id for d in mine}, run.spec.retrieval.allow_partial)
+    carried, resume_state, first_task = None, None, None
+    if split == "strided":  # a carried optimizer: resume from its saved state, or re-evaluate
+        carried = CarriedState(store, prefix, spec_hash)
+        cut, facts = resume_point(mine, {r["doc"] for r in records}, carried.saved())
+        if facts is not None:
+            resume_state = carried.read(facts)
+            if resume_state is None:  # damaged: from the task's start, with a fresh optimizer
+                cut, _ = resume_point(mine, {d.id for d in mine[:cut]}, [])
+        if cut < len(mine) and len(records) > cut:
+            log.info("eval rank %d: %d record(s) past the saved optimizer state evaluated "
+                     "again", rank, len(records) - cut)  # fmt: skip
+        results.keep({d.id for d in mine[:cut]})
+        records = results.records
+        first_task = mine[cut - 1].domain if resume_state is not None else None
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(
@@ -120,9 +135,20 @@ def evaluate_rank(
             f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
         )
         engine.on_neighbor = bar.neighbor
+        if carried is not None:
+            if resume_state is not None:
+                engine.load_optimizer_state(resume_state)
+            # the state after the last record, saved before the records go up; older ones
+            # removed after
+            results.before_upload = lambda recs: (
+                recs and carried.save(engine.optimizer_state(), recs)
+            )
+            results.after_upload = lambda n: n and carried.prune(n)
         try:
             with results.appending(flush_seconds) as append:
-                finished = evaluate_documents(run, engine, retriever, todo, spec_hash, rank, bar)
+                finished = evaluate_documents(
+                    run, engine, retriever, todo, spec_hash, rank, bar, task=first_task
+                )
                 for i, record in enumerate(finished):
                     # the split over workers changes a carried optimizer's results: recorded
                     record = {**record, "world_size": world_size, "split": split}
