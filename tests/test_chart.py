@@ -186,6 +186,17 @@ def gpus(docs: list[dict]) -> list[Any]:
     ]
 
 
+def test_the_gpu_values_run_is_the_papers() -> None:
+    """values-gpu.yaml names its run pile-gpt2-large: it is the paper's, departing in nothing."""
+    from ttt.spec import loads_spec
+    from ttt.spec.parity import departures
+
+    raw = _load(VARIANTS["gpu"])["run"]
+    assert raw["metadata"]["name"] == "pile-gpt2-large"
+    run = loads_spec(yaml.safe_dump(raw), source=str(VARIANTS["gpu"]), environ={})
+    assert [d.line() for d in departures(run)] == []
+
+
 def test_gpu_resources_only_in_the_gpu_render(rendered) -> None:
     assert gpus(rendered["gpu"]) == [1]  # the index server (the pipeline evaluates)
     assert gpus(rendered["gpu-no-kfp"]) == [1, 1]  # the index server and the eval worker

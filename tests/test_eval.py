@@ -192,13 +192,18 @@ def tiny_worker(tmp: Path, model, per_task: int, retrieval: dict | None = None, 
     return run, open_store(run.spec.storage), local_retriever(run, tmp / "shards")
 
 
+CARRIED = {"optimizer": "adamw", "weightDecay": 0.01, "resetOptimizer": False}
+
+
 def worker_main(argv: list[str]) -> int:
-    """`worker TMP MODEL WORK [KILL_AFTER]`: evaluate rank 0 of the tiny run in TMP."""
+    """`worker TMP MODEL WORK [KILL_AFTER] [carried]`: evaluate rank 0 of the tiny run in TMP
+    (`carried`: with the paper's optimizer, carried across a task's documents)."""
     tmp, model, work = Path(argv[0]), argv[1], Path(argv[2])
-    kill_after = int(argv[3]) if len(argv) > 3 else None
+    rest = [a for a in argv[3:] if a != "carried"]
+    kill_after = int(rest[0]) if rest else None
     from ttt.store import open_store
 
-    run = worker_run(tmp, model)
+    run = worker_run(tmp, model, **(CARRIED if "carried" in argv[3:] else {}))
     retriever = local_retriever(run, work / "shards")
     if kill_after is not None:
         retriever = KillAfter(retriever, kill_after)
@@ -319,6 +324,88 @@ def test_ranks_partition_the_documents_exactly(tmp_path):
         assert parts == [partition(selected, r, world) for r in range(world)]
     with pytest.raises(EvalError, match="rank 2 is outside 0..1"):
         partition(selected, 2, 2)
+
+
+def test_the_strided_split_is_the_references_per_task(tmp_path):
+    docs = [(["Github", "ArXiv"][i % 2], "x" * (1 + i)) for i in range(23)]
+    write_jsonl(tmp_path / "test.jsonl", docs)
+    selected = select_test_documents(make_run(tmp_path, eval={"portion": 1.0}))
+    by_task: dict[str, list] = {}
+    for d in selected:
+        by_task.setdefault(d.domain, []).append(d.id)
+    for world in (1, 2, 3, 32):
+        parts = [partition(selected, r, world, "strided") for r in range(world)]
+        for r, part in enumerate(parts):
+            # tttlm: per task, np.arange(rank, len(task_docs), world_size)
+            want = [i for task in by_task.values() for i in task[r::world]]
+            assert [d.id for d in part] == want
+        ids = sorted(d.id for p in parts for d in p)
+        assert ids == sorted(d.id for d in selected)
+    # greedy by bytes would put the longest documents elsewhere: not the same split
+    assert partition(selected, 0, 3, "strided") != partition(selected, 0, 3)
+    with pytest.raises(EvalError, match="split 'x' is not one of"):
+        partition(selected, 0, 2, "x")
+
+
+def test_a_carried_optimizer_splits_strided_and_records_the_world_size(tmp_path, model_dir):
+    from ttt.store import open_store
+
+    tiny_corpus(tmp_path, per_task=4)
+    run = make_run(
+        tmp_path,
+        ttt={**TINY_TTT, "model": str(model_dir), "evalAfter": [0, 1],
+             "optimizer": "adamw", "weightDecay": 0.01, "resetOptimizer": False},
+        retrieval=TINY_RETRIEVAL,
+        eval={"portion": 1.0, "tasks": ["Github"]},
+    )  # fmt: skip
+    store = open_store(run.spec.storage)
+    retriever = local_retriever(run, tmp_path / "shards")
+    selected = [d.id for d in select_test_documents(run, store)]
+    for rank in (0, 1):
+        manifest = evaluate_rank(
+            run, store, rank, 2, retriever=retriever, work_dir=tmp_path / "w", progress=False
+        )
+        assert manifest["split"] == "strided" and manifest["world_size"] == 2
+        records = parse_results(
+            store.get_bytes(f"{run.prefix}/eval/rank-{rank:05d}/results.jsonl"), "r"
+        )
+        assert [r["doc"] for r in records] == selected[rank::2]
+        assert {(r["world_size"], r["split"]) for r in records} == {(2, "strided")}
+
+
+def test_lines_the_reader_skips_keep_their_place_in_the_sample(tmp_path):
+    """tttlm reads every line: an empty text or a lone surrogate is a document of its task in
+    the shuffle; ours are skipped after the sample is drawn, so the rest is the reference's."""
+    import random
+
+    lines, ids = [], {"Github": [], "ArXiv": []}
+    for i in range(40):
+        task = ["Github", "ArXiv"][i % 3 == 0]
+        text = f"document {i} " * 3
+        if i in (4, 11, 25):
+            text = ""  # empty: skipped by our reader
+        raw = json.dumps({"text": text, "meta": {"pile_set_name": task}})
+        if i == 17:
+            raw = raw.replace(f"document {i}", "broken \\ud800 text")  # a lone surrogate
+        lines.append(raw)
+        ids[task].append(f"test:{i + 1}")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    bad = {"test:5", "test:12", "test:26", "test:18"}
+    run = make_run(tmp_path, eval={"portion": 0.5})
+    # the reference: every line of a task in file order, Random(1216).shuffle, first int(0.5 n)
+    want = []
+    for task in sorted(ids):
+        pool = list(ids[task])
+        random.Random(1216).shuffle(pool)
+        want += pool[: int(0.5 * len(pool))]
+    got = [d.id for d in select_test_documents(run)]
+    assert got == [i for i in want if i not in bad]
+    assert bad & set(want)  # the case is real: some skipped lines were drawn
+    # with `skipped`, placeholders keep the reference's positions for the ranks' split
+    skipped: set[str] = set()
+    placed = select_test_documents(run, skipped=skipped)
+    assert [d.id for d in placed] == want and skipped == bad & set(want)
+    assert all(d.text == "" and d.nbytes == 0 for d in placed if d.id in skipped)
 
 
 def test_rank_from_arguments_or_environment():
@@ -831,6 +918,63 @@ def test_worker_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, mode
         assert a["tasks"][task]["neighbors_excluded"] == figures["neighbors_excluded"]
     assert a["mean"]["bits_per_byte"] == pytest.approx(b["mean"]["bits_per_byte"], rel=1e-9)
     assert a["neighbors_excluded"] == b["neighbors_excluded"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_killed_rank_resumes_its_carried_optimizer_and_equals_an_uninterrupted_run(
+    tmp_path, model_dir
+):
+    """resetOptimizer false: the optimizer state saved with the record boundary (checksummed)
+    carries the resumed task on, so the results equal an uninterrupted run's exactly."""
+    import torch
+
+    from ttt.eval.carried import CarriedState
+    from ttt.store import open_store
+
+    def start(tmp: Path, work: str, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, __file__, "worker", str(tmp), str(model_dir), str(tmp / work)]
+        return subprocess.Popen(
+            [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    for tmp in (crashed, clean):
+        tmp.mkdir()
+        tiny_corpus(tmp)
+    first = start(crashed, "pod-1", "3", "carried")  # killed at the 4th document's search
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker_main([str(clean), str(model_dir), str(clean / "pod"), "carried"])
+    finally:
+        torch.set_num_threads(threads)
+    out = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == -signal.SIGKILL, out
+    run = worker_run(crashed, model_dir, **CARRIED)
+    store = open_store(run.spec.storage)
+    prefix = f"{run.prefix}/eval/rank-00000"
+    done = rank_results(store, prefix)
+    assert len(done) == 3 and len({r["task"] for r in done}) == 1  # mid-task: 3 of its 4
+    (state,) = CarriedState(store, prefix, run.stage_hash("eval")).saved()
+    assert state["records"] == 3 and state["doc"] == done[-1]["doc"]
+
+    second = start(crashed, "pod-2", "carried")  # a fresh pod: nothing local survives
+    out = second.communicate(timeout=120)[0].decode()
+    assert second.returncode == 0, out
+    clean_run = worker_run(clean, model_dir, **CARRIED)
+    got = {r["doc"]: r for r in _results(store, run)}
+    want = {r["doc"]: r for r in _results(open_store(clean_run.spec.storage), clean_run)}
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for doc, r in want.items():
+        assert got[doc]["loglik"] == pytest.approx(r["loglik"], rel=1e-9, abs=0), doc
+        assert got[doc]["train_losses"] == pytest.approx(r["train_losses"], rel=1e-9), doc
+    # the three finished documents were kept, not evaluated again (their timings are the
+    # killed pod's), so the fourth resumed from the saved state, not from the task's start
+    for r in done:
+        assert got[r["doc"]]["seconds"] == r["seconds"]
+    assert CarriedState(store, prefix, run.stage_hash("eval")).saved()[0]["records"] == 8
 
 
 if __name__ == "__main__":

@@ -576,3 +576,38 @@ def test_backoff_is_capped_and_retries_stop_at_the_deadline(servers):
         (r,) = sharded.search(["q"])
         took = time.monotonic() - start
     assert r.failed_shards == [2] and took < 2.0, took  # 10 pauses of at most 0.05 s
+
+
+def test_texts_larger_than_a_shard_answer_are_fetched_in_pages():
+    """A query whose neighbors' texts exceed the server's response cap: paged, never fatal."""
+    from ttt.index.server import Limits, create_app
+
+    rows = ["a" * 3000, "b" * 3000, "ü" * 9000, "c" * 10]  # 9,000 two-byte characters: cut
+    texts = SimpleTexts(rows)
+    app = create_app(
+        lambda: (flat_index(np.eye(4, dtype=np.float32)), texts), 0, token=TOKEN,
+        limits=Limits(max_response=5000),
+    )  # fmt: skip
+    with app_server(app) as url:
+        client = ShardedRetriever(None, [url], TOKEN, k=4, rows_per_request=3)
+        try:
+            got = client._texts_of(0, [0, 1, 2, 3], time.monotonic() + 30)
+        finally:
+            client.close()
+    assert got == rows
+
+
+class SimpleTexts:
+    """A text store of the given rows."""
+
+    def __init__(self, rows: list[str]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def meta(self, row: int) -> tuple[str, str, int]:
+        return f"doc:{row}", "Github", len(self.rows[row])
+
+    def text(self, row: int) -> str:
+        return self.rows[row]

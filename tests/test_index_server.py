@@ -312,8 +312,9 @@ def test_one_small_request_cannot_draw_a_huge_response():
         ask = {"vectors": [[0.0] * 8] * 2, "k": 100, "include_text": True}  # 200 KB of texts
         r = http.post("/v1/search", json=ask)
         assert r.status_code == 413 and "exceed 100000 bytes" in r.json()["error"]
-        r = http.post("/v1/documents", json={"rows": list(range(200))})
-        assert r.status_code == 413
+        r = http.post("/v1/documents", json={"rows": list(range(200))})  # 200 KB of texts
+        assert r.status_code == 200 and len(r.content) <= 100_000  # a page, not a 413
+        assert 0 < len(r.json()["texts"]) < 200 and "next_offset" not in r.json()
         ask = {"vectors": [[0.0] * 8] * 2, "k": 40, "include_text": True}  # 80 KB: allowed
         r = http.post("/v1/search", json=ask)
         assert r.status_code == 200 and len(r.content) <= 100_000
@@ -438,3 +439,41 @@ def test_a_connection_that_sends_no_headers_is_closed(monkeypatch):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+class _LongTexts:
+    """Row 1 is 25,000 characters (many of them multi-byte): longer than a whole answer."""
+
+    def __init__(self) -> None:
+        self.rows = ["short " * 10, 'é€x\n"' * 5000, "tail"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def meta(self, row: int) -> tuple[str, str, int]:
+        return f"doc:{row}", "Github", len(self.rows[row])
+
+    def text(self, row: int) -> str:
+        return self.rows[row]
+
+
+def test_documents_are_paged_and_a_long_text_comes_in_pieces():
+    limits = Limits(max_response=10_000)
+    texts = _LongTexts()
+    app = create_app(lambda: (_flat(3, 8), texts), 0, token=TOKEN, limits=limits)
+    with app_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        first = http.post("/v1/documents", json={"rows": [0, 1, 2]}).json()
+        assert first["texts"] == [texts.rows[0]] and "next_offset" not in first  # row 1: next
+        got, offset = "", 0
+        while True:
+            r = http.post("/v1/documents", json={"rows": [1, 2], "offset": offset})
+            assert r.status_code == 200 and len(r.content) <= 10_000, r.text
+            page = r.json()
+            got += page["texts"][0]
+            if "next_offset" not in page:
+                break
+            assert page["texts"] and page["next_offset"] > offset
+            offset = page["next_offset"]
+        assert got == texts.rows[1] and offset > 0 and page["texts"][1:] == ["tail"]
+        past = http.post("/v1/documents", json={"rows": [2], "offset": 5})
+        assert past.status_code == 422 and "offset: 5 is past the end" in past.json()["error"]

@@ -36,7 +36,7 @@ def test_gpt_neo_runs_at_its_own_rate_and_context():
 def test_our_defaults_list_each_departure_with_the_value_that_restores_it(capsys, tmp_path):
     spec = tmp_path / "ours.yaml"
     spec.write_text(MINIMAL)
-    assert main(["validate", "--paper", str(spec)]) == 0  # exit 0 either way
+    assert main(["validate", "--paper", str(spec)]) == 1  # departures: a gate fails
     lines = capsys.readouterr().out.splitlines()
     body = {line.split(":", 1)[0]: line for line in lines[1:]}
     assert lines[0].startswith("#") and f"{len(body)} departure(s)" in lines[0]
@@ -76,3 +76,74 @@ def test_every_spec_and_override_in_the_papers_table_is_at_parity():
     assert departures(split) == []
     for figure in ("1.208", "0.992", "1.072", "0.854", "0.739", "0.710", "1.064", "0.99"):
         assert figure in doc
+
+
+CRAFTED = {
+    # what passed with 0 departures before issue 22; each must be caught, by field
+    "spec.retrieval.selection": ({}, "retrieval: {selection: sift}"),
+    "spec.retrieval.allowPartial": ({}, "retrieval: {allowPartial: true}"),
+    "spec.ttt.splitText": ({}, "ttt: {splitText: true}"),
+    "spec.ttt.model": ({}, "ttt: {model: /models/gpt2-large}"),
+    "spec.corpus.train": ({}, "corpus: {train: s3://ttt/pile/train/00.jsonl.zst}"),
+}
+
+
+def _paper_large_with(override: str, environ: dict[str, str] | None = None):
+    """examples/pile-gpt2-large.yaml with one section's fields overridden."""
+    import yaml
+
+    raw = yaml.safe_load((EXAMPLES / "pile-gpt2-large.yaml").read_text())
+    for section, fields in yaml.safe_load(override).items():
+        raw["spec"][section].update(fields)
+    return loads_spec(yaml.safe_dump(raw), environ=environ or {})
+
+
+@pytest.mark.parametrize("field", sorted(CRAFTED))
+def test_crafted_departures_are_caught(field, tmp_path, capsys):
+    environ, override = CRAFTED[field]
+    run = _paper_large_with(override, environ)
+    assert [d.field for d in departures(run)] == [field]
+    spec = tmp_path / "run.yaml"
+    spec.write_text(run.to_yaml())
+    assert main(["validate", "--paper", str(spec)]) == 1
+    assert f"\n{field}: " in capsys.readouterr().out
+    assert main(["validate", "--paper", "--json", str(spec)]) == 1
+    import json
+
+    found = json.loads(capsys.readouterr().out)
+    assert found["count"] == 1 and found["departures"][0]["field"] == field
+
+
+def test_selection_through_the_environment_and_models_by_hub_id_only():
+    run = load_spec(EXAMPLES / "pile-gpt2-large.yaml", environ={"TTT_RETRIEVAL__SELECTION": "sift"})
+    assert [d.field for d in departures(run)] == ["spec.retrieval.selection"]
+    for path in ("s3://models/gpt2-large", "./gpt2-large", "/m/openai-community/gpt2-large"):
+        run = _paper_large_with(f"ttt: {{model: {path}}}")
+        found = {d.field: d for d in departures(run)}
+        assert list(found) == ["spec.ttt.model"] and found["spec.ttt.model"].paper == "gpt2-large"
+    # the hub's other name for the same model is the paper's
+    assert departures(_paper_large_with("ttt: {model: openai-community/gpt2-large}")) == []
+    # split text is the paper's only for GPT-2 117M (its split-text row)
+    split = load_spec(EXAMPLES / "pile-gpt2.yaml", environ={"TTT_TTT__SPLIT_TEXT": "true"})
+    assert departures(split) == []
+
+
+def test_local_training_files_are_counted(tmp_path):
+    for i in range(30):
+        (tmp_path / f"{i:02d}.jsonl").write_text("")
+    pattern = str(tmp_path / "*.jsonl")
+    assert departures(_paper_large_with(f"corpus: {{train: '{pattern}'}}")) == []
+    (tmp_path / "30.jsonl").write_text("")
+    found = {d.field: d for d in departures(_paper_large_with(f"corpus: {{train: '{pattern}'}}"))}
+    assert found["spec.corpus.train"].value == "31 file(s)"
+
+
+def test_json_at_parity_exits_zero(capsys):
+    import json
+
+    assert main(["validate", "--paper", "--json", str(EXAMPLES / "pile-gpt-neo.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "source": str(EXAMPLES / "pile-gpt-neo.yaml"),
+        "count": 0,
+        "departures": [],
+    }

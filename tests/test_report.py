@@ -15,7 +15,7 @@ from ttt.spec import parse_spec
 from ttt.store import open_store
 
 LN2 = math.log(2)
-W_GITHUB, W_ARXIV = 95.16, 112.42  # the Pile's weights of the two tasks
+W_GITHUB, W_ARXIV = 7.59, 8.96  # the Pile's weights of the two tasks (percent, as tttlm)
 
 
 def make_run(tmp: Path):
@@ -166,6 +166,19 @@ def test_bootstrap_error_bars_per_task_and_for_the_mean():
     assert got == pytest.approx(want, rel=0.02)
 
 
+def test_the_median_rule_only_for_the_methods_whose_reference_script_applies_it():
+    for method in ("ttt-nn", "dynamic-eval"):
+        ref = summarize(_curve_records(), [0, 2], method)["reference_aggregation"]
+        assert ref["documents"] == 2 and ref["median_rule"]
+    for method in ("in-context", "interpolation"):
+        s = summarize(_curve_records(), [0, 2], method)
+        ref = s["reference_aggregation"]
+        # tttlm's baseline scripts count every document: the ref. columns equal the first ones
+        assert ref["documents"] == 3 and not ref["median_rule"]
+        assert ref["mean"]["after"] == pytest.approx(s["mean"]["after"])
+        assert "counts every document (no median rule)" in format_table(s)
+
+
 def test_cost_as_the_paper_counts_it_and_loss_per_neighbor_rank():
     rows = [
         dict(r, seconds={"retrieve": 0.0, "train": 4.0, "score": 3.0}, score_passes=3,
@@ -181,6 +194,53 @@ def test_cost_as_the_paper_counts_it_and_loss_per_neighbor_rank():
     assert "seconds per neighbor" not in format_table(s)  # seconds vary between re-runs
     table = format_table(s)  # deterministic: losses, not seconds
     assert "Mean training loss by neighbor rank: 2.000 (rank 1) -> 1.000 (rank 2)" in table
+
+
+def _timed(doc: str, task: str, seconds: float, losses: list[float], nbytes: int = 100) -> dict:
+    """A document trained on len(losses) neighbors at `seconds` each (one scoring pass: 0)."""
+    return {
+        "doc": doc, "task": task, "bytes": nbytes, "words": 10, "tokens": 10,
+        "loglik": {"0": -100.0}, "spec_hash": "h", "neighbors": len(losses),
+        "seconds": {"train": seconds * len(losses), "score": 0.0}, "score_passes": 1,
+        "train_losses": losses,
+    }  # fmt: skip
+
+
+def test_seconds_per_neighbor_is_the_pile_weighted_mean_of_per_task_means_as_the_paper():
+    from paper_figures import GPT2_LARGE
+
+    # each task's documents at the paper's per-task seconds; Pile-CC has 50 documents, Books3 1:
+    # pooled over documents the cheap tasks dominate, the reference weighs tasks by the Pile
+    rows = []
+    for task, (sec, _docs) in GPT2_LARGE.items():
+        count = 50 if task == "Pile-CC" else 1
+        rows += [_timed(f"{task}:{i}", task, sec, [1.0] * 50) for i in range(count)]
+    cost = summarize(rows, [0])["cost"]
+    assert round(cost["paper_seconds_per_neighbor"], 2) == 18.70  # the paper's GPT-2 Large
+    assert cost["tasks"]["Books3"]["paper_seconds_per_neighbor"] == pytest.approx(100.87)
+    pooled = sum(s * (50 if t == "Pile-CC" else 1) for t, (s, _) in GPT2_LARGE.items()) / 71
+    assert pooled < 8  # what pooling documents gave: not the paper's figure
+
+
+def test_loss_by_rank_and_cost_use_median_length_curves_and_task_weights():
+    rows = [
+        # Github: two documents with 2 neighbors, one with 1 (dropped by the median rule)
+        _timed("g:1", "Github", 2.0, [2.0, 1.0]),
+        _timed("g:2", "Github", 4.0, [4.0, 3.0]),
+        _timed("g:3", "Github", 100.0, [9.0]),
+        # ArXiv: one document
+        _timed("a:1", "ArXiv", 10.0, [1.0, 0.5]),
+    ]
+    s = summarize(rows, [0])
+    wg, wa = W_GITHUB / (W_GITHUB + W_ARXIV), W_ARXIV / (W_GITHUB + W_ARXIV)
+    assert s["cost"]["tasks"]["Github"]["paper_seconds_per_neighbor"] == pytest.approx(3.0)
+    assert s["cost"]["tasks"]["Github"]["documents"] == 2
+    assert s["cost"]["paper_seconds_per_neighbor"] == pytest.approx(wg * 3.0 + wa * 10.0)
+    assert s["training_loss_by_rank"] == pytest.approx(
+        {"1": wg * 3.0 + wa * 1.0, "2": wg * 2.0 + wa * 0.5}
+    )
+    # the table keeps every document pooled, as its other first columns
+    assert s["training_loss_by_rank_pooled"] == pytest.approx({"1": 4.0, "2": 1.5})
 
 
 def test_interpolation_reports_the_best_mixing_weight_per_task():

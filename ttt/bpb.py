@@ -9,32 +9,33 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# The Pile's 22 components (`meta.pile_set_name`) and their effective sizes in GiB, i.e. raw
-# size times epochs (Gao et al. 2020, Table 1). The paper's Pile-wide figure weights each
-# task by these; the weights are relative, so only their ratios matter.
+# The Pile's 22 components (`meta.pile_set_name`) and their weights in percent (Gao et al.
+# 2020, Table 1: effective size, raw size times epochs, as a share of 1254.20 GiB), rounded
+# to two decimals as the reference code (tttlm utils.PILE_WEIGHTS) uses them for the paper's
+# Pile-wide figures (they sum to 100.00). The weights are relative: only their ratios matter.
 PILE_WEIGHTS: dict[str, float] = {
-    "Pile-CC": 227.12,
-    "PubMed Central": 180.55,
-    "Books3": 151.44,
-    "OpenWebText2": 125.54,
-    "ArXiv": 112.42,
-    "Github": 95.16,
-    "FreeLaw": 76.73,
-    "StackExchange": 64.39,
-    "USPTO Backgrounds": 45.81,
-    "PubMed Abstracts": 38.53,
-    "Gutenberg (PG-19)": 27.19,
-    "OpenSubtitles": 19.47,
-    "Wikipedia (en)": 19.13,
-    "DM Mathematics": 15.49,
-    "Ubuntu IRC": 11.03,
-    "BookCorpus2": 9.45,
-    "EuroParl": 9.17,
-    "HackerNews": 7.80,
-    "YoutubeSubtitles": 7.47,
-    "PhilPapers": 4.76,
-    "NIH ExPorter": 3.79,
-    "Enron Emails": 1.76,
+    "Pile-CC": 18.11,
+    "PubMed Central": 14.40,
+    "Books3": 12.07,
+    "OpenWebText2": 10.01,
+    "ArXiv": 8.96,
+    "Github": 7.59,
+    "FreeLaw": 6.12,
+    "StackExchange": 5.13,
+    "USPTO Backgrounds": 3.65,
+    "PubMed Abstracts": 3.07,
+    "Gutenberg (PG-19)": 2.17,
+    "OpenSubtitles": 1.55,
+    "Wikipedia (en)": 1.53,
+    "DM Mathematics": 1.24,
+    "Ubuntu IRC": 0.88,
+    "BookCorpus2": 0.75,
+    "EuroParl": 0.73,
+    "HackerNews": 0.62,
+    "YoutubeSubtitles": 0.60,
+    "PhilPapers": 0.38,
+    "NIH ExPorter": 0.30,
+    "Enron Emails": 0.14,
 }
 
 # How many scoring windows of max_length tokens go through the model at once.

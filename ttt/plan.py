@@ -36,8 +36,9 @@ class Throughputs:
     train_tokens_per_second: float | None = None
     score_tokens_per_second: float | None = None
     query_seconds: float | None = None
-    # the paper's unit: seconds per neighbor (training + one scoring pass), instead of tokens
-    eval_seconds_per_neighbor: float | None = None
+    # the paper's unit: seconds per neighbor (training + one scoring pass), instead of tokens;
+    # one figure for every task, or {task: seconds} (the paper's per-task figures)
+    eval_seconds_per_neighbor: float | dict[str, float] | None = None
     source: str = "given"
 
 
@@ -56,19 +57,39 @@ def _hours(work: float, rate: float | None) -> float | None:
     return None if not rate else work / rate / 3600
 
 
-def eval_documents(run: Any, test: CorpusFigures) -> tuple[float, float]:
-    """(documents, tokens) evaluated: per task the spec's portion (as select_test_documents)."""
+def eval_documents(run: Any, test: CorpusFigures) -> dict[str, tuple[float, float]]:
+    """{task: (documents, tokens)} evaluated: the spec's portion of each task, counted as
+    ttt.eval.sample.select_test_documents counts it (`int(portion x n)` for the reference's
+    selection, rounded and at least 1 otherwise)."""
     e = run.spec.eval
-    docs = tokens = 0.0
+    out: dict[str, tuple[float, float]] = {}
     for task, f in test.domains.items():
         if e.tasks != "all" and task not in e.tasks:
             continue
-        n = max(1, math.floor(e.portion * f.documents + 0.5))
+        if e.selection == "reference":
+            n = float(int(e.portion * f.documents))
+        else:
+            n = max(1, math.floor(e.portion * f.documents + 0.5))
         if e.max_documents_per_task is not None:
             n = min(n, e.max_documents_per_task)
-        docs += n
-        tokens += n * f.tokens / max(f.documents, 1)
-    return docs, tokens
+        out[task] = (n, n * f.tokens / max(f.documents, 1))
+    return out
+
+
+def eval_seconds(
+    per_task: dict[str, tuple[float, float]], neighbors: int, rate: float | dict[str, float]
+) -> float:
+    """GPU-seconds of evaluation: per task, its documents x k x that task's seconds per
+    neighbor (as the paper's per-task cost column; one figure for all tasks is allowed)."""
+    if not isinstance(rate, dict):
+        return sum(n for n, _ in per_task.values()) * neighbors * rate
+    missing = sorted(set(per_task) - set(rate))
+    if missing:
+        raise PlanError(
+            f"throughputs.evalSecondsPerNeighbor: no figure for task(s) {missing} "
+            f"(it has {sorted(rate)})"
+        )
+    return sum(n * neighbors * rate[t] for t, (n, _) in per_task.items())
 
 
 def make_plan(
@@ -131,7 +152,9 @@ def make_plan(
         "of text offsets; build = documents / index_vectors_per_second / 3600",
     }
 
-    docs, test_tokens = eval_documents(run, test)
+    per_task = eval_documents(run, test)
+    docs = sum(n for n, _ in per_task.values())
+    test_tokens = sum(t for _, t in per_task.values())
     mean_train_tokens = train.total("tokens") / max(n, 1)
     neighbors = k if s.ttt.method == "ttt-nn" else 0
     train_tokens = docs * neighbors * s.ttt.steps_per_neighbor * mean_train_tokens
@@ -142,7 +165,7 @@ def make_plan(
     )
     eval_h = None if th is None or sh is None else th + sh
     if rates.eval_seconds_per_neighbor is not None:
-        eval_h = docs * max(neighbors, 1) * rates.eval_seconds_per_neighbor / 3600
+        eval_h = eval_seconds(per_task, max(neighbors, 1), rates.eval_seconds_per_neighbor) / 3600
     candidates = s.retrieval.candidate_count
     request = shards * dim * 12  # one query vector as JSON (~12 B a number) to every shard
     response = shards * candidates * 60  # id, row, domain, distance per hit
@@ -159,8 +182,8 @@ def make_plan(
         "retrieval_hours": query_h,
         "network_per_query_bytes": request + response + texts,
         "formula": "train = docs x k x stepsPerNeighbor x mean train tokens; score = test "
-        "tokens x checkpoints; GPU-hours = train / train_tps + score / score_tps (or docs x k "
-        "x eval_seconds_per_neighbor) / 3600; wall = (GPU-hours + docs x query_seconds) / workers; network = "
+        "tokens x checkpoints; GPU-hours = train / train_tps + score / score_tps (or the sum over "
+        "tasks of docs x k x the task's eval_seconds_per_neighbor) / 3600; wall = (GPU-hours + docs x query_seconds) / workers; network = "
         "shards x (dim x 12 + K' x 60 [+ K' x dim x 12 for SIFT]) + k x mean document bytes",
     }
     total = [v["gpu_hours"] for v in stages.values()]
@@ -218,6 +241,15 @@ def _section(data: dict, name: str, keys: dict[str, str], where: str) -> dict[st
         raise PlanError(f"{where}: {name}.{unknown[0]} is not a field (fields: {sorted(keys)})")
     out = {}
     for key, value in raw.items():
+        if key == "evalSecondsPerNeighbor" and isinstance(value, dict):
+            bad = [t for t, v in value.items() if not isinstance(v, int | float) or v <= 0]
+            if bad or not value:
+                raise PlanError(
+                    f"{where}: {name}.{key}.{bad[0] if bad else ''} must be a positive number "
+                    "per task"
+                )
+            out[keys[key]] = {str(t): float(v) for t, v in value.items()}
+            continue
         if key != "source" and (not isinstance(value, int | float) or value <= 0):
             raise PlanError(f"{where}: {name}.{key} must be a positive number, got {value!r}")
         out[keys[key]] = value

@@ -294,15 +294,18 @@ def _read_every_text(url: str, token: str, n: int) -> int:
     """Ask a server for every text of its shard; the bytes of text it returned."""
     import httpx
 
-    total = 0
+    from ttt.index.api import DocumentsResponse, collect_texts
+
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        for lo in range(0, n, ROWS_PER_REQUEST):
-            rows = list(range(lo, min(n, lo + ROWS_PER_REQUEST)))
-            r = http.post("/v1/documents", json={"rows": rows})
+
+        def ask(rows: list[int], offset: int) -> DocumentsResponse:  # one page
+            r = http.post("/v1/documents", json={"rows": rows, "offset": offset})
             r.raise_for_status()
-            total += sum(len(t.encode("utf-8")) for t in r.json()["texts"])
-    return total
+            return DocumentsResponse.model_validate_json(r.content)
+
+        texts = collect_texts(ask, list(range(n)), ROWS_PER_REQUEST)
+    return sum(len(t.encode("utf-8")) for t in texts)
 
 
 def mean(values: Any) -> float:

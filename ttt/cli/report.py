@@ -20,7 +20,16 @@ def _report(args: argparse.Namespace) -> int:
         print(
             f"\nseconds per neighbor: {cost['paper_seconds_per_neighbor']:.3f} as the paper "
             f"counts them (training plus one scoring pass), "
-            f"{cost['train_seconds_per_neighbor']:.3f} training only"
+            f"{cost['train_seconds_per_neighbor']:.3f} training only (per-task means, "
+            "Pile-weighted, as tttlm)"
+        )
+    losses = summary.get("training_loss_by_rank") or {}
+    if losses:
+        ranks = sorted(losses, key=int)
+        print(
+            f"mean training loss by neighbor rank as tttlm (per-task means, Pile-weighted): "
+            f"{losses[ranks[0]]:.3f} (rank {ranks[0]}) -> {losses[ranks[-1]]:.3f} "
+            f"(rank {ranks[-1]})"
         )
     print(f"\nreport: {store.describe()} {run.prefix}/report/ (local copy {summary['local_dir']})")
     if args.compare:

@@ -11,10 +11,14 @@ from ttt.spec import json_schema, load_spec
 def _validate(args: argparse.Namespace) -> int:
     run = load_spec(args.file)  # a SpecError lists every bad field: `ttt` prints it, exit 1
     if args.paper:
-        from ttt.spec.parity import format_departures
+        from ttt.spec.parity import departures, departures_json, format_departures
 
+        if args.json:
+            found = departures_json(run, args.file)
+            print(json.dumps(found, indent=2, default=str))
+            return 1 if found["count"] else 0
         print(format_departures(run, args.file), end="")
-        return 0
+        return 1 if departures(run) else 0
     if args.json:
         print(json.dumps(run.model_dump(mode="json", by_alias=True), indent=2))
     else:
@@ -39,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--paper",
         action="store_true",
         help="list every setting that departs from the paper's reference code, with the value "
-        "that restores parity (exit 0 either way)",
+        "that restores parity; exit 1 when any departs, 0 at parity (--json: for machines)",
     )
     p.set_defaults(func=_validate)
     s = sub.add_parser(

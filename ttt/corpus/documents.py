@@ -44,6 +44,10 @@ class BadLine:
     line: int
     reason: str
     detail: str
+    # a JSON object with a task whose text the reference would still read (empty, or with
+    # a lone surrogate): the id and task it would have, so a sample can keep its place
+    doc_id: str | None = None
+    domain: str | None = None
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.reason} ({self.detail})"

@@ -134,21 +134,29 @@ def _parse(raw: bytes, src: Source, line: int) -> Document | BadLine:
     text = obj["text"]
     if not isinstance(text, str):
         return bad("text_not_string", f"'text' is a JSON {_json_type(text)}")
-    if not text:
-        return bad("empty_text", "'text' is empty")
-    try:
-        nbytes = len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        # Valid UTF-8 bytes can still carry "\ud800"-style escapes of lone surrogates.
-        return bad("invalid_utf8", f"'text' has a lone surrogate escape at character {e.start}")
     meta = obj.get("meta")
     domain = meta.get("pile_set_name") if isinstance(meta, dict) else None
     if not isinstance(domain, str) or not domain:
         domain = UNKNOWN_DOMAIN
-    return Document(f"{src.stem}:{line}", domain, text, nbytes, src.name, line)
+    doc_id = f"{src.stem}:{line}"
+    if not text:
+        return BadLine(src.name, line, "empty_text", "'text' is empty", doc_id, domain)
+    try:
+        nbytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        # Valid UTF-8 bytes can still carry "\ud800"-style escapes of lone surrogates.
+        detail = f"'text' has a lone surrogate escape at character {e.start}"
+        return BadLine(src.name, line, "invalid_utf8", detail, doc_id, domain)
+    return Document(doc_id, domain, text, nbytes, src.name, line)
 
 
-def _documents_of(src: Source, path: Path, strict: bool, stats: CorpusStats) -> Iterator[Document]:
+def _documents_of(
+    src: Source,
+    path: Path,
+    strict: bool,
+    stats: CorpusStats,
+    skipped: list[BadLine] | None = None,
+) -> Iterator[Document]:
     line = 0
     try:
         for line, raw in enumerate(_iter_lines(path, src.name.endswith(".zst")), start=1):
@@ -159,6 +167,8 @@ def _documents_of(src: Source, path: Path, strict: bool, stats: CorpusStats) -> 
                 continue
             if strict:
                 raise CorpusError(f"{item.source}:{item.line}: {item.reason} ({item.detail})")
+            if skipped is not None and item.doc_id is not None:
+                skipped.append(item)
             if stats.add_bad_line(item):
                 log.warning("skipped %s", item)
             else:
@@ -173,18 +183,21 @@ def iter_documents(
     store: Any = None,
     strict: bool = False,
     stats: CorpusStats | None = None,
+    skipped: list[BadLine] | None = None,
 ) -> Iterator[Document]:
     """Stream the documents of Pile-format files, skipping (and counting) bad lines.
 
     `paths` are local files, directories, globs (expanded sorted) or `s3://bucket/key`
     URIs (the key may be a glob) read through `store`, whose bucket must match.
     With `strict`, the first bad line raises `CorpusError` naming its file and line.
+    `skipped` collects the skipped lines that are documents to the reference (a JSON object
+    whose text is empty or holds a lone surrogate), with their id and task.
     """
     stats = stats if stats is not None else CorpusStats()
     for src in resolve_sources(paths, store):
         stats.files.append(src.name)
         path = store.fetch(src.key) if src.key is not None else Path(src.name)
-        yield from _documents_of(src, Path(path), strict, stats)
+        yield from _documents_of(src, Path(path), strict, stats, skipped)
 
 
 def collect_stats(

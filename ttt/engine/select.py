@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -77,6 +78,18 @@ class SequentialEngine:
     def new_task(self) -> None:
         """A carried optimizer state (resetOptimizer false) starts afresh with each task."""
         self.ttt.new_task()
+
+    def optimizer_state(self) -> bytes:
+        """The optimizer's state (Adam's moments and steps), serialized: taken between
+        documents, it is what a carried optimizer brings to the next document."""
+        buffer = io.BytesIO()
+        torch.save(self.ttt.optimizer.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def load_optimizer_state(self, data: bytes) -> None:
+        """Resume the optimizer from optimizer_state()'s bytes (onto the model's device)."""
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        self.ttt.optimizer.load_state_dict(state)
 
     def evaluate_stream(self, items: Iterable[tuple]) -> Iterator[tuple[Any, DocOutcome]]:
         for key, text, neighbors, distances in items:

@@ -18,6 +18,7 @@ def evaluate_documents(
     spec_hash: str,
     rank: int,
     progress: Any = None,
+    task: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Result records of `docs`, in the order the engine finishes them (several train at once).
 
@@ -25,10 +26,12 @@ def evaluate_documents(
     resetOptimizer false the sequential engine carries its optimizer state within a task:
     documents arrive in task order and a new task starts a fresh optimizer (the sequential
     engine has finished the previous document before it asks for the next).
+    `task` names the task whose carried optimizer state the engine holds already (a
+    resumed rank), so its documents continue it rather than start afresh.
     """
 
     def items() -> Iterator[tuple[DocumentFacts, str, list[str], list[float] | None]]:
-        task = None
+        nonlocal task
         for doc in docs:
             if doc.domain != task:
                 engine.new_task()

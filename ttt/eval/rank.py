@@ -9,6 +9,7 @@ from typing import Any
 
 from ttt import telemetry
 from ttt.engine.select import build_engine
+from ttt.eval.carried import CarriedState, resume_point
 from ttt.eval.document import evaluate_documents
 from ttt.eval.figures import RankFigures
 from ttt.eval.records import (
@@ -16,7 +17,7 @@ from ttt.eval.records import (
     RankRecords,
 )
 from ttt.eval.retrieve import needs_neighbors
-from ttt.eval.sample import partition, select_test_documents
+from ttt.eval.sample import partition, select_test_documents, split_for
 from ttt.progress import WorkProgress
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,17 @@ def evaluate_rank(
     """
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
-    mine = partition(select_test_documents(run, store), rank, world_size)
+    split = split_for(run)  # strided per task with a carried optimizer, as the reference
+    skipped: set[str] = set()  # selected, but the reader skips them: they keep their place
+    mine = partition(select_test_documents(run, store, skipped), rank, world_size, split)
+    skipped_here = sum(d.id in skipped for d in mine)
+    mine = [d for d in mine if d.id not in skipped]
     manifest = store.read_manifest(prefix)
     if (
         manifest
         and manifest.get("spec_hash") == spec_hash
         and manifest.get("world_size") == world_size
+        and manifest.get("split", "bytes") == split
         and manifest.get("count") == len(mine)
     ):
         log.info("eval rank %d: finished already (%d documents)", rank, len(mine))
@@ -86,6 +92,20 @@ def evaluate_rank(
     work.mkdir(parents=True, exist_ok=True)
     results = RankRecords(store, prefix, work / f"rank-{rank:05d}-{RESULTS}", spec_hash)
     records = results.resume({d.id for d in mine}, run.spec.retrieval.allow_partial)
+    carried, resume_state, first_task = None, None, None
+    if split == "strided":  # a carried optimizer: resume from its saved state, or re-evaluate
+        carried = CarriedState(store, prefix, spec_hash)
+        cut, facts = resume_point(mine, {r["doc"] for r in records}, carried.saved())
+        if facts is not None:
+            resume_state = carried.read(facts)
+            if resume_state is None:  # damaged: from the task's start, with a fresh optimizer
+                cut, _ = resume_point(mine, {d.id for d in mine[:cut]}, [])
+        if cut < len(mine) and len(records) > cut:
+            log.info("eval rank %d: %d record(s) past the saved optimizer state evaluated "
+                     "again", rank, len(records) - cut)  # fmt: skip
+        results.keep({d.id for d in mine[:cut]})
+        records = results.records
+        first_task = mine[cut - 1].domain if resume_state is not None else None
     done = {r["doc"] for r in records}
     todo = [d for d in mine if d.id not in done]
     log.info(
@@ -115,10 +135,23 @@ def evaluate_rank(
             f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
         )
         engine.on_neighbor = bar.neighbor
+        if carried is not None:
+            if resume_state is not None:
+                engine.load_optimizer_state(resume_state)
+            # the state after the last record, saved before the records go up; older ones
+            # removed after
+            results.before_upload = lambda recs: (
+                recs and carried.save(engine.optimizer_state(), recs)
+            )
+            results.after_upload = lambda n: n and carried.prune(n)
         try:
             with results.appending(flush_seconds) as append:
-                finished = evaluate_documents(run, engine, retriever, todo, spec_hash, rank, bar)
+                finished = evaluate_documents(
+                    run, engine, retriever, todo, spec_hash, rank, bar, task=first_task
+                )
                 for i, record in enumerate(finished):
+                    # the split over workers changes a carried optimizer's results: recorded
+                    record = {**record, "world_size": world_size, "split": split}
                     append(record)
                     progress_figures.add(record, pending=len(todo) - i - 1)
         finally:
@@ -129,6 +162,8 @@ def evaluate_rank(
             "stage": "eval",
             "rank": rank,
             "world_size": world_size,
+            "split": split,
+            "skipped_documents": skipped_here,
             "spec_hash": spec_hash,
             "neighbors_excluded": progress_figures.excluded,
             "partial_retrievals": sum(bool(r.get("partial")) for r in records),

@@ -242,6 +242,16 @@ class RankRecords:
         self.attempt = attempt_id()
         self.attempt_key = f"{prefix}/{ATTEMPTS}/{self.attempt}.jsonl"
         self.records: list[dict[str, Any]] = []
+        # called with the records just before a due upload of them (a carried optimizer's
+        # state is saved there); returns a mark, passed to after_upload once they are up
+        self.before_upload: Callable[[list[dict[str, Any]]], Any] | None = None
+        self.after_upload: Callable[[Any], None] | None = None
+
+    def keep(self, docs: set[str]) -> None:
+        """Only the records of `docs` (the others are evaluated again), here and uploaded."""
+        self.records = [r for r in self.records if r["doc"] in docs]
+        write_records(self.local, self.records)
+        self.upload()
 
     def resume(self, wanted: set[str], allow_partial: bool) -> list[dict[str, Any]]:
         """The records of `wanted` documents that earlier attempts finished, kept.
@@ -287,7 +297,10 @@ class RankRecords:
                     out.flush()
                     self.records.append(record)
                     if time.monotonic() - last_flush >= flush_seconds:
+                        mark = self.before_upload(self.records) if self.before_upload else None
                         self.upload()
+                        if self.after_upload is not None:
+                            self.after_upload(mark)
                         last_flush = time.monotonic()
 
                 yield append

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -82,17 +83,26 @@ class SearchResponse(BaseModel):
 
 
 class DocumentsRequest(BaseModel):
-    """POST /v1/documents: ids, domains and texts of rows (the second phase of a fan-out)."""
+    """POST /v1/documents: ids, domains and texts of rows (the second phase of a fan-out).
+
+    Paged: an answer holds the texts of the first rows that fit the response cap, and a text
+    too long for one answer comes in pieces; `offset` is where rows[0]'s text resumes (its
+    characters already received)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     rows: list[int]
+    offset: Annotated[int, Field(ge=0)] = 0
 
 
 class DocumentsResponse(BaseModel):
+    """The texts of the first len(texts) rows asked for (texts[0] from the request's offset);
+    `next_offset`, when set, says the last text is cut there: ask again from that row."""
+
     shard: Annotated[int, Field(ge=0)]
     ids: list[str]
     domains: list[str]
     texts: list[str]
+    next_offset: Annotated[int, Field(ge=1)] | None = None
 
 
 class BadAnswer(ValueError):
@@ -121,9 +131,33 @@ def check_documents_answer(data: bytes, shard: int, rows: int) -> DocumentsRespo
     body = _validated(data, DocumentsResponse)
     if body.shard != shard:
         raise BadAnswer(f"answered for shard {body.shard}, not {shard}")
-    if not len(body.texts) == len(body.ids) == len(body.domains) == rows:
-        raise BadAnswer(f"{len(body.texts)} texts for {rows} rows")
+    n = len(body.texts)
+    if not n == len(body.ids) == len(body.domains) or not min(rows, 1) <= n <= rows:
+        raise BadAnswer(f"{n} texts for {rows} rows")  # a page holds at least one
     return body
+
+
+def collect_texts(
+    ask: Callable[[list[int], int], DocumentsResponse], rows: list[int], per_request: int
+) -> list[str]:
+    """The texts of `rows` from a paged /v1/documents: `ask(rows, offset)` answers the first
+    rows that fit a response, and cuts a longer text (`next_offset`); ask on until every text
+    is whole, so no answer's size is ever fatal."""
+    texts: list[str] = []
+    pending, offset, partial = list(rows), 0, ""
+    while pending:
+        body = ask(pending[:per_request], offset)
+        got = list(body.texts)
+        got[0], partial = partial + got[0], ""
+        if body.next_offset is None:
+            texts += got
+            pending, offset = pending[len(got) :], 0
+            continue
+        if len(got) == 1 and body.next_offset <= offset:
+            raise BadAnswer(f"next_offset {body.next_offset} does not move past {offset}")
+        texts += got[:-1]
+        pending, offset, partial = pending[len(got) - 1 :], body.next_offset, got[-1]
+    return texts
 
 
 def _validated(data: bytes, model: type[BaseModel]) -> Any:

@@ -18,7 +18,12 @@ import httpx
 import numpy as np
 
 from ttt import telemetry
-from ttt.index.api import BadAnswer, check_documents_answer, check_search_answer
+from ttt.index.api import (
+    BadAnswer,
+    check_documents_answer,
+    check_search_answer,
+    collect_texts,
+)
 from ttt.index.discovery import discover_endpoints, normalize_url
 from ttt.index.retrieval import (
     BaseRetriever,
@@ -313,18 +318,14 @@ class ShardedRetriever(BaseRetriever):
         return hits
 
     def _texts_of(self, shard: int, rows: list[int], deadline: float) -> list[str]:
-        texts: list[str] = []
-        for lo in range(0, len(rows), self.rows_per_request):
-            chunk = rows[lo : lo + self.rows_per_request]
-            body = self._post(
-                shard,
-                "/v1/documents",
-                {"rows": chunk},
-                functools.partial(check_documents_answer, shard=shard, rows=len(chunk)),
-                deadline,
-            )
-            texts += body.texts
-        return texts
+        """The texts of `rows`, page by page (ttt.index.api.collect_texts)."""
+
+        def ask(chunk: list[int], offset: int) -> Any:
+            payload = {"rows": chunk, **({"offset": offset} if offset else {})}
+            check = functools.partial(check_documents_answer, shard=shard, rows=len(chunk))
+            return self._post(shard, "/v1/documents", payload, check, deadline)
+
+        return collect_texts(ask, rows, self.rows_per_request)
 
     def _fan_out(self, vectors, k, with_text, with_vectors=False):
         start = time.monotonic()

@@ -38,6 +38,7 @@ from ttt.index.serving import (
     check_response_size,
     encode,
     lower_thread_priority,
+    page_texts,
 )
 from ttt.index.shard import ShardError
 
@@ -169,17 +170,15 @@ def _documents(state: ShardState, req: DocumentsRequest, limits: Limits) -> dict
     for i, r in enumerate(req.rows):
         if not 0 <= r < n:
             raise ApiError(422, f"rows[{i}]: row {r} is out of range; this shard has {n} rows")
-    metas = [state.texts.meta(r) for r in req.rows]
-    texts, nbytes = [], 0
-    for r in req.rows:
-        texts.append(state.texts.text(r))
-        nbytes += len(texts[-1])
-        check_response_size(nbytes, limits)
+    if req.rows and req.offset > len(state.texts.text(req.rows[0])):
+        raise ApiError(422, f"offset: {req.offset} is past the end of row {req.rows[0]}'s text")
+    texts, metas, next_offset = page_texts(state.texts, req.rows, req.offset, limits)
     return {
         "shard": state.shard,
         "ids": [m[0] for m in metas],
         "domains": [m[1] for m in metas],
         "texts": texts,
+        **({"next_offset": next_offset} if next_offset is not None else {}),
     }
 
 

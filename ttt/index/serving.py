@@ -41,6 +41,34 @@ def check_response_size(nbytes: int, limits: Limits) -> None:
         )
 
 
+def page_texts(
+    store: Any, rows: list[int], offset: int, limits: Limits
+) -> tuple[list[str], list[Any], int | None]:
+    """/v1/documents' page: the texts (and id, domain) of the first rows whose JSON fits the
+    response cap, rows[0]'s from `offset`; a first text too long for one answer is cut, and
+    the character to resume at is returned (else None). Never a 413 for size."""
+    budget = limits.max_response - 256  # the object around the lists
+    texts: list[str] = []
+    metas: list[Any] = []
+    used = 0
+    for i, row in enumerate(rows):
+        meta = store.meta(row)
+        text = store.text(row)[offset:] if i == 0 else store.text(row)
+        overhead = len(json.dumps(list(meta[:2]), ensure_ascii=False).encode()) + 8
+        size = len(json.dumps(text, ensure_ascii=False).encode()) + overhead
+        if used + size <= budget:
+            texts.append(text)
+            metas.append(meta)
+            used += size
+            continue
+        if texts:
+            break  # the rest on the next page
+        # one text longer than a whole answer: a piece (JSON spends at most 6 B a character)
+        piece = min(max(1, (budget - overhead) // 6), max(1, len(text) - 1))
+        return [text[:piece]], [meta], offset + piece
+    return texts, metas, None
+
+
 def encode(result: dict, limits: Limits) -> bytes:
     """The JSON of a response, piece by piece (no one long GIL-holding call), within the cap."""
     fields, size = [], 0

@@ -10,6 +10,7 @@ best mixing weight per task.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,36 +138,90 @@ def best_mixing_weights(
     return out, weights
 
 
+def _task_curves(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """A task's documents the reference keeps for its cost and loss curves, and their length.
+
+    tttlm keeps, per task, the documents whose list of per-neighbor losses (and costs) has
+    the median length (`len(l) == int(median)`); a document without neighbors has length 0.
+    """
+    lengths = [len(r.get("train_losses", [])) for r in rows]
+    median = int(np.median(lengths)) if lengths else 0
+    return [r for r, n in zip(rows, lengths, strict=True) if n == median], median
+
+
+def _one_pass(r: dict[str, Any]) -> float:
+    return float(r.get("seconds", {}).get("score", 0.0)) / max(int(r.get("score_passes", 0)), 1)
+
+
 def cost_and_loss(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Seconds per neighbor as the paper counts them (training plus one scoring pass), ours
-    (training only), and the mean training loss at each neighbor rank (1 = nearest)."""
+    """Seconds per neighbor and the mean training loss per neighbor rank, as tttlm aggregates.
+
+    Per task (tttlm process_results.py): the documents whose curve has the task's median
+    length; at each neighbor rank the mean over them (training plus one scoring pass of the
+    test document, the paper's cost; and the training loss); a task's seconds per neighbor is
+    the mean of its per-rank means. Over tasks: the Pile-weighted mean of the per-task
+    figures (ttt.bpb.task_weights; test bytes for names outside the Pile), over the tasks whose
+    curve has the median length among tasks (tttlm's compute_pile_all; the weights are
+    renormalized over them, which on the full Pile changes nothing). Records hold a document's
+    total training and scoring seconds, so a rank's cost is the document's mean; with equal
+    curve lengths the mean of per-rank means equals the pooled mean over the kept documents.
+    Also `train_seconds_per_neighbor` (training only) by the same rule, and
+    `training_loss_by_rank_pooled`: every document's loss at each rank, pooled.
+    """
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
-
-    def seconds(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-        neighbors = sum(len(r.get("train_losses", [])) for r in rows)
-        train = sum(float(r.get("seconds", {}).get("train", 0.0)) for r in rows)
-        one_pass = sum(
-            len(r.get("train_losses", []))
-            * float(r.get("seconds", {}).get("score", 0.0))
-            / max(int(r.get("score_passes", 0)), 1)
-            for r in rows
-        )
-        if not neighbors:
-            return {"paper_seconds_per_neighbor": None, "train_seconds_per_neighbor": None}
-        return {
-            "paper_seconds_per_neighbor": (train + one_pass) / neighbors,
-            "train_seconds_per_neighbor": train / neighbors,
+    tasks: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[float]] = {}
+    for task, rows in sorted(by_task.items()):
+        kept, length = _task_curves(rows)
+        if not length:
+            tasks[task] = {"paper_seconds_per_neighbor": None, "train_seconds_per_neighbor": None}
+            continue
+        train = [float(r.get("seconds", {}).get("train", 0.0)) / length for r in kept]
+        paper = [t + _one_pass(r) for t, r in zip(train, kept, strict=True)]
+        tasks[task] = {
+            "documents": len(kept),
+            "paper_seconds_per_neighbor": float(np.mean(paper)),
+            "train_seconds_per_neighbor": float(np.mean(train)),
         }
+        losses = np.array([r["train_losses"] for r in kept], float)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a rank with no finite loss: NaN
+            curves[task] = [float(v) for v in np.nanmean(losses, axis=0)]
+    test_bytes = {t: sum(int(r["bytes"]) for r in rows) for t, rows in by_task.items()}
 
-    losses: dict[int, list[float]] = {}
+    def weighted(values: dict[str, float]) -> float | None:
+        if not values:
+            return None
+        weights = task_weights(sorted(values), test_bytes)
+        return float(sum(weights[t] * v for t, v in values.items()))
+
+    out: dict[str, Any] = {
+        key: weighted({t: v[key] for t, v in tasks.items() if v[key] is not None and t in curves})
+        for key in ("paper_seconds_per_neighbor", "train_seconds_per_neighbor")
+    }
+    by_rank: dict[str, float] = {}
+    if curves:
+        median = int(np.median([len(c) for c in curves.values()]))
+        same = {t: c for t, c in curves.items() if len(c) == median}
+        for i in range(median):
+            finite_at = {t: c[i] for t, c in same.items() if math.isfinite(c[i])}
+            value = weighted(finite_at)
+            if value is not None:
+                by_rank[str(i + 1)] = value
+    pooled: dict[int, list[float]] = {}
     for r in records:
         for rank, loss in enumerate(r.get("train_losses", []), start=1):
             if math.isfinite(loss):
-                losses.setdefault(rank, []).append(float(loss))
+                pooled.setdefault(rank, []).append(float(loss))
     return {
-        **seconds(records),
-        "tasks": {t: seconds(rows) for t, rows in sorted(by_task.items())},
-        "training_loss_by_rank": {str(k): float(np.mean(v)) for k, v in sorted(losses.items())},
+        **out,
+        "aggregation": "tttlm: per task the median-length curves' mean per rank, then the "
+        "Pile-weighted mean of the per-task figures",
+        "tasks": tasks,
+        "training_loss_by_rank": by_rank,
+        "training_loss_by_rank_pooled": {
+            str(k): float(np.mean(v)) for k, v in sorted(pooled.items())
+        },
     }

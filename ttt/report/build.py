@@ -127,7 +127,7 @@ def build_report(
     unfinished = [r for r, v in facts["ranks"].items() if not v["finished"]]
     if unfinished:
         log.warning("report over unfinished rank(s) %s: figures are partial", unfinished)
-    summary = summarize(records, run.spec.ttt.eval_after or [0])
+    summary = summarize(records, run.spec.ttt.eval_after or [0], run.spec.ttt.method)
     summary.update(run=run.name, spec_hash=run.stage_hash("eval"), **facts)
     out = Path(out_dir or tempfile.mkdtemp(prefix=f"ttt-report-{run.name}-"))
     out.mkdir(parents=True, exist_ok=True)

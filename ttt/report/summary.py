@@ -11,9 +11,14 @@ from ttt.eval.records import ResultsError, task_totals
 from ttt.report.aggregate import best_mixing_weights, bootstrap, cost_and_loss, median_rule
 
 PHASES = ("retrieve", "train", "score")
+# The methods whose reference script (tttlm process_results.py, process_results_dynamic_eval.py)
+# applies the median rule; its in-context and interpolation scripts count every document.
+MEDIAN_RULE_METHODS = ("ttt-nn", "dynamic-eval")
 
 
-def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> dict[str, Any]:
+def summarize(
+    records: Sequence[dict[str, Any]], checkpoints: Sequence[int], method: str = "ttt-nn"
+) -> dict[str, Any]:
     """Every figure of the report, from deduplicated result records (the one place they come from).
 
     Per task and checkpoint: bits per byte, byte and word perplexity over summed logliks,
@@ -72,8 +77,9 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
     n_docs = len(records)
     total_seconds = {p: sum(v["seconds"][p] for v in tasks.values()) for p in PHASES}
     extra = {
-        "reference_aggregation": _reference_aggregation(records, checkpoints),
+        "reference_aggregation": _reference_aggregation(records, checkpoints, method),
         "training_loss_by_rank": {},
+        "training_loss_by_rank_pooled": {},
     }
     fits = [r["fits_window"] for r in records if "fits_window" in r]
     if fits:
@@ -84,7 +90,9 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
             "longer ones are scored without context",
         }
     paper_cost = cost_and_loss(records)
+    # the reference's rule (per-task means, Pile-weighted); the table prints the pooled one
     extra["training_loss_by_rank"] = paper_cost.pop("training_loss_by_rank")
+    extra["training_loss_by_rank_pooled"] = paper_cost.pop("training_loss_by_rank_pooled")
     return {
         **extra,
         "checkpoints": checkpoints,
@@ -109,11 +117,13 @@ def summarize(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> 
 
 
 def _reference_aggregation(
-    records: Sequence[dict[str, Any]], checkpoints: Sequence[int]
+    records: Sequence[dict[str, Any]], checkpoints: Sequence[int], method: str = "ttt-nn"
 ) -> dict[str, Any]:
-    """The reference's figures: documents shorter than their task's median curve dropped."""
+    """The reference's figures for `method`: for TTT-NN and dynamic evaluation, documents
+    shorter than their task's median curve dropped; for the baselines, every document."""
     first, last = checkpoints[0], checkpoints[-1]
-    kept = median_rule(records, last)
+    median = method in MEDIAN_RULE_METHODS
+    kept = median_rule(records, last) if median else list(records)
     at = {n: task_totals(kept, n) for n in checkpoints}
     tasks = {}
     for task in sorted(at[first]):
@@ -132,7 +142,12 @@ def _reference_aggregation(
         for n in checkpoints
     }
     return {
-        "rule": "per task, only documents whose curve has the median length (tttlm)",
+        "median_rule": median,
+        "rule": (
+            "per task, only documents whose curve has the median length (tttlm)"
+            if median
+            else f"every document (tttlm's {method} baseline script applies no median rule)"
+        ),
         "documents": len(kept),
         "tasks": tasks,
         "mean": {"bits_per_byte": mean, "before": mean[str(first)], "after": mean[str(last)]},

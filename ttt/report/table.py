@@ -38,14 +38,21 @@ def format_table(summary: dict[str, Any]) -> str:
         "",
         (
             f"Every document counts in the first columns ({summary['documents']} documents); "
-            "the reference's rule (tttlm) drops those whose curve is shorter than their task's "
-            f"median ({ref['documents']} documents remain). Bars: bootstrap over documents, "
-            "1,000 resamples, 10-90 % quantiles."
+            + (
+                "the reference's rule (tttlm) drops those whose curve is shorter than their "
+                f"task's median ({ref['documents']} documents remain). "
+                if ref.get("median_rule", True)
+                else "so do the ref. columns: the reference's script for this baseline counts "
+                "every document (no median rule). "
+            )
+            + "Bars: bootstrap over documents, 1,000 resamples, 10-90 % quantiles."
         ),
     ]
     # seconds (per neighbor, as the paper counts them and training only) are in summary.json
     # and the CLI's output, not here: this table is the same on every re-run of a spec
-    losses = summary.get("training_loss_by_rank", {})
+    # every document pooled, as the other first columns (summary.json and `ttt report` also
+    # give the reference's per-task, Pile-weighted figure, training_loss_by_rank)
+    losses = summary.get("training_loss_by_rank_pooled", {})
     if losses:
         ranks = sorted(losses, key=int)
         notes.append(

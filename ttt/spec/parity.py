@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ttt.spec.sections import PAPER_ENCODER
@@ -13,8 +14,19 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
     "gpt2-large": {"learningRate": 2e-5, "maxLength": 1024},
     "EleutherAI/gpt-neo-1.3B": {"learningRate": 5e-6, "maxLength": 2048},
 }
+# The hub ids that name those models exactly (a local path or an s3:// copy is not checked
+# to be the same weights, so it departs even when its name ends the same way).
+PAPER_MODEL_IDS: dict[str, str] = {
+    "gpt2": "gpt2",
+    "openai-community/gpt2": "gpt2",
+    "gpt2-large": "gpt2-large",
+    "openai-community/gpt2-large": "gpt2-large",
+    "EleutherAI/gpt-neo-1.3B": "EleutherAI/gpt-neo-1.3B",
+}
 # What the paper's baselines ran with (GPT-2 Large): 20 neighbors, 20 dynamic-eval passes.
 BASELINE_NEIGHBORS = 20
+# The Pile's training set as the paper indexed it: its 30 files, one index each.
+PILE_TRAIN_FILES = 30
 
 
 @dataclass(frozen=True)
@@ -40,11 +52,34 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _paper_id(name: str) -> str:
+    """The paper's hub id that a path or alias seems to mean (gpt2-large when none)."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    for hub_id, model in PAPER_MODEL_IDS.items():
+        if base == hub_id.rsplit("/", 1)[-1]:
+            return model
+    return "gpt2-large"
+
+
 def _paper_model(name: str) -> dict[str, Any] | None:
     for key, settings in PAPER_MODELS.items():
         if name == key or name.rsplit("/", 1)[-1] == key.rsplit("/", 1)[-1]:
             return settings
     return None
+
+
+def train_files(patterns: list[str]) -> int | None:
+    """How many training files the spec names: listed files, local globs expanded; None where
+    a glob is remote (s3://; validate reads no store) and so cannot be counted here."""
+    count = 0
+    for pattern in patterns:
+        if not glob.has_magic(pattern):
+            count += 1
+        elif "://" in pattern:
+            return None
+        else:
+            count += len(glob.glob(pattern))
+    return count
 
 
 def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
@@ -58,7 +93,7 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
     length = model["maxLength"] if model else 1024
     paper_models = ", ".join(PAPER_MODELS)
     checks: dict[str, tuple[Any, Any, str]] = {
-        "spec.embedding.model": (e.model, PAPER_ENCODER, "the paper's encoder"),
+        "spec.embedding.model": (e.model, PAPER_ENCODER, "the paper's encoder, by hub id"),
         "spec.embedding.pooling": (e.pooling, "mean", "mean of the last hidden states"),
         "spec.embedding.maxTokens": (e.max_tokens, 512, "the encoder reads 512 tokens"),
         "spec.embedding.normalize": (e.normalize, False, "unnormalized vectors"),
@@ -80,8 +115,25 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
         ),
         "spec.ttt.model": (
             t.model,
-            t.model if model else "gpt2-large",
-            f"the paper's models: {paper_models}",
+            t.model if t.model in PAPER_MODEL_IDS else _paper_id(t.model),
+            f"the paper's models by hub id: {paper_models} (a path is not known to hold them)",
+        ),
+        "spec.ttt.splitText": (
+            t.split_text,
+            t.split_text
+            if method == "dynamic-eval" or PAPER_MODEL_IDS.get(t.model) == "gpt2"
+            else False,
+            "the whole document is the query and is scored (split text: GPT-2 117M only)",
+        ),
+        "spec.retrieval.selection": (
+            r.selection,
+            "nearest",
+            "the nearest neighbors (SIFT is ours)",
+        ),
+        "spec.retrieval.allowPartial": (
+            r.allow_partial,
+            False,
+            "every query answered by every shard",
         ),
         "spec.ttt.dtype": (t.dtype, "float32", "float32 training"),
         "spec.ttt.optimizer": (t.optimizer, "adamw", "torch.optim.AdamW"),
@@ -104,6 +156,13 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
         "spec.eval.selection": (ev.selection, "reference", "the reference's shuffle and cut"),
         "spec.eval.maxDocumentsPerTask": (ev.max_documents_per_task, None, "no cap"),
     }
+    files = train_files(list(s.corpus.train))
+    if files is not None:
+        checks["spec.corpus.train"] = (
+            f"{files} file(s)",
+            f"{PILE_TRAIN_FILES} file(s)",
+            "the Pile's 30 training files",
+        )
     if method == "ttt-nn":
         checks["spec.ttt.evalAfter"] = (
             list(t.eval_after),
@@ -140,6 +199,12 @@ def departures(run: Any) -> list[Departure]:
         if not same:
             out.append(Departure(path, value, paper, why))
     return out
+
+
+def departures_json(run: Any, source: str) -> dict[str, Any]:
+    """The departures for machines: {source, departures: [{field, value, paper, why}]}."""
+    found = departures(run)
+    return {"source": source, "count": len(found), "departures": [asdict(d) for d in found]}
 
 
 def format_departures(run: Any, source: str) -> str:
