@@ -216,6 +216,7 @@ def worker_main(argv: list[str]) -> int:
         retriever=retriever,
         work_dir=work / "eval",
         flush_seconds=0.0,
+        state_seconds=0.0,  # every record boundary, for the killed-rank test
         progress=False,
     )
     return 0

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 STATES = "optimizer"  # under the rank's prefix: state-NNNNNNNN.pt and its .json
+# A state is Adam's two moments, 8 bytes a parameter (6 GB for GPT-2 Large): it is saved at
+# most this often, not at every upload of the records, so a killed rank evaluates again at
+# most this much work (the records past the newest state).
+STATE_SECONDS = 300.0
 
 
 class CarriedState:
@@ -18,8 +23,15 @@ class CarriedState:
     written after it, so a .json always names a whole .pt. Saved just before the records
     holding that document are uploaded; older states are removed once they are."""
 
-    def __init__(self, store: Any, prefix: str, spec_hash: str) -> None:
+    def __init__(
+        self, store: Any, prefix: str, spec_hash: str, every: float = STATE_SECONDS
+    ) -> None:
         self.store, self.dir, self.spec_hash = store, f"{prefix}/{STATES}", spec_hash
+        self.every, self.last = every, time.monotonic()
+
+    def due(self) -> bool:
+        """Whether `every` seconds have passed since the last save (or since the start)."""
+        return time.monotonic() - self.last >= self.every
 
     def save(self, data: bytes, records: Sequence[dict[str, Any]]) -> int:
         n, last = len(records), records[-1]
@@ -32,6 +44,7 @@ class CarriedState:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         self.store.put_json(f"{self.dir}/state-{n:08d}.json", facts)
+        self.last = time.monotonic()
         return n
 
     def prune(self, keep: int) -> None:

@@ -57,11 +57,13 @@ def evaluate_rank(
     progress: bool = True,
     local_index: bool = False,
     progress_seconds: float = 30.0,
+    state_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Evaluate one rank's test documents; resumable, one record per document; the manifest.
 
     Records go to a local results.jsonl and to `runs/<name>/eval/rank-NNNNN/results.jsonl`
-    in the store at most every `flush_seconds` (and at the end); a restarted worker reads
+    in the store at most every `flush_seconds` (and at the end), a carried optimizer's state
+    beside them at most every `state_seconds`; a restarted worker reads
     both back, skips finished documents and never counts one twice. Without a `retriever`,
     the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
     Progress moves within a document too (neighbors, steps, ETA): on the bar on a terminal,
@@ -94,7 +96,7 @@ def evaluate_rank(
     records = results.resume({d.id for d in mine}, run.spec.retrieval.allow_partial)
     carried, resume_state, first_task = None, None, None
     if split == "strided":  # a carried optimizer: resume from its saved state, or re-evaluate
-        carried = CarriedState(store, prefix, spec_hash)
+        carried = CarriedState(store, prefix, spec_hash, every=state_seconds)
         cut, facts = resume_point(mine, {r["doc"] for r in records}, carried.saved())
         if facts is not None:
             resume_state = carried.read(facts)
@@ -141,7 +143,7 @@ def evaluate_rank(
             # the state after the last record, saved before the records go up; older ones
             # removed after
             results.before_upload = lambda recs: (
-                recs and carried.save(engine.optimizer_state(), recs)
+                recs and carried.due() and carried.save(engine.optimizer_state(), recs)
             )
             results.after_upload = lambda n: n and carried.prune(n)
         try:
