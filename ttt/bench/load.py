@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ttt.bench.text_memory import rss_bytes
 from ttt.bench.world import TOKEN, free_port, wait_ready
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -73,13 +73,6 @@ def synthetic_servers(shards: int, vectors: int, dim: int) -> Iterator[list[tupl
             p.terminate()
         for p in procs:
             p.wait(20)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 async def _drive(urls: list[str], requests: int, concurrency: int, body: bytes) -> dict:
