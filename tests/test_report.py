@@ -239,6 +239,7 @@ def test_build_report_merges_ranks_and_writes_the_files(tmp_path):
         "table.md",
         "bpb_vs_neighbors.png",
         "before_after.png",
+        "report.html",
     }
 
 

@@ -1,5 +1,6 @@
 """The run's report: ranks merged into per-task bits per byte (summary, aggregate), the paper's
-table (table), plots (plots), written by the report stage (build); runs side by side (compare)."""
+table (table), plots (plots), the page report.html (page, page_data), written by the report
+stage (build); runs side by side (compare)."""
 
 from __future__ import annotations
 
