@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,19 @@ def test_report_refuses_a_results_file_that_does_not_match_its_manifest(tmp_path
     first.write_bytes(first.read_bytes().split(b"\n", 1)[0] + b"\n")
     with pytest.raises(ResultsError, match="rank-00000"):
         build_report(run, store, out_dir=tmp_path / "out")
+
+
+def test_headline_figures_for_kfp_and_mlflow():
+    from ttt.report import headline_figures
+
+    summary = summarize(records("h"), [0, 2])
+    figures = headline_figures(summary)
+    assert figures["bpb_before.Github"] == pytest.approx(GITHUB_BEFORE)
+    assert figures["bpb_after.ArXiv"] == pytest.approx(ARXIV_AFTER)
+    assert figures["bpb_after.pile_mean"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    lo, hi = figures["bpb_after_p10.pile_mean"], figures["bpb_after_p90.pile_mean"]
+    assert lo <= hi and figures["documents.pile_mean"] == 3
+    # no neighbor was trained on in these records: no seconds per neighbor, not a NaN
+    assert "seconds_per_neighbor" not in figures
+    assert all(isinstance(v, float) for v in figures.values())
+    assert all(re.fullmatch(r"[A-Za-z0-9_.]+", k) for k in figures)
