@@ -338,3 +338,29 @@ def test_headline_figures_for_kfp_and_mlflow():
     assert "seconds_per_neighbor" not in figures
     assert all(isinstance(v, float) for v in figures.values())
     assert all(re.fullmatch(r"[A-Za-z0-9_.]+", k) for k in figures)
+
+
+def test_the_kfp_report_component_emits_metrics_and_the_page(tmp_path):
+    """The report component's own function, as KFP calls it: a Metrics artifact with the
+    headline figures and an HTML artifact that is report.html."""
+    from kfp import dsl
+
+    from components.report.component import report
+
+    run = make_run(tmp_path)
+    store = open_store(run.spec.storage)
+    _finished_ranks(run, store, tmp_path)
+    outputs = {
+        "summary": dsl.Artifact(uri=str(tmp_path / "summary")),
+        "table": dsl.Markdown(uri=str(tmp_path / "table")),
+        "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
+        "page": dsl.HTML(uri=str(tmp_path / "page")),
+    }
+    report.python_func(spec=run.to_yaml(), **outputs)
+    logged = outputs["metrics"].metadata
+    assert logged["bpb_before.Github"] == pytest.approx(GITHUB_BEFORE)
+    assert logged["bpb_after.pile_mean"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    assert "bpb_after_p10.ArXiv" in logged and "bpb_after_p90.ArXiv" in logged
+    page = (tmp_path / "page").read_text()
+    assert page.startswith("<!DOCTYPE html>") and '"Github"' in page
+    assert page == store.get_bytes(f"{run.prefix}/report/report.html").decode()
