@@ -1,6 +1,6 @@
 # The README names two targets: `make demo` (the local end-to-end run) and `make test`.
 # Both install what they need first: .venv (PyPI wheels only); `make test` also the linters
-# and the Prometheus servers its tests start (scripts/install-servers, the one place for it).
+# and the programs its tests start: Prometheus, Chromium (scripts/install-servers, the one place).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -29,7 +29,7 @@ $(ACTIONLINT):
 
 install: $(STAMP)
 
-# Prometheus and the Pushgateway, which the dashboard tests start on loopback.
+# Prometheus and the Pushgateway (dashboard tests), Chromium and chromedriver (report.html).
 servers:
 	./scripts/install-servers
 

@@ -41,6 +41,10 @@ def test_full_pipeline_shape(name):
     assert "deploy-index" in tasks["for-loop-2"]["dependentTasks"]
     assert "for-loop-2" in tasks["report"]["dependentTasks"]
     assert spec["root"]["inputDefinitions"]["parameters"]["spec"]["parameterType"] == "STRING"
+    # the KFP UI's run comparison reads a Metrics artifact, its viewer an HTML one
+    outputs = spec["components"]["comp-report"]["outputDefinitions"]["artifacts"]
+    assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert outputs["page"]["artifactType"]["schemaTitle"] == "system.HTML"
 
 
 def _store_users(spec: dict) -> set[str]:
@@ -352,6 +356,9 @@ def test_smoke_pipeline_runs_locally(tmp_path, monkeypatch, smoke_spec_text):
     produced = {part for p in root.rglob("*") if p.is_file() for part in p.relative_to(root).parts}
     for task in ("corpus-shard", "shard-embed", "index-build", "ttt-eval", "report"):
         assert task in produced, (task, sorted(produced))
+    # the report's HTML artifact is the page itself
+    pages = [p for p in root.rglob("page") if p.is_file()]
+    assert len(pages) == 1 and pages[0].read_text().startswith("<!DOCTYPE html>")
 
 
 @pytest.mark.slow

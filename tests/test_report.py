@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,7 @@ def test_build_report_merges_ranks_and_writes_the_files(tmp_path):
         "table.md",
         "bpb_vs_neighbors.png",
         "before_after.png",
+        "report.html",
     }
 
 
@@ -380,3 +382,45 @@ def test_report_refuses_a_results_file_that_does_not_match_its_manifest(tmp_path
     first.write_bytes(first.read_bytes().split(b"\n", 1)[0] + b"\n")
     with pytest.raises(ResultsError, match="rank-00000"):
         build_report(run, store, out_dir=tmp_path / "out")
+
+
+def test_headline_figures_for_kfp_and_mlflow():
+    from ttt.report import headline_figures
+
+    summary = summarize(records("h"), [0, 2])
+    figures = headline_figures(summary)
+    assert figures["bpb_before.Github"] == pytest.approx(GITHUB_BEFORE)
+    assert figures["bpb_after.ArXiv"] == pytest.approx(ARXIV_AFTER)
+    assert figures["bpb_after.pile_mean"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    lo, hi = figures["bpb_after_p10.pile_mean"], figures["bpb_after_p90.pile_mean"]
+    assert lo <= hi and figures["documents.pile_mean"] == 3
+    # no neighbor was trained on in these records: no seconds per neighbor, not a NaN
+    assert "seconds_per_neighbor" not in figures
+    assert all(isinstance(v, float) for v in figures.values())
+    assert all(re.fullmatch(r"[A-Za-z0-9_.]+", k) for k in figures)
+
+
+def test_the_kfp_report_component_emits_metrics_and_the_page(tmp_path):
+    """The report component's own function, as KFP calls it: a Metrics artifact with the
+    headline figures and an HTML artifact that is report.html."""
+    from kfp import dsl
+
+    from components.report.component import report
+
+    run = make_run(tmp_path)
+    store = open_store(run.spec.storage)
+    _finished_ranks(run, store, tmp_path)
+    outputs = {
+        "summary": dsl.Artifact(uri=str(tmp_path / "summary")),
+        "table": dsl.Markdown(uri=str(tmp_path / "table")),
+        "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
+        "page": dsl.HTML(uri=str(tmp_path / "page")),
+    }
+    report.python_func(spec=run.to_yaml(), **outputs)
+    logged = outputs["metrics"].metadata
+    assert logged["bpb_before.Github"] == pytest.approx(GITHUB_BEFORE)
+    assert logged["bpb_after.pile_mean"] == pytest.approx(weighted(GITHUB_AFTER, ARXIV_AFTER))
+    assert "bpb_after_p10.ArXiv" in logged and "bpb_after_p90.ArXiv" in logged
+    page = (tmp_path / "page").read_text()
+    assert page.startswith("<!DOCTYPE html>") and '"Github"' in page
+    assert page == store.get_bytes(f"{run.prefix}/report/report.html").decode()

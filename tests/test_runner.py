@@ -1,4 +1,4 @@
-"""`ttt run` end to end: killed mid-evaluation and resumed, a dead shard server, a bad spec."""
+"""`ttt run` end to end: killed mid-evaluation and resumed, a dead shard server and worker, a bad spec."""
 
 from __future__ import annotations
 
@@ -55,14 +55,19 @@ def _ttt_run(spec: Path, workdir: Path, root: Path) -> subprocess.CompletedProce
     )
 
 
-def _start(spec: Path, workdir: Path, root: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ttt", "run", str(spec), "--workdir", str(workdir)],
-        cwd=REPO,
-        env=_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _start(spec: Path, workdir: Path, root: Path, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's now
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ttt", "run", str(spec), "--workdir", str(workdir)],
+            cwd=REPO,
+            env=_env(root),
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    finally:
+        if log:
+            out.close()
 
 
 def _wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen) -> None:
@@ -190,38 +195,48 @@ def test_killed_mid_eval_and_resumed_equals_uninterrupted(
 
 
 @pytest.mark.timeout(1200)  # two tiny runs (the fixture's and this one) on a shared CI box
-def test_a_killed_shard_server_is_waited_for_and_the_report_equals_all_shards(
+def test_a_killed_shard_server_and_worker_are_restarted_and_the_report_equals_all_shards(
     tmp_path: Path, model: Path, whole: dict[str, float]
 ) -> None:
     spec, work = _write_spec(tmp_path, "deadshard", model), tmp_path / "work"
     registry = tmp_path / "store" / "runs" / "deadshard" / "registry" / "shard-00001.json"
-    proc = _start(spec, work, tmp_path)
-    log = work / "eval-0.log"
+    run_log = tmp_path / "run.log"  # `ttt run`'s own log, as a file (no terminal)
+    proc = _start(spec, work, tmp_path, run_log)
+    logs = [work / "eval-0.log", work / "eval-1.log"]
     try:
-        # a worker starts training on its first document (its first line goes out at once):
-        # the kill lands mid-evaluation, before most retrievals (the engine looks one ahead)
-        _wait_for("training", lambda: log.exists() and ": training" in log.read_text(), proc)
+        # both workers start training on their first document (the first line goes out at
+        # once): the kills land mid-evaluation, before most retrievals (the engine looks one
+        # ahead)
+        _wait_for(
+            "training",
+            lambda: all(p.exists() and ": training" in p.read_text() for p in logs),
+            proc,
+        )
         assert registry.exists()
         url = json.loads(registry.read_text())["url"]
-        servers = [
-            pid
-            for pid, cmdline in _processes_mentioning(str(work / "spec.yaml"))
-            if " serve " in cmdline and "--shard 1 " in cmdline
-        ]
-        assert len(servers) == 1, servers
-        assert f"--port {url.rsplit(':', 1)[1]}" in next(
-            c for p, c in _processes_mentioning(str(work / "spec.yaml")) if p == servers[0]
-        )
+        ours = _processes_mentioning(str(work / "spec.yaml"))
+        servers = [pid for pid, c in ours if " serve " in c and "--shard 1 " in c]
+        workers = [pid for pid, c in ours if " eval " in c and "--rank 1 " in c]
+        assert len(servers) == 1 and len(workers) == 1, ours
+        assert f"--port {url.rsplit(':', 1)[1]}" in next(c for p, c in ours if p == servers[0])
         os.kill(servers[0], signal.SIGKILL)
-        # the runner starts it again (as Kubernetes would); the workers wait for it
+        os.kill(workers[0], signal.SIGKILL)  # as the OOM killer does
+        # the runner starts both again (as Kubernetes would); the workers wait for the server
         _wait_for("the restarted server", lambda: (work / "server-1.1.log").exists(), proc)
-        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, (work / "eval-0.log").read_text()[-3000:]
+        _wait_for("the restarted worker", lambda: (work / "eval-1.1.log").exists(), proc)
+        # reported as it happened (before its replacement started), not when the run ends
+        assert "eval-1 exited with code -9 (killed: out of memory?)" in run_log.read_text()
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, run_log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    text = run_log.read_text()
+    assert "\r" not in text  # no carriage-return bar in a log file, embed stage included
+    # the runner's line carries every worker's counts
+    assert re.search(r"eval: \d/5 documents, eval-0 .*; eval-1 ", text), text[-3000:]
     summary = _summary(tmp_path, "deadshard")
-    # no document was scored without shard 1: the figures are the all-shards run's
+    # no document was scored without shard 1, none twice: the figures are the all-shards run's
     assert summary["partial_retrievals"] == 0 and summary["complete"] is True
     assert summary["documents"] == 5
     _assert_same_figures(whole, _figures(summary))

@@ -60,8 +60,10 @@ def _bin_with(tmp_path: Path, names: list[str]) -> Path:
     return bin_dir
 
 
-def test_install_servers_is_a_no_op_when_both_servers_are_on_the_path(tmp_path):
-    bin_dir = _bin_with(tmp_path, ["prometheus", "prometheus-pushgateway"])
+def test_install_servers_is_a_no_op_when_every_program_is_on_the_path(tmp_path):
+    bin_dir = _bin_with(
+        tmp_path, ["prometheus", "prometheus-pushgateway", "chromium", "chromedriver"]
+    )
     done = subprocess.run(
         [str(bin_dir / "bash"), str(INSTALL_SERVERS)],
         env={"PATH": str(bin_dir)},
@@ -74,7 +76,7 @@ def test_install_servers_is_a_no_op_when_both_servers_are_on_the_path(tmp_path):
 
 
 def test_install_servers_says_what_to_do_without_apt(tmp_path):
-    bin_dir = _bin_with(tmp_path, ["prometheus"])  # no pushgateway, no apt-get
+    bin_dir = _bin_with(tmp_path, ["prometheus", "chromium"])  # no pushgateway, no apt-get
     done = subprocess.run(
         [str(bin_dir / "bash"), str(INSTALL_SERVERS)],
         env={"PATH": str(bin_dir)},
@@ -83,7 +85,8 @@ def test_install_servers_says_what_to_do_without_apt(tmp_path):
         check=False,
     )
     assert done.returncode == 1
-    assert "prometheus-pushgateway" in done.stderr and "apt-get is missing" in done.stderr
+    assert "prometheus-pushgateway chromedriver not on the PATH" in done.stderr
+    assert "apt-get is missing" in done.stderr and "chromium-driver" in done.stderr
 
 
 def test_the_readme_query_example_finds_what_a_reader_expects(tmp_path, capsys):

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from ttt.errors import TTTError
-from ttt.progress import WorkProgress
+from ttt.progress import PROGRESS_FILE_ENV, WorkProgress, read_worker_status, workers_line
 from ttt.spec import TTTRun
 from ttt.stages import is_done, publish_corpus, shard_prefix
 from ttt.store import open_store
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 PROGRESS_POLL_S = 2.0
 MAX_RESTARTS = 5  # per shard server: a server that keeps dying is left dead (workers then fail)
+MAX_WORKER_RESTARTS = 3  # per eval rank, as the chart's eval.backoffLimitPerIndex
 
 
 class RunError(TTTError, RuntimeError):
@@ -94,9 +95,13 @@ class LocalCluster:
     children: list[_Child] = field(default_factory=list)
     servers: list[_Child] = field(default_factory=list)
     restarts: dict[int, int] = field(default_factory=dict)
+    workers: list[_Child] = field(default_factory=list)
+    worker_restarts: dict[int, int] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)  # failed workers already logged
 
-    def _env(self, threads: int) -> dict[str, str]:
+    def _env(self, threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
+        env.update(extra or {})
         env["TTT_AUTH_TOKEN"] = self.token
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Every child's torch/FAISS would otherwise start one OpenMP thread per core: N
@@ -111,7 +116,9 @@ class LocalCluster:
         env["TMPDIR"] = str(tmp)
         return env
 
-    def _start(self, name: str, args: list[str], threads: int) -> _Child:
+    def _start(
+        self, name: str, args: list[str], threads: int, env: dict[str, str] | None = None
+    ) -> _Child:
         log_path = self.workdir / f"{name}.log"
         out = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         cmd = [sys.executable, "-m", "ttt", *args]
@@ -119,7 +126,7 @@ class LocalCluster:
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=self._env(threads),
+            env=self._env(threads, env),
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, no locks
         )
         out.close()
@@ -199,32 +206,35 @@ class LocalCluster:
     def run_workers(self, world_size: int, store: Any = None, progress: bool = True) -> None:
         """N evaluation workers by rank; each resumes from its own results in the store.
 
-        With `store`, a progress bar follows the documents the workers have published (they
-        upload their results every few seconds), so a long evaluation is not silent.
+        A worker that exits with an error (an OOM kill) is reported at once and started
+        again, resuming, up to MAX_WORKER_RESTARTS times per rank (as the eval Job's
+        backoffLimitPerIndex). With `store`, a progress line follows the documents the
+        workers have published and every worker's neighbor and step counts, with an ETA.
         """
         threads = max(1, (os.cpu_count() or 1) // world_size)  # a fair share of the cores
-        workers = [
-            self._start(
-                f"eval-{rank}",
-                [
-                    "eval",
-                    "--spec",
-                    str(self.spec_path),
-                    "--rank",
-                    str(rank),
-                    "--world-size",
-                    str(world_size),
-                ],
-                threads=threads,
-            )
-            for rank in range(world_size)
-        ]
+        for rank in range(world_size):  # a previous run's counts are not this one's
+            self._status_path(rank).unlink(missing_ok=True)
+        self.workers = [self._start_worker(r, world_size, threads) for r in range(world_size)]
+        bar = None
         if store is not None:
-            self._follow(workers, store, progress)
-        failed = []
-        for child in workers:
-            if child.proc.wait() != 0:
-                failed.append(child)
+            from ttt.eval import select_test_documents
+
+            total = len(select_test_documents(self.run, store))
+            # a bar on a terminal; in a log file, a line every 30 s instead of carriage returns
+            bar = WorkProgress("eval", total, enabled=progress, every=30.0)
+        try:
+            while True:
+                self.revive_servers()
+                self.revive_workers(world_size, threads)
+                if bar is not None:
+                    self._show(bar, store)
+                if all(w.proc.poll() is not None for w in self.workers):
+                    break
+                time.sleep(PROGRESS_POLL_S)
+        finally:
+            if bar is not None:
+                bar.close()
+        failed = [w for w in self.workers if w.proc.returncode != 0]
         if failed:
             child = failed[0]
             raise RunError(
@@ -232,21 +242,55 @@ class LocalCluster:
                 f"{child.proc.returncode}; log {child.log_path}:\n{_tail(child.log_path)}"
             )
 
-    def _follow(self, workers: list[_Child], store: Any, progress: bool) -> None:
-        from ttt.eval import select_test_documents
+    def _status_path(self, rank: int) -> Path:
+        return self.workdir / f"eval-{rank}.progress.json"
 
-        total = len(select_test_documents(self.run, store))
+    def _start_worker(self, rank: int, world_size: int, threads: int, restart: int = 0) -> _Child:
+        return self._start(
+            f"eval-{rank}" + (f".{restart}" if restart else ""),
+            ["eval", "--spec", str(self.spec_path), "--rank", str(rank)]
+            + ["--world-size", str(world_size)],
+            threads=threads,
+            env={PROGRESS_FILE_ENV: str(self._status_path(rank))},
+        )
+
+    def revive_workers(self, world_size: int, threads: int) -> None:
+        """Report a worker that exited with an error at once, and start it again (resuming
+        from its results in the store) unless its rank has used up its restarts."""
+        for rank, child in enumerate(self.workers):
+            code = child.proc.poll()
+            if code in (None, 0) or child.name in self.reported:
+                continue
+            self.reported.add(child.name)
+            used = self.worker_restarts.get(rank, 0)
+            last = _tail(child.log_path, 3)
+            if used >= MAX_WORKER_RESTARTS:
+                log.error(
+                    "%s exited with code %s; rank %d has had %d restarts, not starting it "
+                    "again; log %s:\n%s",
+                    child.name, code, rank, used, child.log_path, last,
+                )  # fmt: skip
+                continue
+            self.worker_restarts[rank] = used + 1
+            log.warning(
+                "%s exited with code %s%s; starting it again, resuming (restart %d of at most "
+                "%d); log %s:\n%s",
+                child.name, code, " (killed: out of memory?)" if code == -signal.SIGKILL else "",
+                used + 1, MAX_WORKER_RESTARTS, child.log_path, last,
+            )  # fmt: skip
+            self.workers[rank] = self._start_worker(rank, world_size, threads, used + 1)
+
+    def _show(self, bar: WorkProgress, store: Any) -> None:
+        statuses = {}
+        for rank, child in enumerate(self.workers):
+            status = read_worker_status(self._status_path(rank))
+            # a restarted worker's file is its predecessor's until it writes its own
+            statuses[f"eval-{rank}"] = (
+                status if status and status.get("pid") == child.proc.pid else None
+            )
+        detail, eta = workers_line(statuses)
         spec_hash = self.run.stage_hash("eval")
-        # a bar on a terminal; in a log file, a line every 30 s instead of carriage returns
-        bar = WorkProgress("eval", total, enabled=progress, every=30.0)
-        try:
-            while any(w.proc.poll() is None for w in workers):
-                self.revive_servers()
-                bar.set_done(_documents_published(self.run, store, spec_hash))
-                time.sleep(PROGRESS_POLL_S)
-            bar.set_done(_documents_published(self.run, store, spec_hash))
-        finally:
-            bar.close()
+        bar.set_done(_documents_published(self.run, store, spec_hash), detail, eta)
 
     def stop(self) -> None:
         """SIGTERM every child (servers drain), then SIGKILL what is left after a grace period."""

@@ -7,11 +7,18 @@ from components import CPU_IMAGE, exec_python
 
 @exec_python
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report(spec: str, summary: dsl.Output[dsl.Artifact], table: dsl.Output[dsl.Markdown]) -> None:
-    """Write report/ to the store; the summary and the Markdown table also as KFP artifacts."""
+def report(
+    spec: str,
+    summary: dsl.Output[dsl.Artifact],
+    table: dsl.Output[dsl.Markdown],
+    metrics: dsl.Output[dsl.Metrics],
+    page: dsl.Output[dsl.HTML],
+) -> None:
+    """Write report/ to the store; the summary, the table, the headline figures (run
+    comparison) and report.html (the UI's viewer) also as KFP artifacts."""
     import json
 
-    from ttt.report import build_report
+    from ttt.report import build_report, headline_figures
     from ttt.spec import resolve_spec
     from ttt.store import open_store
 
@@ -21,3 +28,7 @@ def report(spec: str, summary: dsl.Output[dsl.Artifact], table: dsl.Output[dsl.M
         json.dump(result, f)
     with open(table.path, "w") as f:
         f.write(result.get("table_markdown", ""))
+    for name, value in headline_figures(result).items():
+        metrics.log_metric(name, value)
+    with open(f"{result['local_dir']}/report.html", "rb") as src, open(page.path, "wb") as out:
+        out.write(src.read())

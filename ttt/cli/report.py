@@ -13,7 +13,15 @@ def _report(args: argparse.Namespace) -> int:
 
     run = load_spec(args.spec)
     store = open_store(run.spec.storage)
-    summary = build_report(run, store, out_dir=args.out, allow_incomplete=args.allow_incomplete)
+    others = [load_spec(path) for path in args.compare]
+    stores = [store] + [open_store(o.spec.storage) for o in others]
+    summary = build_report(
+        run,
+        store,
+        out_dir=args.out,
+        allow_incomplete=args.allow_incomplete,
+        compare=list(zip(others, stores[1:], strict=True)),
+    )
     print(summary["table_markdown"], end="")
     cost = summary["cost"]
     if cost.get("paper_seconds_per_neighbor") is not None:
@@ -35,8 +43,6 @@ def _report(args: argparse.Namespace) -> int:
     if args.compare:
         from ttt.report.compare import compare_runs
 
-        others = [load_spec(path) for path in args.compare]
-        stores = [store] + [open_store(o.spec.storage) for o in others]
         out = f"{args.out}/compare" if args.out else None
         comparison = compare_runs([run, *others], stores, out_dir=out)
         print(f"\ncomparison over {comparison['documents']} shared test documents:")

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ttt import telemetry
+from ttt.corpus.reader import progress_disabled
 from ttt.embed.encoder import EmbedError, Encoder
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ def embed_shard(
     storage = run.spec.embedding.storage
     label = str(shard)
     totals = {"tokens": 0, "seconds": 0.0, "resumed_parts": 0}
-    bar = tqdm(total=n, desc=f"embed shard {shard}", unit="doc", disable=not progress)
+    # on a terminal only: in a log file a carriage-return bar is one line of several KB per
+    # shard; the per-part log lines below say the same there
+    bar = tqdm(
+        total=n, desc=f"embed shard {shard}", unit="doc", disable=progress_disabled(progress)
+    )
     with tempfile.TemporaryDirectory(prefix="ttt-embed-") as tmp:
         infos = []
         for p in range(n_parts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ttt.eval.records import (
 )
 from ttt.eval.retrieve import needs_neighbors
 from ttt.eval.sample import partition, select_test_documents, split_for
-from ttt.progress import WorkProgress
+from ttt.progress import PROGRESS_FILE_ENV, WorkProgress
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,13 @@ def evaluate_rank(
         # the fast engine wherever it equals the sequential loop (ttt.engine.select)
         engine = build_engine(model, tokenizer, run.spec.ttt, rank=str(rank))
         bar = WorkProgress(
-            f"eval rank {rank}", len(mine), len(done), enabled=progress, every=progress_seconds
+            f"eval rank {rank}",
+            len(mine),
+            len(done),
+            enabled=progress,
+            every=progress_seconds,
+            # the local runner reads each worker's counts from here for its own line
+            status_path=os.environ.get(PROGRESS_FILE_ENV) or None,
         )
         engine.on_neighbor = bar.neighbor
         if carried is not None:

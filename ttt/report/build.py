@@ -7,10 +7,13 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ttt.eval.records import RESULTS, ResultsError, merge_records, parse_results
+from ttt.report.page import write_page
+from ttt.report.page_data import all_ids, task_documents, titles_for
 from ttt.report.plots import plot_before_after, plot_bpb_vs_neighbors
 from ttt.report.summary import finite, summarize
 from ttt.report.table import format_table
@@ -18,7 +21,13 @@ from ttt.store import StoreError
 
 log = logging.getLogger(__name__)
 
-REPORT_FILES = ("summary.json", "table.md", "bpb_vs_neighbors.png", "before_after.png")
+REPORT_FILES = (
+    "summary.json",
+    "table.md",
+    "bpb_vs_neighbors.png",
+    "before_after.png",
+    "report.html",
+)
 
 
 def read_results(
@@ -111,12 +120,19 @@ def _verified_results(store: Any, prefix: str, manifest: dict[str, Any]) -> list
 
 
 def build_report(
-    run: Any, store: Any, *, out_dir: str | Path | None = None, allow_incomplete: bool = False
+    run: Any,
+    store: Any,
+    *,
+    out_dir: str | Path | None = None,
+    allow_incomplete: bool = False,
+    compare: Sequence[tuple[Any, Any]] = (),
 ) -> dict[str, Any]:
-    """Merge the ranks, write summary.json, table.md and the two plots to `report/`.
+    """Merge the ranks, write summary.json, table.md, the two plots and report.html to `report/`.
 
     Refuses (ResultsError naming the rank) unless every rank finished and its results match
-    its manifest; `allow_incomplete` reports what is there, marked "complete": false.
+    its manifest; `allow_incomplete` reports what is there, marked "complete": false. With
+    `compare` ((run, store) of other runs, e.g. SIFT), the page shows their picks of each
+    test document beside this run's.
     """
     records, facts = read_results(run, store, allow_incomplete=allow_incomplete)
     if not records:
@@ -135,6 +151,14 @@ def build_report(
     (out / "table.md").write_text(format_table(summary))
     plot_bpb_vs_neighbors(summary, out / "bpb_vs_neighbors.png")
     plot_before_after(summary, out / "before_after.png")
+    others = [(o.name, read_results(o, s, allow_incomplete=True)[0]) for o, s in compare]
+    titles = titles_for(run, store, all_ids([*records, *(r for _, rs in others for r in rs)]))
+    write_page(
+        out / "report.html",
+        summary,
+        task_documents(records, titles, others),
+        [name for name, _ in others],
+    )
     store.publish(
         f"{run.prefix}/report",
         {name: out / name for name in REPORT_FILES},
