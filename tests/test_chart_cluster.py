@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from helm_chart import CHART, RELEASE, by_kind, objects, render
+from netpol import selects
 
 from tests.test_chart import VARIANTS, _load
 
@@ -64,23 +65,6 @@ KPS_SELECTORS = {
     "PodMonitor": {"matchLabels": {"release": KPS_RELEASE}},
     "PrometheusRule": {"matchLabels": {"release": KPS_RELEASE}},
 }
-
-
-def selects(selector: dict, labels: dict) -> bool:
-    """A Kubernetes label selector (matchLabels, matchExpressions) applied to `labels`."""
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expr in selector.get("matchExpressions", []):
-        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        ok = {
-            "In": key in labels and labels[key] in values,
-            "NotIn": labels.get(key) not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-        }[op]
-        if not ok:
-            return False
-    return True
 
 
 MONITORS_ON = {
