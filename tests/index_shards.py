@@ -187,3 +187,19 @@ def shard_processes(spec: Path, ports: list[int], token: str = TOKEN) -> Iterato
     finally:
         for proc in procs:
             stop(proc)
+
+
+class SimpleTexts:
+    """A text store of the given rows."""
+
+    def __init__(self, rows: list[str]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def meta(self, row: int) -> tuple[str, str, int]:
+        return f"doc:{row}", "Github", len(self.rows[row])
+
+    def text(self, row: int) -> str:
+        return self.rows[row]

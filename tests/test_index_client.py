@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from index_shards import (
     TOKEN,
+    SimpleTexts,
     app_server,
     flat_index,
     free_port,
@@ -595,19 +596,3 @@ def test_texts_larger_than_a_shard_answer_are_fetched_in_pages():
         finally:
             client.close()
     assert got == rows
-
-
-class SimpleTexts:
-    """A text store of the given rows."""
-
-    def __init__(self, rows: list[str]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def meta(self, row: int) -> tuple[str, str, int]:
-        return f"doc:{row}", "Github", len(self.rows[row])
-
-    def text(self, row: int) -> str:
-        return self.rows[row]

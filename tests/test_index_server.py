@@ -19,6 +19,7 @@ import pytest
 from index_shards import (
     AUTH,
     TOKEN,
+    SimpleTexts,
     app_server,
     flat_index,
     free_port,
@@ -441,25 +442,10 @@ def test_a_connection_that_sends_no_headers_is_closed(monkeypatch):
         sock.close()
 
 
-class _LongTexts:
-    """Row 1 is 25,000 characters (many of them multi-byte): longer than a whole answer."""
-
-    def __init__(self) -> None:
-        self.rows = ["short " * 10, 'é€x\n"' * 5000, "tail"]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def meta(self, row: int) -> tuple[str, str, int]:
-        return f"doc:{row}", "Github", len(self.rows[row])
-
-    def text(self, row: int) -> str:
-        return self.rows[row]
-
-
 def test_documents_are_paged_and_a_long_text_comes_in_pieces():
     limits = Limits(max_response=10_000)
-    texts = _LongTexts()
+    # row 1 is 25,000 characters (many of them multi-byte): longer than a whole answer
+    texts = SimpleTexts(["short " * 10, 'é€x\n"' * 5000, "tail"])
     app = create_app(lambda: (_flat(3, 8), texts), 0, token=TOKEN, limits=limits)
     with app_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
         first = http.post("/v1/documents", json={"rows": [0, 1, 2]}).json()
