@@ -175,9 +175,9 @@ def evaluate_rank(
             "skipped_documents": skipped_here,
             "spec_hash": spec_hash,
             "neighbors_excluded": progress_figures.excluded,
-            "partial_retrievals": sum(bool(r.get("partial")) for r in records),
+            "partial_retrievals": sum(bool(r.get("partial")) for r in results.records),
         }
     )
     progress_figures.push_final(run)
-    log.info("eval rank %d: published %d records to %s", rank, len(records), results.key)
+    log.info("eval rank %d: published %d records to %s", rank, len(results.records), results.key)
     return manifest
