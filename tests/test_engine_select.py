@@ -6,23 +6,51 @@ import pytest
 import torch
 
 from ttt.engine.precision import resolve_precision, weight_dtype
-from ttt.engine.select import EngineError, SequentialEngine, build_engine, choose_engine
+from ttt.engine.select import (
+    FASTEST,
+    EngineError,
+    SequentialEngine,
+    build_engine,
+    choose_engine,
+    explain_engine,
+)
 from ttt.spec import TTTSpec, parse_spec
 
 
-def test_auto_takes_the_ensemble_only_where_it_equals_the_sequential_loop():
-    assert choose_engine(TTTSpec()) == "ensemble"  # the paper's ttt-nn with a fresh Adam
-    assert choose_engine(TTTSpec(dtype="bfloat16")) == "ensemble"
-    for unequal in (
-        {"method": "dynamic-eval"},
-        {"method": "in-context"},
-        {"reset_optimizer": False},  # the reference code's carried optimizer state
-        {"dtype": "float16"},
-    ):
-        assert choose_engine(TTTSpec(**unequal)) == "sequential", unequal
+def test_auto_takes_the_ensemble_only_where_it_is_equal_and_the_devices_fastest():
+    gpu = "cuda"
+    assert choose_engine(TTTSpec(), gpu) == "ensemble"  # the paper's ttt-nn with a fresh Adam
+    assert choose_engine(TTTSpec(dtype="bfloat16"), gpu) == "ensemble"
+    # the paper examples' carried optimizer: members are tasks, equal per document
+    assert choose_engine(TTTSpec(reset_optimizer=False), gpu) == "ensemble"
+    for unequal in ({"method": "dynamic-eval"}, {"method": "in-context"}, {"dtype": "float16"}):
+        assert choose_engine(TTTSpec(**unequal), gpu) == "sequential", unequal
         with pytest.raises(EngineError, match="not equal to the sequential loop"):
-            choose_engine(TTTSpec(engine="ensemble", **unequal))
-    assert choose_engine(TTTSpec(engine="sequential")) == "sequential"
+            choose_engine(TTTSpec(engine="ensemble", **unequal), gpu)
+    assert choose_engine(TTTSpec(engine="sequential"), gpu) == "sequential"
+
+
+def test_on_a_cpu_auto_takes_the_faster_sequential_loop_and_says_why():
+    cpu = explain_engine(TTTSpec(), "cpu")
+    assert (cpu.engine, cpu.device) == ("sequential", "cpu")
+    assert "1,522 ms per neighbor" in cpu.reason  # the measurement behind the rule
+    assert FASTEST["cpu"][0] == "sequential" and FASTEST["cuda"][0] == "ensemble"
+    # asked for by name it still runs where it is equal, on any device
+    assert choose_engine(TTTSpec(engine="ensemble"), "cpu") == "ensemble"
+    other = explain_engine(TTTSpec(), "meta")  # a device type nobody measured: the loop
+    assert other.engine == "sequential" and "not measured" in other.reason
+    assert "resetOptimizer" not in explain_engine(TTTSpec(method="in-context"), "cuda").reason
+    assert "method in-context" in explain_engine(TTTSpec(method="in-context"), "cuda").reason
+    # the spec's device decides when none is given; a bad one is named
+    assert explain_engine(TTTSpec(device="cpu")).device == "cpu"
+    with pytest.raises(EngineError, match="spec.ttt.device 'gpu0'"):
+        explain_engine(TTTSpec(device="gpu0"))
+
+
+def test_build_engine_follows_the_models_device(tiny_gpt2, gpt2_tokenizer):
+    assert isinstance(build_engine(tiny_gpt2(), gpt2_tokenizer, TTTSpec()), SequentialEngine)
+    forced = build_engine(tiny_gpt2(), gpt2_tokenizer, TTTSpec(engine="ensemble"))
+    assert type(forced).__name__ == "EnsembleTTT"
 
 
 def test_the_engine_switch_is_a_spec_field_and_ensemble_size_stays_out_of_the_hash():

@@ -196,14 +196,18 @@ CARRIED = {"optimizer": "adamw", "weightDecay": 0.01, "resetOptimizer": False}
 
 
 def worker_main(argv: list[str]) -> int:
-    """`worker TMP MODEL WORK [KILL_AFTER] [carried]`: evaluate rank 0 of the tiny run in TMP
-    (`carried`: with the paper's optimizer, carried across a task's documents)."""
+    """`worker TMP MODEL WORK [KILL_AFTER] [carried] [ensemble]`: evaluate rank 0 of the tiny
+    run in TMP (`carried`: with the paper's optimizer, carried across a task's documents;
+    `ensemble`: the ensemble engine of two members)."""
     tmp, model, work = Path(argv[0]), argv[1], Path(argv[2])
-    rest = [a for a in argv[3:] if a != "carried"]
+    rest = [a for a in argv[3:] if a not in ("carried", "ensemble")]
     kill_after = int(rest[0]) if rest else None
     from ttt.store import open_store
 
-    run = worker_run(tmp, model, **(CARRIED if "carried" in argv[3:] else {}))
+    ttt = {**(CARRIED if "carried" in argv[3:] else {})}
+    if "ensemble" in argv[3:]:  # the fast engine on a CPU too, two members
+        ttt |= {"engine": "ensemble", "ensembleSize": 2}
+    run = worker_run(tmp, model, **ttt)
     retriever = local_retriever(run, work / "shards")
     if kill_after is not None:
         retriever = KillAfter(retriever, kill_after)
@@ -944,7 +948,9 @@ def test_a_killed_rank_resumes_its_carried_optimizer_and_equals_an_uninterrupted
     for tmp in (crashed, clean):
         tmp.mkdir()
         tiny_corpus(tmp)
-    first = start(crashed, "pod-1", "3", "carried")  # killed at the 4th document's search
+    # killed at the 5th document's search: the engine reads one document ahead, so the
+    # 4th had not started training and 3 had finished
+    first = start(crashed, "pod-1", "4", "carried")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -976,6 +982,44 @@ def test_a_killed_rank_resumes_its_carried_optimizer_and_equals_an_uninterrupted
     for r in done:
         assert got[r["doc"]]["seconds"] == r["seconds"]
     assert CarriedState(store, prefix, run.stage_hash("eval")).saved()[0]["records"] == 8
+
+
+def test_the_carried_ensemble_killed_and_resumed_equals_the_loop(tmp_path, model_dir):
+    """resetOptimizer false on the ensemble: two members, each a task; records come in the
+    order documents finish, a kill leaves them interleaved, and the resumed rank still gives
+    every document the sequential loop's result (float32, 1e-4 relative)."""
+    from ttt.store import open_store
+
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    for tmp in (crashed, clean):
+        tmp.mkdir()
+        tiny_corpus(tmp)
+    first = _start_worker(crashed, model_dir, "pod-1", "5", "carried", "ensemble")
+    worker_main([str(clean), str(model_dir), str(clean / "pod"), "carried"])  # the loop
+    out = first.communicate(timeout=180)[0].decode()
+    assert first.returncode == -signal.SIGKILL, out
+    run = worker_run(crashed, model_dir, **CARRIED, engine="ensemble", ensembleSize=2)
+    store = open_store(run.spec.storage)
+    done = rank_results(store, f"{run.prefix}/eval/rank-00000")
+    assert len({r["task"] for r in done}) == 2  # both tasks had trained at once
+    second = _start_worker(crashed, model_dir, "pod-2", "carried", "ensemble")
+    out = second.communicate(timeout=180)[0].decode()
+    assert second.returncode == 0, out
+    clean_run = worker_run(clean, model_dir, **CARRIED)
+    got = {r["doc"]: r for r in _results(store, run)}
+    want = {r["doc"]: r for r in _results(open_store(clean_run.spec.storage), clean_run)}
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for doc, r in want.items():
+        assert got[doc]["loglik"] == pytest.approx(r["loglik"], rel=1e-4), doc
+        assert got[doc]["train_losses"] == pytest.approx(r["train_losses"], rel=1e-4), doc
+
+
+def _start_worker(tmp: Path, model_dir, work: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "worker", str(tmp), str(model_dir), str(tmp / work)]
+    return subprocess.Popen(
+        [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 if __name__ == "__main__":

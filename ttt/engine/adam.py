@@ -82,3 +82,53 @@ def clip_rows(grads: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     norms = torch.linalg.vector_norm(grads, dim=1, keepdim=True)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s epsilon and clamp
     return grads * coef
+
+
+def row_state_dict(
+    adam: StackedAdam, member: int, shapes: list[torch.Size], param_groups: list[dict]
+) -> dict:
+    """One member's optimizer as torch.optim.Adam(W).state_dict() gives it for one model
+    (per parameter: step, exp_avg, exp_avg_sq, on the CPU), so that a state saved by the
+    ensemble resumes in the sequential loop and the other way round."""
+    steps = adam.steps[member]
+    if steps == 0:
+        return {"state": {}, "param_groups": param_groups}
+    sizes = [s.numel() for s in shapes]
+    moments = zip(
+        adam.exp_avg[member].split(sizes), adam.exp_avg_sq[member].split(sizes), strict=True
+    )
+    state = {
+        i: {
+            "step": torch.tensor(float(steps)),
+            "exp_avg": m.view(shape).cpu().clone(),
+            "exp_avg_sq": v.view(shape).cpu().clone(),
+        }
+        for i, ((m, v), shape) in enumerate(zip(moments, shapes, strict=True))
+    }
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_row_state_dict(adam: StackedAdam, member: int, state_dict: dict, sizes: list[int]) -> None:
+    """Set one member's optimizer row from a torch Adam(W) state_dict (row_state_dict's, or
+    the sequential loop's); an empty state is a fresh optimizer."""
+    adam.reset(member)
+    state = state_dict.get("state", {})
+    if not state:
+        return
+    if sorted(state) != list(range(len(sizes))):
+        raise ValueError(
+            f"optimizer state has {len(state)} parameters, the model {len(sizes)} trainable ones"
+        )
+    steps = {float(s["step"]) for s in state.values()}
+    if len(steps) != 1:
+        raise ValueError(f"optimizer state: parameters at different steps {sorted(steps)}")
+    with torch.no_grad():
+        for name, target in (("exp_avg", adam.exp_avg), ("exp_avg_sq", adam.exp_avg_sq)):
+            flat = torch.cat([state[i][name].reshape(-1) for i in range(len(sizes))])
+            if flat.numel() != sum(sizes):
+                raise ValueError(f"optimizer state: {name} has {flat.numel()} values, "
+                                 f"the model {sum(sizes)} parameters")  # fmt: skip
+            target[member].copy_(flat.to(target.device, target.dtype))
+    step = int(steps.pop())
+    adam.steps[member] = step
+    adam._steps[member].fill_(step)

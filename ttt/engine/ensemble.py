@@ -12,12 +12,12 @@ scoring code; at the end the model is restored from its device-resident snapshot
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,30 +26,19 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS
-from ttt.engine.adam import StackedAdam, clip_rows
+from ttt.engine.adam import StackedAdam, clip_rows, load_row_state_dict, row_state_dict
+from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import choose_members, choose_path, has_dropout
 from ttt.engine.precision import Precision, resolve_precision
 from ttt.outcome import DocOutcome
-from ttt.train import TTTNN, chunk_tokens
+from ttt.train import TTTNN
 
 log = logging.getLogger(__name__)
-
-# (key, text, neighbors, distances or None): one test document as the stream gives it
-Item = tuple[Any, str, list[str], list[float] | None]
-
-
-@dataclass
-class _Plan:
-    """One document, tokenized: what to score and the steps to take, neighbor by neighbor."""
-
-    key: Any
-    scored: str
-    steps: list[list[list[int]]]  # per neighbor: its chunks, steps_per_neighbor times over
 
 
 @dataclass
 class _Member:
-    plan: _Plan
+    plan: Plan
     outcome: DocOutcome
     last: int
     n: int = 0  # neighbors finished
@@ -78,8 +67,12 @@ class EnsembleTTT:
         members: int | None = None,
         path: str | None = None,
     ) -> None:
-        if ttt_spec.method != "ttt-nn" or not ttt_spec.reset_optimizer:
-            raise ValueError("the ensemble engine runs method ttt-nn with resetOptimizer true")
+        if ttt_spec.method != "ttt-nn":
+            raise ValueError("the ensemble engine runs method ttt-nn only")
+        # resetOptimizer false: a member is a task, its documents with one carried optimizer
+        self.carried = not ttt_spec.reset_optimizer
+        self._resume: dict | None = None  # load_optimizer_state's, for evaluate_tasks
+        self._yielded = 0  # the member whose document was handed out last
         self.spec = ttt_spec
         # the sequential loop: its texts, scoring, saved weights and exact restore, shared
         self.ref = TTTNN(
@@ -125,7 +118,22 @@ class EnsembleTTT:
         return self.ref.query_text(text)
 
     def new_task(self) -> None:
-        """Nothing to do: every document starts with a fresh optimizer (resetOptimizer true)."""
+        """Nothing to do: evaluate_tasks starts each task's optimizer afresh itself, and with
+        resetOptimizer true every document starts with a fresh one."""
+
+    def optimizer_state(self) -> bytes:
+        """The carried optimizer of the document handed out last, just after it, as the
+        sequential loop serializes its own (torch's Adam(W) state_dict): what the next
+        document of its task starts from (ttt.eval.carried saves it with the records)."""
+        buffer = io.BytesIO()
+        groups = self.ref.optimizer.state_dict()["param_groups"]
+        torch.save(row_state_dict(self.adam, self._yielded, self.shapes, groups), buffer)
+        return buffer.getvalue()
+
+    def load_optimizer_state(self, data: bytes) -> None:
+        """The state a resumed rank continues: evaluate_tasks(resume_first=True)'s first task
+        (or evaluate_stream's) starts from it."""
+        self._resume = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def evaluate(
         self, text: str, neighbors: list[str], *, distances: list[float] | None = None
@@ -134,76 +142,88 @@ class EnsembleTTT:
         ((_, outcome),) = list(self.evaluate_stream([(0, text, neighbors, distances)]))
         return outcome
 
-    # -- documents -> plans (runs on the prefetch thread while the device works) --
-
-    def _plan(self, item: Item) -> _Plan:
-        key, text, neighbors, distances = item
-        if distances is not None:  # TTTNN.evaluate's order: by distance, stable, then reversed
-            if len(distances) != len(neighbors):
-                raise ValueError(f"{len(neighbors)} neighbors but {len(distances)} distances")
-            order = sorted(range(len(neighbors)), key=lambda i: distances[i])
-            neighbors = [neighbors[i] for i in order]
-        if self.spec.order == "farthest-first":
-            neighbors = neighbors[::-1]
-        last = min(max(self.spec.eval_after, default=0), len(neighbors))
-        stride = self.spec.chunk_stride
-        steps = []
-        for neighbor in neighbors[:last]:
-            ids = self.tokenizer.encode(neighbor, add_special_tokens=False)
-            chunks = chunk_tokens(ids, self.ref.max_length, stride)
-            steps.append(chunks * self.spec.steps_per_neighbor)
-        return _Plan(key, self.ref.scored_text(text), steps)
+    def _plan(self, item: Item) -> Plan:
+        """A document's plan (runs on the prefetch thread while the device works)."""
+        return plan_document(item, self.tokenizer, self.spec, self.ref)
 
     # -- the stream --
 
     def evaluate_stream(self, items: Iterable[Item]) -> Iterator[tuple[Any, DocOutcome]]:
-        """(key, outcome) per document, in the order documents finish; E train at a time."""
+        """(key, outcome) per document, in the order documents finish; E train at a time.
+
+        With resetOptimizer false the stream is one task: its documents in order with one
+        carried optimizer (evaluate_tasks runs several tasks at once).
+        """
+        if self.carried:
+            return self.evaluate_tasks([(0, items)], resume_first=True)
+        return self._run(lambda pool: SharedFeed(items, self._plan, self.members, pool))
+
+    def evaluate_tasks(
+        self, tasks: Iterable[tuple[int, Iterable[Item]]], *, resume_first: bool = False
+    ) -> Iterator[tuple[Any, DocOutcome]]:
+        """resetOptimizer false: each member a task, its documents in order with its own
+        carried Adam(W), reset between tasks; `tasks` are (bytes, documents) pairs, largest
+        first to the member that frees first. With `resume_first` the first task continues
+        the state given to load_optimizer_state (else it starts afresh, as every other)."""
+        if not self.carried:
+            raise ValueError("evaluate_tasks carries the optimizer: resetOptimizer false only")
+        tasks = list(tasks)
+        return self._run(
+            lambda pool: TaskFeed(tasks, self._plan, self.members, pool, resume_first=resume_first)
+        )
+
+    def _run(self, make_feed: Any) -> Iterator[tuple[Any, DocOutcome]]:
         pool = ThreadPoolExecutor(1, thread_name_prefix="ttt-tokenize")
-        source = iter(items)
-        ahead: deque[Future[_Plan]] = deque()
-
-        def refill_ahead() -> None:
-            while len(ahead) < self.members:
-                item = next(source, None)
-                if item is None:
-                    return
-                ahead.append(pool.submit(self._plan, item))
-
         slots: list[_Member | None] = [None] * self.members
         try:
             with torch.random.fork_rng(devices=self.ref._rng_devices()):
-                refill_ahead()
+                feed = make_feed(pool)
                 while True:
-                    done = self._fill(slots, ahead)
-                    refill_ahead()
-                    yield from done
+                    done = self._fill(slots, feed)
+                    feed.refill()
+                    yield from self._hand_out(done)
+                    if done:  # fill the members that finished at once before a step
+                        continue
                     if not any(slots):
-                        if ahead:
-                            continue
                         return
-                    yield from self._step(slots)
+                    yield from self._hand_out(self._step(slots))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.ref.reset()
 
-    def _fill(
-        self, slots: list[_Member | None], ahead: deque[Future[_Plan]]
-    ) -> list[tuple[Any, DocOutcome]]:
-        """Start the next documents in free slots; returns those that finish without a step."""
+    def _hand_out(
+        self, done: list[tuple[int, Any, DocOutcome]]
+    ) -> Iterator[tuple[Any, DocOutcome]]:
+        for e, key, outcome in done:
+            # optimizer_state() between these yields is member e's, just after this document
+            self._yielded = e
+            yield key, outcome
+
+    def _fill(self, slots: list[_Member | None], feed: Any) -> list[tuple[int, Any, DocOutcome]]:
+        """Start a document in each free slot; returns those that finish without a step
+        (a slot that finishes one at once waits for the next call: its state is handed out
+        first)."""
         done = []
         for e in range(self.members):
-            while slots[e] is None and ahead:
-                member = self._start(e, ahead.popleft().result())
-                finished = self._advance(e, member)
-                if finished is None:
-                    slots[e] = member
-                else:
-                    done.append(finished)
+            if slots[e] is not None:
+                continue
+            got = feed.next(e)
+            if got is None:
+                continue
+            member = self._start(e, *got)
+            finished = self._advance(e, member)
+            if finished is None:
+                slots[e] = member
+            else:
+                done.append((e, *finished))
         return done
 
-    def _start(self, e: int, plan: _Plan) -> _Member:
+    def _start(self, e: int, plan: Plan, optimizer: str = RESET) -> _Member:
         self.weights[e].copy_(self.base)  # bit-identical start: the saved weights
-        self.adam.reset(e)
+        if optimizer == RESET:
+            self.adam.reset(e)
+        elif optimizer == RESUME:
+            load_row_state_dict(self.adam, e, self._resume or {}, self.sizes)
         checkpoints = self.spec.eval_after
         member = _Member(plan, DocOutcome(method="ttt-nn"), last=len(plan.steps))
         if self.on_start is not None and self.members == 1:
@@ -262,7 +282,7 @@ class EnsembleTTT:
         picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
         return -(picked * mask).sum() / mask.sum().clamp(min=1)
 
-    def _step(self, slots: list[_Member | None]) -> list[tuple[Any, DocOutcome]]:
+    def _step(self, slots: list[_Member | None]) -> list[tuple[int, Any, DocOutcome]]:
         start = time.perf_counter()
         chunks = [m.plan.steps[m.n][m.cursor] if m is not None else None for m in slots]
         active = [c is not None for c in chunks]
@@ -289,7 +309,7 @@ class EnsembleTTT:
             finished = self._advance(e, member)
             if finished is not None:
                 slots[e] = None
-                done.append(finished)
+                done.append((e, *finished))
         return done
 
     def _grads_vmap(self, chunks: list[list[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,27 +23,53 @@ def evaluate_documents(
     """Result records of `docs`, in the order the engine finishes them (several train at once).
 
     Documents are retrieved as the engine asks for them, so retrieval overlaps training. With
-    resetOptimizer false the sequential engine carries its optimizer state within a task:
-    documents arrive in task order and a new task starts a fresh optimizer (the sequential
-    engine has finished the previous document before it asks for the next).
+    resetOptimizer false the optimizer state carries within a task: the sequential engine
+    gets the documents in task order, a new task starting a fresh optimizer; the ensemble
+    gets one stream per task (with its bytes) and trains several tasks at once, each
+    member one task's documents in order, so records come in the order documents finish.
     `task` names the task whose carried optimizer state the engine holds already (a
     resumed rank), so its documents continue it rather than start afresh.
     """
-
-    def items() -> Iterator[tuple[DocumentFacts, str, list[str], list[float] | None]]:
-        nonlocal task
-        for doc in docs:
-            if doc.domain != task:
-                engine.new_task()
-                task = doc.domain
-            yield retrieve_document(run, engine, retriever, doc, rank)
-
     if progress is not None:  # the engine says when a document starts training
         engine.on_start = lambda facts: progress.start_document(facts.doc.id)
-    for facts, outcome in engine.evaluate_stream(items()):
+    if not run.spec.ttt.reset_optimizer and hasattr(engine, "evaluate_tasks"):
+        # the ensemble with a carried optimizer: each member a task, several tasks at once
+        groups: list[list[Document]] = []
+        for doc in docs:
+            if not groups or groups[-1][0].domain != doc.domain:
+                groups.append([])
+            groups[-1].append(doc)
+        tasks = [
+            (sum(d.nbytes for d in group), _retrieved(run, engine, retriever, group, rank))
+            for group in groups
+        ]
+        resume = bool(docs) and docs[0].domain == task
+        finished = engine.evaluate_tasks(tasks, resume_first=resume)
+    else:
+        finished = engine.evaluate_stream(_in_task_order(run, engine, retriever, docs, rank, task))
+    for facts, outcome in finished:
         if progress is not None:
             progress.finish_document()
         yield document_record(facts, outcome, spec_hash, rank)
+
+
+def _retrieved(
+    run: Any, engine: Any, retriever: Any, docs: Sequence[Document], rank: int
+) -> Iterator[tuple[DocumentFacts, str, list[str], list[float] | None]]:
+    """One task's documents, each retrieved as the engine reads it."""
+    for doc in docs:
+        yield retrieve_document(run, engine, retriever, doc, rank)
+
+
+def _in_task_order(
+    run: Any, engine: Any, retriever: Any, docs: Sequence[Document], rank: int, task: str | None
+) -> Iterator[tuple[DocumentFacts, str, list[str], list[float] | None]]:
+    """The documents retrieved in order, engine.new_task() called as each task begins."""
+    for doc in docs:
+        if doc.domain != task:
+            engine.new_task()
+            task = doc.domain
+        yield retrieve_document(run, engine, retriever, doc, rank)
 
 
 def document_record(

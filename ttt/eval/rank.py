@@ -39,10 +39,12 @@ def _default_retriever(run: Any, store: Any, local_index: bool) -> Any:
 
 
 def _default_lm(run: Any) -> tuple[Any, Any]:
+    from ttt.device import pick_device
     from ttt.engine.precision import load_for_engine
     from ttt.engine.select import choose_engine
 
-    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt))
+    device = pick_device(run.spec.ttt.device)
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt, device))
 
 
 def evaluate_rank(
