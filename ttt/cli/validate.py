@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ttt.spec import json_schema, load_spec
 
 
 def _validate(args: argparse.Namespace) -> int:
     run = load_spec(args.file)  # a SpecError lists every bad field: `ttt` prints it, exit 1
+    from ttt.engine.explain import explain_spec, spec_line
+
+    # which engine and path the spec trains on, and why (device auto: on a GPU and a CPU)
+    plans = explain_spec(run.spec.ttt)
+    line = spec_line(plans)
     if args.paper:
         from ttt.spec.parity import departures, departures_json, format_departures
 
         if args.json:
             found = departures_json(run, args.file)
-            print(json.dumps(found, indent=2, default=str))
+            engine = {"line": line, "devices": [p.as_json() for p in plans]}
+            print(json.dumps({**found, "engine": engine}, indent=2, default=str))
             return 1 if found["count"] else 0
         print(format_departures(run, args.file), end="")
+        print(f"# {line}")
         return 1 if departures(run) else 0
     if args.json:
+        # stdout stays a spec that `ttt run` reads back: the engine's line goes to stderr
         print(json.dumps(run.model_dump(mode="json", by_alias=True), indent=2))
+        print(line, file=sys.stderr)
     else:
+        print(f"# {line}")  # a YAML comment: the output stays a spec
         print(run.to_yaml(), end="")
     return 0
 

@@ -134,7 +134,7 @@ def evaluate_rank(
         if needs_neighbors(run) and retriever is None:
             retriever = _default_retriever(run, store, local_index)
         model, tokenizer = lm or _default_lm(run)
-        # the fast engine wherever it equals the sequential loop (ttt.engine.select)
+        # the fastest engine proven equal on this device (ttt.engine.rule)
         engine = build_engine(model, tokenizer, run.spec.ttt, rank=str(rank))
         bar = WorkProgress(
             f"eval rank {rank}",

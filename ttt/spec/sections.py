@@ -181,8 +181,9 @@ class TTTSpec(Section):
     eval_after: list[int] = Field(default_factory=lambda: [0, 50])
     engine: Literal["auto", "sequential", "ensemble"] = Field(
         "auto",
-        description="auto = the ensemble engine wherever it equals the sequential loop "
-        "(ttt-nn, resetOptimizer true), else the sequential loop",
+        description="auto = the fastest engine proven equal on the device: the ensemble "
+        "(method ttt-nn, not float16) on a GPU, the sequential loop on a CPU; `ttt validate` "
+        "names it",
     )
     ensemble_size: int | None = Field(
         None, ge=1, le=1024, description="documents trained at once; none = from free memory"

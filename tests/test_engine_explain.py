@@ -1,0 +1,59 @@
+"""`ttt validate` names the engine and path a spec trains on, and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ttt.cli import main
+from ttt.engine.explain import config_dropout, explain_plan, explain_spec, spec_line
+from ttt.spec import TTTSpec
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_plan_follows_the_rule_members_and_path():
+    cpu = explain_plan(TTTSpec(model="smollm2-135m"), "cpu")
+    assert (cpu.engine, cpu.path) == ("sequential", "sequential")
+    assert "1,522 ms per neighbor" in cpu.line()  # the measured reason
+    gpu = explain_plan(TTTSpec(model="smollm2-135m", ensemble_size=8), "cuda")
+    assert (gpu.engine, gpu.members, gpu.path) == ("ensemble", "E = 8 (ensembleSize)", "vmap")
+    paper = explain_plan(TTTSpec(model="gpt2-large", reset_optimizer=False), "cuda")
+    assert paper.path == "loop" and "dropout" in paper.path_reason  # GPT-2 trains with 0.1
+    assert "each member a task with its carried optimizer" in paper.line()
+    one = explain_plan(TTTSpec(model="smollm2-135m", engine="ensemble"), "cpu")
+    assert (one.members, one.path) == ("E = 1 (ensembleSize unset off a GPU)", "loop")
+    unknown = explain_plan(TTTSpec(model="/nowhere/model", ensemble_size=2), "cuda")
+    assert unknown.path == "vmap or loop" and config_dropout("/nowhere/model") is None
+    dyn = explain_plan(TTTSpec(method="dynamic-eval"), "cuda")
+    assert dyn.engine == "sequential" and "method dynamic-eval" in dyn.line()
+    # device auto: what a GPU and what a CPU would run, in one line
+    auto = explain_spec(TTTSpec(model="smollm2-135m"))
+    assert [p.device for p in auto] == ["cuda", "cpu"]
+    assert spec_line(auto).startswith("device auto: engine: ensemble on cuda")
+
+
+def test_validate_prints_the_engine_and_stays_a_spec(capsys, tmp_path):
+    assert main(["validate", str(EXAMPLES / "pile-gpt2.yaml")]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first.startswith("# engine: ensemble on cuda") and "path loop" in first
+    saved = tmp_path / "run.yaml"
+    saved.write_text(out)  # the output reads back as the same spec
+    assert main(["validate", str(saved)]) == 0
+    assert capsys.readouterr().out == out
+    assert yaml.safe_load(out)["spec"]["ttt"]["resetOptimizer"] is False
+    assert main(["validate", "--json", str(EXAMPLES / "demo.yaml")]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["spec"]["ttt"]["model"] == "smollm2-135m"
+    assert got.err.startswith("device auto: engine: ensemble on cuda")
+    assert "engine: sequential loop (ttt/train.py) on cpu" in got.err
+    main(["validate", "--paper", "--json", str(EXAMPLES / "pile-gpt2.yaml")])
+    engine = json.loads(capsys.readouterr().out)["engine"]
+    assert [(d["device"], d["engine"], d["path"]) for d in engine["devices"]] == [
+        ("cuda", "ensemble", "loop")
+    ]
+    main(["validate", "--paper", str(EXAMPLES / "pile-gpt2.yaml")])
+    assert "# engine: ensemble on cuda" in capsys.readouterr().out

@@ -1,0 +1,113 @@
+"""The rule that picks an engine: where the ensemble is proven equal, and where it is faster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ttt.errors import TTTError
+
+# torch's device types a spec may name (torch.device accepts these, with ":N")
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hip", "hpu", "mtia", "xla", "meta")
+
+ENGINES = ("auto", "sequential", "ensemble")
+
+
+class EngineError(TTTError, ValueError):
+    """An engine asked for where it would not give the sequential loop's results."""
+
+
+def ensemble_equal(ttt_spec: Any) -> str | None:
+    """None when the ensemble engine gives the sequential loop's results, else why not.
+
+    Equal when every document starts from the saved weights: method ttt-nn (the baselines
+    train on the document or not at all). With resetOptimizer true each document starts a
+    fresh optimizer; with it false a member is a task, its documents in order with one
+    carried Adam(W) (tasks are independent). float16 needs loss scaling, which the engine
+    does not do.
+    """
+    if ttt_spec.method != "ttt-nn":
+        return f"method {ttt_spec.method} (the ensemble runs ttt-nn only)"
+    if ttt_spec.dtype == "float16":
+        return "dtype float16 (the engine has no loss scaling)"
+    return None
+
+
+# The engine `auto` takes on each device type where the ensemble is equal, and the
+# measurement behind it. The ensemble stays where it is proven equal (ensemble_equal); it is
+# the default only where it is also the faster one. A device type not listed runs the loop.
+FASTEST: dict[str, tuple[str, str]] = {
+    "cpu": (
+        "sequential",
+        (
+            "on a CPU the sequential loop is faster: `ttt bench ttt --preset cpu` on an idle "
+            "machine (issue 21) gave ttt/train.py 1,522 ms per neighbor, the engine (one "
+            "member, loop path) 1,789"
+        ),
+    ),
+    "cuda": (
+        "ensemble",
+        (
+            "on a GPU the ensemble trains E documents per step under bf16 autocast, which "
+            "the loop cannot (not yet timed on a GPU: docs/performance.md)"
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine trains a run on a device type, and why (`ttt validate` prints it)."""
+
+    engine: str  # "sequential" or "ensemble"
+    device: str  # the device type the choice was made for: "cpu", "cuda", ...
+    reason: str
+
+
+def device_type(requested: Any) -> str:
+    """The device type of a torch device or a spec's device string ('cuda:1' -> 'cuda');
+    'auto' = cuda when torch sees a GPU (the only case that imports torch)."""
+    text = str(requested or "auto")
+    if text == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()):
+        raise EngineError(
+            f"spec.ttt.device {text!r} is not a torch device (types: {', '.join(DEVICE_TYPES)})"
+        )
+    return kind
+
+
+def explain_engine(ttt_spec: Any, device: Any = None) -> EngineChoice:
+    """The engine `spec.ttt` runs on `device` (default: the spec's own) and the reason.
+
+    sequential: always the loop. ensemble: the ensemble where it is equal, else an error.
+    auto: the ensemble where it is equal AND the device's measured fastest (FASTEST), else
+    the loop.
+    """
+    requested = getattr(ttt_spec, "engine", "auto")
+    if requested not in ENGINES:
+        raise EngineError(f"spec.ttt.engine {requested!r}: expected one of {', '.join(ENGINES)}")
+    kind = device_type(device if device is not None else getattr(ttt_spec, "device", "auto"))
+    if requested == "sequential":
+        return EngineChoice("sequential", kind, "spec.ttt.engine sequential")
+    why_not = ensemble_equal(ttt_spec)
+    if requested == "ensemble":
+        if why_not is not None:
+            raise EngineError(
+                f"spec.ttt.engine ensemble is not equal to the sequential loop: {why_not}"
+            )
+        return EngineChoice("ensemble", kind, "spec.ttt.engine ensemble")
+    if why_not is not None:
+        return EngineChoice("sequential", kind, f"the ensemble is not equal here: {why_not}")
+    engine, reason = FASTEST.get(
+        kind, ("sequential", f"the ensemble is not measured on device type {kind!r}")
+    )
+    return EngineChoice(engine, kind, reason)
+
+
+def choose_engine(ttt_spec: Any, device: Any = None) -> str:
+    """'sequential' or 'ensemble' for `spec.ttt` on `device`: see explain_engine."""
+    return explain_engine(ttt_spec, device).engine
