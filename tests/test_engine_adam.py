@@ -38,7 +38,10 @@ def test_one_stacked_adam_is_independent_optimizers_with_their_own_start_and_idl
 def test_clip_rows_scales_each_member_as_clip_grad_norm():
     torch.manual_seed(1)
     grads = torch.randn(4, 30) * torch.tensor([[0.01], [1.0], [5.0], [100.0]])
-    clipped = clip_rows(grads, 1.0)
+    clipped = clip_rows(grads.clone(), 1.0)
+    rows = [g.clone() for g in grads]
+    assert clip_rows(rows, 1.0) is rows  # a list of rows too, each scaled in place
+    torch.testing.assert_close(torch.stack(rows), clipped, rtol=0, atol=0)
     for e in range(4):
         p = torch.nn.Parameter(torch.zeros(30))
         p.grad = grads[e].clone()

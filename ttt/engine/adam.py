@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -44,7 +46,8 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self, grads: torch.Tensor, active: list[bool]) -> None:
-        """One Adam(W) step for every active row; `grads` is (E, P), idle rows are ignored.
+        """One Adam(W) step for every active row; `grads[e]` is member e's gradient row (an
+        (E, P) tensor or a list), idle rows are ignored.
 
         torch's fused Adam kernel (one pass over the weights, several rows per launch) over
         the active rows, each row its own "parameter" with its own step counter: exactly
@@ -75,13 +78,19 @@ class StackedAdam:
         )
 
 
-def clip_rows(grads: torch.Tensor, max_norm: float | None) -> torch.Tensor:
-    """Per-member gradient clipping: each row scaled as clip_grad_norm_ scales one model's."""
+def clip_rows(rows: Any, max_norm: float | None) -> Any:
+    """Per-member gradient clipping, in place: each row (of an (E, P) tensor, or a list of
+    rows) scaled as clip_grad_norm_ scales one model's gradient. One norm pass, one scale;
+    nothing read back to the host."""
     if max_norm is None:
-        return grads
-    norms = torch.linalg.vector_norm(grads, dim=1, keepdim=True)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s epsilon and clamp
-    return grads * coef
+        return rows
+    listed = list(rows)
+    if not listed:
+        return rows
+    norms = torch._foreach_norm(listed)
+    for row, norm in zip(listed, norms, strict=True):
+        row.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))  # clip_grad_norm_'s epsilon, clamp
+    return rows
 
 
 def row_state_dict(

@@ -11,7 +11,6 @@ scoring code; at the end the model is restored from its device-resident snapshot
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import time
@@ -27,6 +26,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS
 from ttt.engine.adam import StackedAdam, clip_rows, load_row_state_dict, row_state_dict
+from ttt.engine.attention import training_attention
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import choose_members, choose_path, has_dropout
 from ttt.engine.precision import Precision, resolve_precision
@@ -238,9 +238,8 @@ class EnsembleTTT:
         """Close finished neighbors (scoring those due); the outcome once the plan is done."""
         while member.n < member.last and member.cursor >= len(member.plan.steps[member.n]):
             # the sequential loop's training loss of a neighbor: the mean over its steps
-            steps = member.step_losses
-            nan = torch.tensor(float("nan"), device=self.device)
-            member.neighbor_losses.append(torch.stack(steps).mean() if steps else nan)
+            steps = member.step_losses  # a neighbor without a chunk: no loss (nan)
+            member.neighbor_losses.append(torch.stack(steps).mean() if steps else None)
             member.step_losses = []
             member.n += 1
             member.cursor = 0
@@ -251,7 +250,11 @@ class EnsembleTTT:
         if member.n < member.last:
             return None
         if member.neighbor_losses:  # one host sync per document, not per step
-            member.outcome.train_losses = torch.stack(member.neighbor_losses).tolist()
+            known = [loss for loss in member.neighbor_losses if loss is not None]
+            values = iter(torch.stack(known).tolist() if known else [])
+            member.outcome.train_losses = [
+                float("nan") if loss is None else next(values) for loss in member.neighbor_losses
+            ]
         self._count(member.outcome)
         return member.plan.key, member.outcome
 
@@ -275,9 +278,9 @@ class EnsembleTTT:
         views = (c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
         params = dict(zip(self.names, views, strict=True))
         with self.precision.context():
-            # no use_cache=False: transformers then takes the mask-building path (position
-            # ids -> packed-sequence check), which is far slower than SDPA's is_causal
-            out = functional_call(self.model, params, (), {"input_ids": ids[None]})
+            # no cache (training_attention builds no mask either): no host values per forward
+            kwargs = {"input_ids": ids[None], "use_cache": False}
+            out = functional_call(self.model, params, (), kwargs)
         logp = out.logits[0, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
         return -(picked * mask).sum() / mask.sum().clamp(min=1)
@@ -285,23 +288,14 @@ class EnsembleTTT:
     def _step(self, slots: list[_Member | None]) -> list[tuple[int, Any, DocOutcome]]:
         start = time.perf_counter()
         chunks = [m.plan.steps[m.n][m.cursor] if m is not None else None for m in slots]
-        active = [c is not None for c in chunks]
-        self.model.train()  # as the sequential loop: dropout on while training, if configured
-        try:
-            if self.path == "vmap":
-                grads, losses = self._grads_vmap(chunks)
-            else:
-                grads, losses = self._grads_loop(chunks, slots)
-        finally:
-            self.model.eval()
-        self.adam.step(clip_rows(grads, self.spec.grad_clip), active)
-        share = (time.perf_counter() - start) / sum(active)
+        losses = self.train_step(self.inputs(chunks), slots)
+        share = (time.perf_counter() - start) / sum(c is not None for c in chunks)
         done = []
         for e, member in enumerate(slots):
             if member is None:
                 continue
             chunk = chunks[e]
-            member.step_losses.append(losses[e].detach().float())
+            member.step_losses.append(losses[e])
             member.outcome.train_steps += 1
             member.outcome.train_tokens += len(chunk)
             member.outcome.seconds_training += share
@@ -312,47 +306,79 @@ class EnsembleTTT:
                 done.append((e, *finished))
         return done
 
-    def _grads_vmap(self, chunks: list[list[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(c) for c in chunks if c is not None)
-        ids = torch.zeros((self.members, width), dtype=torch.long)
-        mask = torch.zeros((self.members, width - 1))
-        for e, chunk in enumerate(chunks):
-            if chunk is not None:  # right padding: causal attention keeps real tokens exact
-                ids[e, : len(chunk)] = torch.tensor(chunk)
-                mask[e, : len(chunk) - 1] = 1
-        ids, mask = self._to_device(ids), self._to_device(mask)
+    def inputs(self, chunks: list[list[int] | None]) -> list[Any]:
+        """A step's token ids and target masks on the device, one (ids, mask) per member
+        (None where idle; on the vmap path one stacked pair for all), built from the host's
+        token lists before the step, as pinned copies that queue without a sync."""
+        if self.path == "vmap":
+            width = max(len(c) for c in chunks if c is not None)
+            ids = torch.zeros((self.members, width), dtype=torch.long)
+            mask = torch.zeros((self.members, width - 1))
+            for e, chunk in enumerate(chunks):
+                if chunk is not None:  # right padding: causal attention keeps real tokens exact
+                    ids[e, : len(chunk)] = torch.tensor(chunk)
+                    mask[e, : len(chunk) - 1] = 1
+            return [(self._to_device(ids), self._to_device(mask))]
+        return [
+            None
+            if chunk is None
+            else (
+                self._to_device(torch.tensor(chunk)),
+                torch.ones(len(chunk) - 1, device=self.device),
+            )
+            for chunk in chunks
+        ]
+
+    def train_step(self, inputs: list[Any], slots: list[_Member | None]) -> torch.Tensor:
+        """One step of every active member on `inputs`: gradients, each row clipped, Adam(W).
+        Nothing in it reads a value back to the host or builds a tensor from host values
+        (ttt.engine.profile counts it); returns the members' losses, on the device."""
+        active = [m is not None for m in slots]
+        self.model.train()  # as the sequential loop: dropout on while training, if configured
+        try:
+            if self.path == "vmap":
+                grads, losses = self._grads_vmap(*inputs[0])
+            else:
+                grads, losses = self._grads_loop(inputs, slots)
+        finally:
+            self.model.eval()
+        rows = [grads[e] for e, on in enumerate(active) if on]
+        clip_rows(rows, self.spec.grad_clip)  # in place: no new (E, P) tensor
+        self.adam.step(grads, active)
+        return losses
+
+    def _grads_vmap(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
         randomness = "different" if self.dropout else "error"
         step = vmap(grad_and_value(self._loss), randomness=randomness)
         if self.eager_attention is not None:
-            with self._vmap_attention():
+            with training_attention(self.model, eager=self.eager_attention):
                 return step(self.weights, ids, mask)
         # first step with the model's own attention: if PyTorch falls back to a per-member
         # loop for a kernel without a batching rule (it warns), later steps run eager attention
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            found = step(self.weights, ids, mask)
+            with training_attention(self.model, eager=False):
+                found = step(self.weights, ids, mask)
         slow = [w for w in caught if "batching rule" in str(w.message)]
         self.eager_attention = bool(slow)
         if slow:
             log.info("vmap path: %s; eager attention from now on", str(slow[0].message)[:120])
         return found
 
-    def _grads_loop(
-        self, chunks: list[list[int] | None], slots: list[_Member | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        grads = torch.zeros_like(self.weights)
-        losses = torch.zeros(self.members, device=self.weights.device)
-        for e, chunk in enumerate(chunks):
-            member = slots[e]
-            if chunk is None or member is None:
-                continue
-            ids = self._to_device(torch.tensor(chunk))
-            mask = torch.ones(len(chunk) - 1, device=self.device)
-            if member.rng:
-                self._set_rng(member.rng)
-            grads[e], losses[e] = grad_and_value(self._loss)(self.weights[e], ids, mask)
-            if member.rng:
-                member.rng = self._get_rng()
+    def _grads_loop(self, inputs: list[Any], slots: list[_Member | None]) -> tuple[Any, Any]:
+        """Member after member, each row's gradient as grad returns it (no stacked copy)."""
+        grads: list[torch.Tensor | None] = [None] * self.members
+        losses: list[torch.Tensor | None] = [None] * self.members
+        with training_attention(self.model, eager=False):
+            for e, given in enumerate(inputs):
+                member = slots[e]
+                if given is None or member is None:
+                    continue
+                if member.rng:
+                    self._set_rng(member.rng)
+                grads[e], losses[e] = grad_and_value(self._loss)(self.weights[e], *given)
+                if member.rng:
+                    member.rng = self._get_rng()
         return grads, losses
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -361,20 +387,6 @@ class EnsembleTTT:
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
-
-    @contextlib.contextmanager
-    def _vmap_attention(self) -> Iterator[None]:
-        """Eager attention inside vmap where the model's kernel has no batching rule."""
-        config = getattr(self.model, "config", None)
-        before = getattr(config, "_attn_implementation", None)
-        swap = bool(self.eager_attention) and before not in (None, "eager")
-        if swap:
-            config._attn_implementation = "eager"
-        try:
-            yield
-        finally:
-            if swap:
-                config._attn_implementation = before
 
     def _get_rng(self) -> list[torch.Tensor]:
         states = [torch.get_rng_state()]

@@ -1,0 +1,89 @@
+"""CPU proxies for what a GPU will show: operators, bytes allocated and host syncs of a step.
+
+A TorchDispatchMode sees every ATen operator a step dispatches, on any device, so a CPU run
+counts what a GPU run would launch: operators (kernel launches, roughly), bytes of new
+tensors, and host syncs: `aten::_local_scalar_dense` (`.item()`, `.tolist()`, `bool(t)`,
+Python numbers read from a tensor) and tensors built from host values (`torch.tensor(...)`,
+which on a GPU is a copy from the host, and a sync unless from pinned memory).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+_aten = torch.ops.aten
+# the host reads a device value: the host waits for the device
+SYNC_OPS = {_aten._local_scalar_dense.default}
+# a tensor from Python values (torch.tensor, torch.as_tensor of a list): a host-to-device copy
+HOST_VALUE_OPS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
+# returns a view or writes in place: no new memory
+_NO_ALLOC_TAGS = {"view", "inplace"}
+
+
+@dataclass
+class StepCounts:
+    """What one counted region dispatched."""
+
+    operators: int = 0
+    bytes_allocated: int = 0
+    syncs: int = 0
+    host_values: int = 0
+    by_operator: Counter = field(default_factory=Counter)
+    sync_sites: list[str] = field(default_factory=list)  # where each sync came from
+
+    @property
+    def host_syncs(self) -> int:
+        """Host syncs as the issue counts them: values read back plus tensors from host values."""
+        return self.syncs + self.host_values
+
+
+def _site() -> str:
+    """The innermost frame outside torch: where a sync was asked for."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if "/torch/" not in frame.filename:
+            return f"{frame.filename.rsplit('/', 2)[-2:][-1]}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+class CountingMode(TorchDispatchMode):
+    """Counts operators, bytes of new tensors and host syncs while active.
+
+    `sites=True` also records where each sync came from (slow: a stack walk per sync).
+    """
+
+    def __init__(self, sites: bool = False) -> None:
+        super().__init__()
+        self.counts = StepCounts()
+        self.sites = sites
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        c = self.counts
+        c.operators += 1
+        c.by_operator[func.overloadpacket.__name__] += 1
+        if func in SYNC_OPS or func in HOST_VALUE_OPS:
+            if func in SYNC_OPS:
+                c.syncs += 1
+            else:
+                c.host_values += 1
+            if self.sites:
+                c.sync_sites.append(f"{func.overloadpacket.__name__} at {_site()}")
+        elif not _allocates_nothing(func):
+            c.bytes_allocated += sum(
+                t.numel() * t.element_size()
+                for t in tree_flatten(out)[0]
+                if isinstance(t, torch.Tensor)
+            )
+        return out
+
+
+def _allocates_nothing(func: Any) -> bool:
+    schema = func._schema  # writes in place, or returns a view of an input
+    return schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
