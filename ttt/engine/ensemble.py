@@ -1,12 +1,10 @@
 """Several test documents at once: an ensemble of independent models over stacked weights.
 
-Each member is one test document's copy of the model: its weights are one row of an
-(E, P) float32 matrix, its optimizer one row of StackedAdam, its gradient clipped on its
-own. A step trains every active member on its next chunk, either all at once with
-vmap(grad(functional_call)) (the "vmap" path) or member after member (the "loop" path,
-for attention kernels without a vmap rule and for dropout masks equal to the sequential
-loop's). Scoring copies a member's row into the model and calls the sequential loop's own
-scoring code; at the end the model is restored from its device-resident snapshot.
+Each member is one test document's (or, with a carried optimizer, one task's) copy of the
+model: one row of an (E, P) float32 matrix and of StackedAdam. A step trains every active
+member on its next chunk, all at once with vmap(grad(functional_call)) ("vmap") or member
+after member ("loop": dropout masks equal to the sequential loop's). Scoring copies a row
+into the model and calls the sequential loop's scoring; the model is restored at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +26,13 @@ from ttt.bpb import DEFAULT_BATCH_TOKENS
 from ttt.engine.adam import StackedAdam, clip_rows, load_row_state_dict, row_state_dict
 from ttt.engine.attention import training_attention
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
-from ttt.engine.members import choose_members, choose_path, has_dropout
+from ttt.engine.members import (
+    choose_members,
+    choose_path,
+    has_dropout,
+    rng_state,
+    set_rng_state,
+)
 from ttt.engine.precision import Precision, resolve_precision
 from ttt.outcome import DocOutcome
 from ttt.train import TTTNN
@@ -118,8 +122,7 @@ class EnsembleTTT:
         return self.ref.query_text(text)
 
     def new_task(self) -> None:
-        """Nothing to do: evaluate_tasks starts each task's optimizer afresh itself, and with
-        resetOptimizer true every document starts with a fresh one."""
+        """Nothing to do: evaluate_tasks resets an optimizer as its member takes a task."""
 
     def optimizer_state(self) -> bytes:
         """The carried optimizer of the document handed out last, just after it, as the
@@ -131,8 +134,7 @@ class EnsembleTTT:
         return buffer.getvalue()
 
     def load_optimizer_state(self, data: bytes) -> None:
-        """The state a resumed rank continues: evaluate_tasks(resume_first=True)'s first task
-        (or evaluate_stream's) starts from it."""
+        """What evaluate_tasks(resume_first=True)'s first task continues (a resumed rank)."""
         self._resume = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def evaluate(
@@ -230,7 +232,7 @@ class EnsembleTTT:
             self.on_start(plan.key)
         if self.dropout:
             torch.manual_seed(self.seed)  # the sequential loop seeds every document alike
-            member.rng = self._get_rng()
+            member.rng = rng_state(self.device)
         self._score(e, member, 0, checkpoints)
         return member
 
@@ -273,13 +275,18 @@ class EnsembleTTT:
 
     # -- one step of every active member --
 
-    def _loss(self, flat: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of one member on one chunk; `mask` marks the real targets."""
+    def _loss(
+        self, flat: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, causal: Any = None
+    ) -> torch.Tensor:
+        """Mean next-token loss of one member on one chunk; `mask` marks the real targets,
+        `causal` is eager attention's additive causal mask (else none is built)."""
         views = (c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
         params = dict(zip(self.names, views, strict=True))
         with self.precision.context():
             # no cache (training_attention builds no mask either): no host values per forward
             kwargs = {"input_ids": ids[None], "use_cache": False}
+            if causal is not None:  # 4-D: transformers takes it as it is
+                kwargs["attention_mask"] = causal
             out = functional_call(self.model, params, (), kwargs)
         logp = out.logits[0, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
@@ -318,7 +325,11 @@ class EnsembleTTT:
                 if chunk is not None:  # right padding: causal attention keeps real tokens exact
                     ids[e, : len(chunk)] = torch.tensor(chunk)
                     mask[e, : len(chunk) - 1] = 1
-            return [(self._to_device(ids), self._to_device(mask))]
+            causal = None
+            if self.eager_attention:  # built here, not from a host value inside the forward
+                low = torch.finfo(torch.float32).min
+                causal = torch.full((width, width), low, device=self.device).triu(1)[None, None]
+            return [(self._to_device(ids), self._to_device(mask), causal)]
         return [
             None
             if chunk is None
@@ -347,18 +358,18 @@ class EnsembleTTT:
         self.adam.step(grads, active)
         return losses
 
-    def _grads_vmap(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    def _grads_vmap(self, ids: Any, mask: Any, causal: Any) -> tuple[Any, torch.Tensor]:
         randomness = "different" if self.dropout else "error"
-        step = vmap(grad_and_value(self._loss), randomness=randomness)
+        step = vmap(grad_and_value(self._loss), (0, 0, 0, None), randomness=randomness)
         if self.eager_attention is not None:
             with training_attention(self.model, eager=self.eager_attention):
-                return step(self.weights, ids, mask)
+                return step(self.weights, ids, mask, causal)
         # first step with the model's own attention: if PyTorch falls back to a per-member
         # loop for a kernel without a batching rule (it warns), later steps run eager attention
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with training_attention(self.model, eager=False):
-                found = step(self.weights, ids, mask)
+                found = step(self.weights, ids, mask, None)
         slow = [w for w in caught if "batching rule" in str(w.message)]
         self.eager_attention = bool(slow)
         if slow:
@@ -375,10 +386,10 @@ class EnsembleTTT:
                 if given is None or member is None:
                     continue
                 if member.rng:
-                    self._set_rng(member.rng)
+                    set_rng_state(member.rng, self.device)
                 grads[e], losses[e] = grad_and_value(self._loss)(self.weights[e], *given)
                 if member.rng:
-                    member.rng = self._get_rng()
+                    member.rng = rng_state(self.device)
         return grads, losses
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -387,14 +398,3 @@ class EnsembleTTT:
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
-
-    def _get_rng(self) -> list[torch.Tensor]:
-        states = [torch.get_rng_state()]
-        if self.device.type == "cuda":
-            states.append(torch.cuda.get_rng_state(self.device))
-        return states
-
-    def _set_rng(self, states: list[torch.Tensor]) -> None:
-        torch.set_rng_state(states[0])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(states[1], self.device)

@@ -49,3 +49,17 @@ def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) 
     activations = int(ttt_spec.max_length) * (layers * hidden * 40 + vocab * 12)
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, min(64, int(0.7 * free // (24 * params + activations))))
+
+
+def rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The RNG states a loop-path member swaps in and out (dropout masks as the loop's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)

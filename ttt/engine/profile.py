@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,12 @@ _aten = torch.ops.aten
 SYNC_OPS = {_aten._local_scalar_dense.default}
 # a tensor from Python values (torch.tensor, torch.as_tensor of a list): a host-to-device copy
 HOST_VALUE_OPS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
-# returns a view or writes in place: no new memory
-_NO_ALLOC_TAGS = {"view", "inplace"}
+# operators whose weight operands are the model's own reads (forward and backward matmuls,
+# the embedding lookup): inherent to any training step, not counted as parameter traffic
+_WEIGHT_READERS = {
+    "mm", "bmm", "addmm", "matmul", "linear", "embedding", "baddbmm", "addmv", "mv", "t",
+    "_scaled_dot_product_flash_attention_for_cpu", "convolution",
+}  # fmt: skip
 
 
 @dataclass
@@ -33,6 +38,7 @@ class StepCounts:
 
     operators: int = 0
     bytes_allocated: int = 0
+    param_traffic: int = 0  # bytes of parameter-shaped tensors read or written
     syncs: int = 0
     host_values: int = 0
     by_operator: Counter = field(default_factory=Counter)
@@ -53,15 +59,24 @@ def _site() -> str:
 
 
 class CountingMode(TorchDispatchMode):
-    """Counts operators, bytes of new tensors and host syncs while active.
+    """Counts operators, bytes of new tensors, parameter traffic and host syncs while active.
 
+    Parameter traffic: bytes of every tensor shaped as a parameter (with or without a
+    leading members dimension) or as a member's flat weight row, read or written by an
+    operator, except the weight reads of matmuls and embedding lookups (any step makes
+    those). It is what optimizer, clipping, gradient copies and casts cost per parameter.
     `sites=True` also records where each sync came from (slow: a stack walk per sync).
     """
 
-    def __init__(self, sites: bool = False) -> None:
+    def __init__(
+        self, sites: bool = False, shapes: Iterable[tuple[int, ...]] = (), members: int = 1
+    ) -> None:
         super().__init__()
         self.counts = StepCounts()
         self.sites = sites
+        self.shapes: set[tuple[int, ...]] = set()
+        for shape in shapes:
+            self.shapes |= {tuple(shape), (members, *shape)}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -75,15 +90,48 @@ class CountingMode(TorchDispatchMode):
                 c.host_values += 1
             if self.sites:
                 c.sync_sites.append(f"{func.overloadpacket.__name__} at {_site()}")
-        elif not _allocates_nothing(func):
-            c.bytes_allocated += sum(
-                t.numel() * t.element_size()
-                for t in tree_flatten(out)[0]
-                if isinstance(t, torch.Tensor)
-            )
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not _allocates_nothing(func):
+            c.bytes_allocated += sum(_nbytes(t) for t in outs)
+        if self.shapes:
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if func.overloadpacket.__name__ in _WEIGHT_READERS:
+                ins = []
+            if not _is_view(func):  # a view moves no bytes
+                seen = ins + [t for t in outs if not any(t is i for i in ins)]
+                c.param_traffic += sum(_nbytes(t) for t in seen if tuple(t.shape) in self.shapes)
         return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _is_view(func: Any) -> bool:
+    schema = func._schema
+    return not schema.is_mutable and any(r.alias_info is not None for r in schema.returns)
 
 
 def _allocates_nothing(func: Any) -> bool:
     schema = func._schema  # writes in place, or returns a view of an input
     return schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+
+
+def count_steps(
+    engine: Any, shapes: Iterable[tuple[int, ...]] = (), sites: bool = False
+) -> list[StepCounts]:
+    """Count every engine.train_step from now on (the ensemble's, or TTTNN's _step): the
+    returned list gets one StepCounts per step."""
+    name = "train_step" if hasattr(engine, "train_step") else "_step"
+    inner: Callable[..., Any] = getattr(engine, name)
+    members = int(getattr(engine, "members", 1))
+    counted: list[StepCounts] = []
+
+    def counting(*args: Any) -> Any:
+        with CountingMode(sites, shapes, members) as mode:
+            out = inner(*args)
+        counted.append(mode.counts)
+        return out
+
+    setattr(engine, name, counting)
+    return counted
