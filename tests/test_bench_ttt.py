@@ -26,3 +26,40 @@ def test_bench_ttt_gpt2_preset_runs_tiny_on_cpu(capsys):
     assert figures["paper_bpb_before"] == figures["ours_bpb_before"]
     assert abs(figures["ours_bpb_after"] - figures["sequential_bpb_after"]) < 1e-3
     assert figures["speedup_vs_paper"] > 0 and figures["peak_tflops"] > 0
+
+
+def test_bench_ttt_profile_counts_each_path_on_a_cpu(capsys):
+    args = ["bench", "ttt", "--preset", "gpt2", "--device", "cpu", "--layers", "1"]
+    args += ["--width", "32", "--max-length", "32", "--documents", "2", "--neighbors", "2"]
+    assert main([*args, "--profile", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "reproduce: ttt bench ttt --preset gpt2" in out and out.count("--profile") == 1
+    assert "engine_vmap.host_syncs" in out  # printed flat, one figure a line
+    figures = json.loads(out[out.index("{") :])
+    seq, loop, vmap = figures["sequential"], figures["engine_loop"], figures["engine_vmap"]
+    # the paper's step reads Adam's step counts back per parameter; the engine reads nothing
+    assert seq["host_syncs"] >= 1 and loop["host_syncs"] == vmap["host_syncs"] == 0
+    assert vmap["operators"] < loop["operators"] < seq["operators"]  # per member-step
+    # GPT-2's attention dropout: a CPU's SDPA takes its math fallback; vmap runs eager
+    assert seq["attention"] == loop["attention"] == vmap["attention"] == "unfused"
+    for path in (seq, loop, vmap):
+        assert 8 < path["param_traffic_bytes_per_param"] < 200
+        assert path["bytes_allocated_per_param"] > 0
+    # a worker holds one saved copy: the engine's base is the sequential loop's saved weights
+    held = figures["engine_loop_held_bytes_per_param"]
+    assert held["saved weights"] < 5 and held["member weights"] == 8.0  # two members
+    assert abs(held["total"] - sum(v for k, v in held.items() if k != "total")) < 0.05
+    assert figures["sequential_held_bytes_per_param"]["optimizer moments"] == 8.0
+    assert figures["resident_peak_bytes_per_param"] > 0
+
+
+def test_attention_kind_tells_one_call_for_all_members_from_one_per_member():
+    from ttt.bench.ttt_profile import attention_kind
+    from ttt.engine.profile import StepCounts
+
+    counts = StepCounts()
+    counts.by_operator["_scaled_dot_product_flash_attention"] = 12
+    assert attention_kind(counts, layers=12, members=4) == "fused, all members in one call"
+    counts.by_operator["_scaled_dot_product_flash_attention"] = 48
+    assert attention_kind(counts, 12, 4) == "fused, one call per member (4 per layer)"
+    assert attention_kind(StepCounts(), 12, 4) == "unfused"

@@ -19,7 +19,9 @@ def reproduce_command(name: str, preset: str, overrides: dict[str, Any]) -> str:
     """`ttt bench NAME --preset P` plus one --flag per argument that was given (kwarg names)."""
     parts = [f"ttt bench {name} --preset {preset}"]
     for key, value in overrides.items():
-        if value is not None:
+        if value is True:  # a switch (store_true)
+            parts.append(f"--{key.replace('_', '-')}")
+        elif value is not None and value is not False:
             shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
             parts.append(f"--{key.replace('_', '-')} {shlex.quote(str(shown))}")
     return " ".join(parts)

@@ -54,6 +54,7 @@ def build_model(
         torch.manual_seed(0)
         # the paper's GPT-2 trains with dropout 0.1: kept, so the engine's path is the real one
         config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64))
+        config._attn_implementation = "sdpa"  # what from_pretrained picks for GPT-2
         data = resolve_model("gpt2-tokenizer")
         tokenizer = GPT2TokenizerFast(
             vocab_file=f"{data}/encoder.json", merges_file=f"{data}/vocab.bpe"
@@ -168,8 +169,10 @@ def bench_ttt(
     width: int | None = None,
     seed: int = 0,
     show: bool = True,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """ms per neighbor, tokens/s, TFLOP/s and bpb of the three loops on the same work."""
+    """ms per neighbor, tokens/s, TFLOP/s and bpb of the three loops on the same work; with
+    `profile`, ttt.bench.ttt_profile's counts per path instead (no timings)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -190,6 +193,31 @@ def bench_ttt(
         eval_after=[0, k],
         ensemble_size=members,
     )
+    given = {
+        "model": model,
+        "documents": documents,
+        "neighbors": neighbors,
+        "max_length": max_length,
+        "members": members,
+        "path": path,
+        "device": device,
+        "layers": layers,
+        "width": width,
+        "profile": profile,
+    }
+    if profile:
+        from ttt.bench.ttt_profile import profile_paths
+
+        counted = profile_paths(lm, tokenizer, spec, texts, members or 2, seed)
+        if show:
+            title = f"TTT-NN step profile ({name}, {length}-token chunks, {where})"
+            flat = {
+                f"{k}.{inner}" if isinstance(v, dict) else k: w
+                for k, v in counted.items()
+                for inner, w in (v.items() if isinstance(v, dict) else [(None, v)])
+            }
+            print_figures(title, flat, reproduce_command("ttt", preset, given))
+        return counted
     params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     # path vmap on a model with dropout: independent masks per member, not the sequential
     # loop's (equal in distribution only); the default follows choose_path
@@ -229,17 +257,6 @@ def bench_ttt(
     figures["speedup_vs_paper"] = round(runs["paper"].seconds / runs["ours"].seconds, 2)
     figures["speedup_vs_sequential"] = round(runs["sequential"].seconds / runs["ours"].seconds, 2)
     if show:
-        given = {
-            "model": model,
-            "documents": documents,
-            "neighbors": neighbors,
-            "max_length": max_length,
-            "members": members,
-            "path": path,
-            "device": device,
-            "layers": layers,
-            "width": width,
-        }
         command = reproduce_command("ttt", preset, given)
         print_figures(
             "TTT-NN speed (the paper's loop, ours sequential, our engine)", figures, command

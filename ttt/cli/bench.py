@@ -73,6 +73,15 @@ TTT: Arguments = [
     ("--device", {}),
     ("--layers", {"type": int, "help": "GPT-2 presets: fewer layers (tests, CPUs)"}),
     ("--width", {"type": int, "help": "GPT-2 presets: a smaller width"}),
+    (
+        "--profile",
+        {
+            "action": "store_true",
+            "help": "instead of timings: per member-step and per path, operators, bytes "
+            "allocated and parameter traffic per parameter, host syncs, fused attention, "
+            "and the bytes per parameter a worker holds (a CPU proxy of the GPU's costs)",
+        },
+    ),
 ]
 RELIABILITY: Arguments = [
     ("--out", {"help": "write the Markdown page here (docs/reliability.md)"}),

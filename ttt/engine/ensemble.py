@@ -93,6 +93,9 @@ class EnsembleTTT:
         self.sizes = [p.numel() for _, p in named]
         self.params = [p for _, p in named]
         self.base = torch.cat([p.detach().reshape(-1) for p in self.params])
+        # one saved copy: the sequential loop's (which restores the model) views the base
+        for name, row, shape in zip(self.names, self.base.split(self.sizes), self.shapes):
+            self.ref._saved[name] = row.view(shape)
         self.members = members or choose_members(model, ttt_spec, self.device)
         self.path = path or choose_path(model, self.members)
         if self.path not in ("vmap", "loop"):

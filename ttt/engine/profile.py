@@ -30,6 +30,8 @@ _WEIGHT_READERS = {
     "mm", "bmm", "addmm", "matmul", "linear", "embedding", "baddbmm", "addmv", "mv", "t",
     "_scaled_dot_product_flash_attention_for_cpu", "convolution",
 }  # fmt: skip
+# views that their schemas do not declare as such
+_ALIASES = {"_unsafe_view", "_reshape_alias", "alias"}
 
 
 @dataclass
@@ -42,6 +44,7 @@ class StepCounts:
     syncs: int = 0
     host_values: int = 0
     by_operator: Counter = field(default_factory=Counter)
+    traffic_by_operator: Counter = field(default_factory=Counter)  # parameter traffic
     sync_sites: list[str] = field(default_factory=list)  # where each sync came from
 
     @property
@@ -99,7 +102,11 @@ class CountingMode(TorchDispatchMode):
                 ins = []
             if not _is_view(func):  # a view moves no bytes
                 seen = ins + [t for t in outs if not any(t is i for i in ins)]
-                c.param_traffic += sum(_nbytes(t) for t in seen if tuple(t.shape) in self.shapes)
+                seen += _written(func, args, kwargs)  # in place: read, then written
+                moved = sum(_nbytes(t) for t in seen if tuple(t.shape) in self.shapes)
+                c.param_traffic += moved
+                if moved:
+                    c.traffic_by_operator[func.overloadpacket.__name__] += moved
         return out
 
 
@@ -108,8 +115,23 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _is_view(func: Any) -> bool:
+    if func.overloadpacket.__name__ in _ALIASES:
+        return True
     schema = func._schema
     return not schema.is_mutable and any(r.alias_info is not None for r in schema.returns)
+
+
+def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors an operator writes in place (its schema's mutable arguments)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    given = {a.name: v for a, v in zip(schema.arguments, args, strict=False)} | (kwargs or {})
+    out = []
+    for a in schema.arguments:
+        if a.alias_info is not None and a.alias_info.is_write and a.name in given:
+            out += [t for t in tree_flatten(given[a.name])[0] if isinstance(t, torch.Tensor)]
+    return out
 
 
 def _allocates_nothing(func: Any) -> bool:
