@@ -49,14 +49,14 @@ class _Member:
     cursor: int = 0  # next chunk of neighbor n
     rng: list[torch.Tensor] = field(default_factory=list)
     step_losses: list[torch.Tensor] = field(default_factory=list)  # of neighbor n, on device
-    neighbor_losses: list[torch.Tensor] = field(default_factory=list)  # one per neighbor
+    neighbor_losses: list[torch.Tensor | None] = field(default_factory=list)  # per neighbor
 
 
 class EnsembleTTT:
     """TTT-NN on E documents at once, each document's result equal to TTTNN.evaluate's.
 
-    Equal only where every document starts from the saved weights and a fresh optimizer
-    (method ttt-nn, resetOptimizer true): ttt.engine.select.choose_engine enforces it.
+    Equal for method ttt-nn (every document starts from the saved weights): with a fresh
+    optimizer per document, or, resetOptimizer false, one carried per task (evaluate_tasks).
     """
 
     def __init__(
@@ -88,10 +88,8 @@ class EnsembleTTT:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for _, p in named):
             raise ValueError("the ensemble engine trains float32 master weights: load in float32")
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.params = [p for _, p in named]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.shapes, self.sizes = [p.shape for p in self.params], [p.numel() for p in self.params]
         self.base = torch.cat([p.detach().reshape(-1) for p in self.params])
         # one saved copy: the sequential loop's (which restores the model) views the base
         for name, row, shape in zip(self.names, self.base.split(self.sizes), self.shapes):
@@ -108,8 +106,7 @@ class EnsembleTTT:
             weight_decay=ttt_spec.weight_decay,
             decoupled=ttt_spec.optimizer == "adamw",
         )
-        self.seed = seed
-        self.rank = str(rank)
+        self.seed, self.rank = seed, str(rank)
         # Called as on_neighbor(n, of, steps) after each neighbor (progress), with one member
         # only: with several, documents interleave and "the current document" has no meaning.
         self.on_neighbor: Any = None
