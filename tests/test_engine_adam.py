@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt.engine.adam import StackedAdam, clip_rows
+from ttt.engine.adam import StackedAdam, clip_rows, clip_scales
 
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
@@ -48,3 +48,19 @@ def test_clip_rows_scales_each_member_as_clip_grad_norm():
         torch.nn.utils.clip_grad_norm_([p], 1.0)
         torch.testing.assert_close(clipped[e], p.grad, rtol=1e-6, atol=0)
     assert torch.equal(clip_rows(grads, None), grads)
+
+
+def test_clip_scales_inside_adams_kernel_equal_clipping_first():
+    torch.manual_seed(2)
+    grads = torch.randn(3, 40) * torch.tensor([[0.01], [1.0], [50.0]])
+    weights = torch.randn(3, 40)
+    clipped, scaled = StackedAdam(weights.clone(), lr=1e-2), StackedAdam(weights.clone(), lr=1e-2)
+    active = [True, False, True]
+    for _ in range(3):
+        clipped.step(clip_rows(grads.clone(), 1.0), active)
+        rows = [grads[e].clone() for e in (0, 2)]
+        scaled.step({0: rows[0], 2: rows[1]}, active, clip_scales(rows, 1.0))
+    torch.testing.assert_close(scaled.weights, clipped.weights, rtol=1e-6, atol=1e-7)
+    assert torch.equal(scaled.weights[1], weights[1])  # the idle row untouched
+    assert scaled.steps == [3, 0, 3]
+    assert clip_scales([], 1.0) is None and clip_scales(list(grads), None) is None

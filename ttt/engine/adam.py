@@ -45,9 +45,12 @@ class StackedAdam:
         self._steps[member].zero_()
 
     @torch.no_grad()
-    def step(self, grads: torch.Tensor, active: list[bool]) -> None:
+    def step(
+        self, grads: Any, active: list[bool], grad_scales: list[torch.Tensor] | None = None
+    ) -> None:
         """One Adam(W) step for every active row; `grads[e]` is member e's gradient row (an
-        (E, P) tensor or a list), idle rows are ignored.
+        (E, P) tensor or a list), idle rows are ignored; `grad_scales` (one per active row,
+        clip_scales') divide each row's gradient inside the kernel.
 
         torch's fused Adam kernel (one pass over the weights, several rows per launch) over
         the active rows, each row its own "parameter" with its own step counter: exactly
@@ -61,21 +64,28 @@ class StackedAdam:
         for e in rows:
             self.steps[e] += 1
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
-        kernel(
-            [self.weights[e] for e in rows],
-            [grads[e] for e in rows],
-            [self.exp_avg[e] for e in rows],
-            [self.exp_avg_sq[e] for e in rows],
-            [],
-            steps,
-            lr=self.lr,
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            weight_decay=self.weight_decay,
-            eps=self.eps,
-            amsgrad=False,
-            maximize=False,
-        )
+        options = {
+            "lr": self.lr,
+            "beta1": self.betas[0],
+            "beta2": self.betas[1],
+            "weight_decay": self.weight_decay,
+            "eps": self.eps,
+            "amsgrad": False,
+            "maximize": False,
+        }
+
+        def update(of: list[int], **scale: Any) -> None:
+            weights, moments = [self.weights[e] for e in of], [self.exp_avg[e] for e in of]
+            squares, counts = [self.exp_avg_sq[e] for e in of], [steps[rows.index(e)] for e in of]
+            kernel(
+                weights, [grads[e] for e in of], moments, squares, [], counts, **options, **scale
+            )
+
+        if grad_scales is None:
+            update(rows)
+        else:  # each row divided by its own scale inside the kernel: no pass of its own
+            for e, scale in zip(rows, grad_scales, strict=True):
+                update([e], grad_scale=scale)
 
 
 def clip_rows(rows: Any, max_norm: float | None) -> Any:
@@ -91,6 +101,17 @@ def clip_rows(rows: Any, max_norm: float | None) -> Any:
     for row, norm in zip(listed, norms, strict=True):
         row.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))  # clip_grad_norm_'s epsilon, clamp
     return rows
+
+
+def clip_scales(rows: list[torch.Tensor], max_norm: float | None) -> list[torch.Tensor] | None:
+    """clip_grad_norm_ as a divisor per row, for StackedAdam.step's grad_scales: the row's
+    norm over max_norm (with its epsilon), at least 1. One norm pass; nothing is written."""
+    if max_norm is None or not rows:
+        return None
+    scales = torch._foreach_add(torch._foreach_norm(rows), 1e-6)
+    torch._foreach_div_(scales, max_norm)
+    torch._foreach_clamp_min_(scales, 1.0)
+    return scales
 
 
 def row_state_dict(

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS
-from ttt.engine.adam import StackedAdam, clip_rows, load_row_state_dict, row_state_dict
+from ttt.engine.adam import StackedAdam, clip_scales, load_row_state_dict, row_state_dict
 from ttt.engine.attention import training_attention
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import (
@@ -354,8 +354,8 @@ class EnsembleTTT:
         finally:
             self.model.eval()
         rows = [grads[e] for e, on in enumerate(active) if on]
-        clip_rows(rows, self.spec.grad_clip)  # in place: no new (E, P) tensor
-        self.adam.step(grads, active)
+        # clipping as a divisor inside Adam's kernel: one norm pass, no scaled copy
+        self.adam.step(grads, active, clip_scales(rows, self.spec.grad_clip))
         return losses
 
     def _grads_vmap(self, ids: Any, mask: Any, causal: Any) -> tuple[Any, torch.Tensor]:
