@@ -42,7 +42,7 @@ def _default_lm(run: Any) -> tuple[Any, Any]:
     from ttt.engine.precision import load_for_engine
     from ttt.engine.select import choose_engine
 
-    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt))
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt), run.spec.storage)
 
 
 def evaluate_rank(
