@@ -84,13 +84,13 @@ def _download(store: Store, where: ModelPath, body: dict, tmp: Path) -> None:
             ) from None
 
 
-def fetch_model(uri: str, store: Store, *, bucket: str | None = None, root: Path) -> Path:
+def fetch_model(uri: str, store: Store, *, bucket: str | None = None, root: str | Path) -> Path:
     """The local path of the pushed model `uri` (its directory, or its GGUF file), fetched
     into `root` unless a verified copy is there; every file checked against its sha256."""
     where = parse_model_path(uri, bucket)
     body = check_model_manifest(store.read_manifest(where.prefix), where.uri)
     key = content_key(body)
-    base = root / where.bucket / where.prefix
+    base = Path(root).expanduser() / where.bucket / where.prefix
     target = base / key
     with _locked(base / f".{key}.lock"):
         if not _complete(target, body, key):
