@@ -213,8 +213,11 @@ def test_a_node_s_ranks_fetch_one_copy_together(tmp_path):
     """)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-c", script],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(4)
     ]

@@ -69,7 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: huggingface-cli download gpt2-large --local-dir gpt2-large && "
         "ttt models push gpt2-large s3://ttt/models/gpt2-large --hub-id gpt2-large --spec run.yaml",
     )
-    push.add_argument("src", help="a Hugging Face model directory, a .gguf file, or an offline name")
+    push.add_argument(
+        "src", help="a Hugging Face model directory, a .gguf file, or an offline name"
+    )
     push.add_argument("dest", help="s3://BUCKET/PREFIX in the run's store (its bucket)")
     push.add_argument("--hub-id", help="the model's hub id (default: what the directory says)")
     push.add_argument(

@@ -110,9 +110,9 @@ def detect_hub_id(src: Path, alias: str | None = None) -> str | None:
             name = json.loads(config.read_text()).get("_name_or_path")
         except (ValueError, AttributeError):
             return None
-        if isinstance(name, str) and name and not name.startswith((".", "/", "~")):
-            if name.count("/") <= 1 and not Path(name).exists():
-                return name
+        relative = isinstance(name, str) and name and not name.startswith((".", "/", "~"))
+        if relative and name.count("/") <= 1 and not Path(name).exists():
+            return name
     return None
 
 

@@ -85,10 +85,16 @@ def push_model(
     store.ensure_bucket()
     old = _old_manifest(store, dest)
     same = ("kind", "format", "entry", "identity", "files")
-    if old is not None and [old.get(k) for k in same] == [KIND, fmt, entry, ident, recorded]:
-        if all(store.exists(dest.key(name)) for name in recorded):
-            log.info("%s: already pushed, identical (%d file(s))", dest.uri, len(recorded))
-            return check_model_manifest(old, dest.uri)
+    unchanged = old is not None and [old.get(k) for k in same] == [
+        KIND,
+        fmt,
+        entry,
+        ident,
+        recorded,
+    ]
+    if unchanged and all(store.exists(dest.key(name)) for name in recorded):
+        log.info("%s: already pushed, identical (%d file(s))", dest.uri, len(recorded))
+        return check_model_manifest(old, dest.uri)
     known = _already_there(store, dest)
     if old is not None:
         # readers must not take the old manifest for files being replaced under it

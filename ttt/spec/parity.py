@@ -105,8 +105,10 @@ def _identity_checks(run: Any, facts: Evidence) -> dict[str, tuple[Any, Any, str
         (
             "spec.ttt.model",
             s.ttt.model,
-            f"the paper's models by hub id: {paper_models} (a path is not known to hold them; "
-            "a pushed copy is what its manifest names)",
+            (
+                f"the paper's models by hub id: {paper_models} (a path is not known to hold "
+                "them; a pushed copy is what its manifest names)"
+            ),
         ),
     ):
         hub, shown = _model_identity(name, facts)
