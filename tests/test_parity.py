@@ -246,6 +246,25 @@ def test_a_pushed_model_is_the_model_its_manifest_names(paper_store, tmp_path, c
     assert "sshleifer/tiny-gpt2" in capsys.readouterr().out
 
 
+def test_the_chart_gpu_values_are_the_papers_once_their_models_are_pushed(
+    paper_store, tmp_path, capsys
+):
+    """values-gpu.yaml names its models by store path: with gpt2-large and the paper's
+    encoder pushed under those names, validate finds nothing departing or unchecked."""
+    import os
+
+    import yaml
+
+    raw = yaml.safe_load((EXAMPLES.parent / "charts/ttt/values-gpu.yaml").read_text())["run"]
+    _pushed(paper_store, "models/gpt2-large", tmp_path, "gpt2-large")
+    _pushed(paper_store, "models/roberta-large-pile", tmp_path, PAPER_ENCODER)
+    run = loads_spec(yaml.safe_dump(raw), "values-gpu.yaml", dict(os.environ))
+    assert departures(run) == [] and unchecked(run) == []
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    assert main(["validate", "--paper", str(spec)]) == 0
+
+
 def test_a_pushed_model_in_an_unreachable_store_is_unchecked(tmp_path, capsys):
     # a port nothing listens on: refused at once
     import socket

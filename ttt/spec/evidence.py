@@ -94,6 +94,8 @@ def gather(run: Any, store: Any = None) -> Evidence:
         )
     except (StoreError, OSError, ValueError) as exc:
         facts.notes.append(f"spec.corpus.train: {', '.join(remote)} not counted: {exc}")
+        if isinstance(exc, (StoreUnreachable, StoreAccessDenied)):
+            store, where = None, f"{where}, as above,"  # one failed connection says it
     for uri in models:
         if store is None:
             facts.notes.append(f"model {uri}: its identity not read ({where} not reachable)")
