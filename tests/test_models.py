@@ -270,3 +270,23 @@ def test_a_run_naming_models_by_store_path_scores_as_by_local_path(tmp_path):
         results[how] = (bpb, vectors)
     assert results["store"][0] == results["path"][0] and len(results["path"][0]) >= 4
     assert (results["store"][1] == results["path"][1]).all()
+
+
+def test_the_cli_pushes_to_the_spec_s_store_and_shows_the_manifest(tmp_path, capsys):
+    spec = tmp_path / "run.yaml"
+    spec.write_text(
+        "apiVersion: ttt.dev/v1alpha1\nkind: TTTRun\nmetadata: {name: m}\n"
+        f"spec: {{storage: {{root: {tmp_path / 'store'}}}}}\n"
+    )
+    uri = "s3://ttt/models/smol"
+    assert (
+        main(["models", "push", "smollm2-135m", uri, "--spec", str(spec), "--revision", "v1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "hub id unknown, revision v1, sha256 " in out and f"model: {uri}" in out
+    assert (tmp_path / "store/models/smol" / _gguf().name).is_file()
+    assert main(["models", "show", uri, "--spec", str(spec)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["identity"]["revision"] == "v1" and shown["entry"] == _gguf().name
+    assert main(["models", "show", "s3://ttt/models/none", "--spec", str(spec)]) == 1
+    assert "no model there" in capsys.readouterr().err

@@ -147,6 +147,11 @@ def test_local_training_files_are_counted(tmp_path):
 def test_json_says_unchecked_where_the_store_is_not_reachable(capsys):
     import json
 
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 at parity; 1 a setting departs; 3 nothing departs" in helped
+
     source = str(EXAMPLES / "pile-gpt-neo.yaml")
     assert main(["validate", "--paper", "--json", source]) == 3
     assert json.loads(capsys.readouterr().out) == {

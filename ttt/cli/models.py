@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Models reach pods through the run's store: push a Hugging Face model "
         "directory or a GGUF file once (from a machine with hub access), then name it in "
         "the spec as s3://BUCKET/PREFIX (spec.ttt.model, spec.embedding.model).",
+        epilog="example: ttt models push smollm2-135m s3://ttt/models/smollm2 --spec examples/demo.yaml",
     )
     cmds = p.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
     push = cmds.add_parser(
@@ -66,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Upload every file of SRC under DEST and write DEST/manifest.json last "
         "(each file's size and sha256, and the model's identity: hub id and revision). A "
         "re-push skips files whose sha256 matches, so an interrupted push resumes.",
-        epilog="example: huggingface-cli download gpt2-large --local-dir gpt2-large && "
-        "ttt models push gpt2-large s3://ttt/models/gpt2-large --hub-id gpt2-large --spec run.yaml",
+        epilog="example: ttt models push gpt2-large s3://ttt/models/gpt2-large --hub-id "
+        "gpt2-large --spec run.yaml  (gpt2-large: the directory `huggingface-cli download "
+        "gpt2-large --local-dir gpt2-large` wrote)",
     )
     push.add_argument(
         "src", help="a Hugging Face model directory, a .gguf file, or an offline name"
@@ -79,7 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     push.add_argument("--spec", help="a run spec whose storage is the store (default: TTT_ env)")
     push.set_defaults(func=_push)
-    show = cmds.add_parser("show", help="print a pushed model's manifest")
+    show = cmds.add_parser(
+        "show",
+        help="print a pushed model's manifest",
+        epilog="example: ttt models show s3://ttt/models/smollm2 --spec examples/demo.yaml",
+    )
     show.add_argument("path", help="s3://BUCKET/PREFIX")
     show.add_argument("--spec", help="a run spec whose storage is the store (default: TTT_ env)")
     show.set_defaults(func=_show)
