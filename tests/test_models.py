@@ -76,7 +76,7 @@ def test_a_gguf_file_is_its_own_identity_and_hub_id_and_revision_can_be_given(tm
     assert list(body["files"]) == [_gguf().name]
 
 
-def test_revision_from_huggingface_cli_records_and_hub_id_from_the_config(tmp_path):
+def test_revision_from_huggingface_cli_records_but_no_hub_id_from_the_config(tmp_path):
     src = save_tiny_lm(tmp_path / "lm")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "gpt2-large"}))
@@ -85,7 +85,8 @@ def test_revision_from_huggingface_cli_records_and_hub_id_from_the_config(tmp_pa
     for name in ("config.json", "model.safetensors"):
         (records / f"{name}.metadata").write_text("a1b2c3\netag\n1700000000.0\n")
     body = push_model(src, LocalStore(tmp_path / "s"), parse_model_path("s3://ttt/m/lm"))
-    assert body["identity"] == {"hubId": "gpt2-large", "revision": "a1b2c3"}
+    # a fine-tuned copy keeps its base's _name_or_path: that is no identity
+    assert body["identity"] == {"hubId": None, "revision": "a1b2c3"}
     assert not any(name.startswith(".cache") for name in body["files"])
 
 
@@ -176,23 +177,42 @@ def test_a_tampered_file_fails_its_sha256_naming_it(tmp_path):
         fetch_model("s3://ttt/models/none", store, root=tmp_path / "cache")
 
 
-def test_through_s3_the_gguf_loads_with_no_network(tmp_path, s3_server, s3_bucket, monkeypatch):
+def test_a_gguf_is_fetched_as_its_file(tmp_path):
+    storage = _storage(tmp_path, cacheDir=str(tmp_path / "cache"))
+    push_model(_gguf(), LocalStore(tmp_path / "store"), parse_model_path("s3://ttt/models/smol"))
+    path = Path(local_model("s3://ttt/models/smol", storage))
+    assert path.name == _gguf().name and sha256_file(path) == sha256_file(_gguf())
+    # under <storage.cacheDir>/models when TTT_MODELS_CACHE is not set
+    assert path.parent.parent == tmp_path / "cache/models/ttt/models/smol"
+
+
+def test_through_s3_a_model_loads_with_no_network(tmp_path, s3_server, s3_bucket, monkeypatch):
     from ttt.lm import load_lm
 
     storage = _storage(tmp_path, endpoint=s3_server, bucket=s3_bucket)
-    uri = f"s3://{s3_bucket}/models/smollm2"
-    assert main(["models", "push", "smollm2-135m", uri, "--hub-id", "x/smol"]) == 1  # no bucket
+    lm = save_tiny_lm(tmp_path / "lm")
+    uri = f"s3://{s3_bucket}/models/lm"
+    assert main(["models", "push", str(lm), uri, "--hub-id", "gpt2"]) == 1  # not its bucket
     monkeypatch.setenv("TTT_STORAGE__ENDPOINT", s3_server)
     monkeypatch.setenv("TTT_STORAGE__BUCKET", s3_bucket)
-    assert main(["models", "push", "smollm2-135m", uri, "--hub-id", "x/smol"]) == 0
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["models", "push", str(lm), uri, "--hub-id", "gpt2"]) == 0
+    # no egress, as in an eval pod: only the store (loopback here) can be reached
+    import socket
+
+    connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"test: no egress to {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
     monkeypatch.setenv("TTT_MODELS_CACHE", str(tmp_path / "models"))
-    path = local_model(uri, storage)
-    cached = tmp_path / f"models/{s3_bucket}/models/smollm2"
-    assert Path(path).is_file() and Path(path).parent.parent == cached
     model, tokenizer = load_lm(uri, device="cpu", storage=storage)
+    cached = tmp_path / f"models/{s3_bucket}/models/lm"
+    assert [p.name for p in cached.iterdir() if not p.name.startswith(".")] != []
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
-    reference, _ = load_lm("smollm2-135m", device="cpu")
+    reference, _ = load_lm(str(lm), device="cpu")
     assert model(ids).logits.equal(reference(ids).logits)
     assert cache_root(storage, {}) == Path("~/.cache/ttt/models").expanduser()
 

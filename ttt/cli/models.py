@@ -36,6 +36,8 @@ def _push(args: argparse.Namespace) -> int:
     )
     print(f"{dest.uri}: {len(body['files'])} file(s), {body['bytes']} bytes")
     print(f"identity: {describe_identity(body)}")
+    if not body["identity"].get("hubId"):
+        print("  (no hub id: give --hub-id for `ttt validate --paper` to know the model)")
     print(f"use it in a spec: model: {dest.uri}")
     return 0
 
@@ -75,7 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "src", help="a Hugging Face model directory, a .gguf file, or an offline name"
     )
     push.add_argument("dest", help="s3://BUCKET/PREFIX in the run's store (its bucket)")
-    push.add_argument("--hub-id", help="the model's hub id (default: what the directory says)")
+    push.add_argument(
+        "--hub-id",
+        help="the hub id the files came from, recorded as the model's identity (default: "
+        "unknown, but for the offline packages)",
+    )
     push.add_argument(
         "--revision", help="the hub commit it came from (default: huggingface-cli's records)"
     )

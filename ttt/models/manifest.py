@@ -97,22 +97,12 @@ def detect_revision(src: Path) -> str | None:
     return commits.pop() if len(commits) == 1 else None
 
 
-def detect_hub_id(src: Path, alias: str | None = None) -> str | None:
-    """The hub id a source names: a known offline package's, or config.json's
-    `_name_or_path` when it is a hub id (owner/name, not a path); None when unknown."""
+def detect_hub_id(alias: str | None = None) -> str | None:
+    """The hub id of a known offline package; None otherwise. config.json's `_name_or_path`
+    is not taken: a model fine-tuned from gpt2-large and saved keeps that name, and would
+    pass for the paper's weights."""
     if alias and alias.lower() in KNOWN_HUB_IDS:
         return KNOWN_HUB_IDS[alias.lower()]
-    config = src / "config.json" if src.is_dir() else None
-    if config is not None and config.is_file():
-        import json
-
-        try:
-            name = json.loads(config.read_text()).get("_name_or_path")
-        except (ValueError, AttributeError):
-            return None
-        relative = isinstance(name, str) and name and not name.startswith((".", "/", "~"))
-        if relative and name.count("/") <= 1 and not Path(name).exists():
-            return name
     return None
 
 

@@ -69,15 +69,15 @@ def push_model(
     """Upload every file of `src` under `dest` and write its manifest last; returns it.
 
     A file the store already holds with the same sha256 (a finished push, or the progress
-    record of an interrupted one) is not uploaded again. The identity (hub id, revision) is
-    the one given, else what the directory says (huggingface-cli's download records,
-    config.json's `_name_or_path`), else unknown: `ttt validate --paper` then cannot match
-    it to the paper's models and says so.
+    record of an interrupted one) is not uploaded again. The identity is the hub id given
+    (or a known offline package's), else unknown, and the revision given, else the commit
+    huggingface-cli's download records name; `ttt validate --paper` cannot match an unknown
+    hub id to the paper's models and says so.
     """
     src = Path(src).expanduser()
     fmt, entry, files = source_files(src)
     ident = {
-        "hubId": hub_id or detect_hub_id(src, alias),
+        "hubId": hub_id or detect_hub_id(alias),
         "revision": revision or detect_revision(src),
     }
     # hash first: an identical earlier push is left as it is (same manifest, same cache key)
