@@ -117,10 +117,15 @@ def test_a_repush_uploads_nothing_and_an_interrupted_one_resumes(tmp_path, caplo
     caplog.clear()
     push_model(src, store, dest, hub_id="gpt2")
     assert f"{len(names) - 1} file(s) uploaded, 1 already there" in _uploads(caplog)[-1]
-    # a changed file: only it is uploaded, under a new manifest
+    # another model at the same path: refused, since runs name models by path
     (src / "config.json").write_text((src / "config.json").read_text() + "\n")
+    with pytest.raises(ModelError, match="already holds another model.*new path"):
+        push_model(src, store, dest, hub_id="gpt2")
+    with pytest.raises(ModelError, match="already holds another model"):
+        push_model(src, store, dest, hub_id="gpt2-large")  # another identity too
+    # replaced on purpose: only the changed file is uploaded, under a new manifest
     caplog.clear()
-    changed = push_model(src, store, dest, hub_id="gpt2")
+    changed = push_model(src, store, dest, hub_id="gpt2", replace=True)
     assert f"1 file(s) uploaded, {len(names) - 1} already there" in _uploads(caplog)[-1]
     assert changed["files"]["config.json"] != first["files"]["config.json"]
 

@@ -33,6 +33,7 @@ def _push(args: argparse.Namespace) -> int:
         hub_id=args.hub_id,
         revision=args.revision,
         alias=args.src,
+        replace=args.replace,
     )
     print(f"{dest.uri}: {len(body['files'])} file(s), {body['bytes']} bytes")
     print(f"identity: {describe_identity(body)}")
@@ -84,6 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     push.add_argument(
         "--revision", help="the hub commit it came from (default: huggingface-cli's records)"
+    )
+    push.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite another model already at DEST (runs that named it keep the stages "
+        "they finished with the old one: prefer a new path)",
     )
     push.add_argument("--spec", help="a run spec whose storage is the store (default: TTT_ env)")
     push.set_defaults(func=_push)

@@ -65,6 +65,7 @@ def push_model(
     hub_id: str | None = None,
     revision: str | None = None,
     alias: str | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Upload every file of `src` under `dest` and write its manifest last; returns it.
 
@@ -73,6 +74,10 @@ def push_model(
     (or a known offline package's), else unknown, and the revision given, else the commit
     huggingface-cli's download records name; `ttt validate --paper` cannot match an unknown
     hub id to the paper's models and says so.
+
+    A path that holds another model is not overwritten unless `replace`: a run names its
+    models by path, so its finished stages (embeddings, results) would silently stand for
+    weights that are no longer there; push other weights under a new path.
     """
     src = Path(src).expanduser()
     fmt, entry, files = source_files(src)
@@ -95,6 +100,12 @@ def push_model(
     if unchanged and all(store.exists(dest.key(name)) for name in recorded):
         log.info("%s: already pushed, identical (%d file(s))", dest.uri, len(recorded))
         return check_model_manifest(old, dest.uri)
+    if old is not None and not replace:
+        raise ModelError(
+            f"{dest.uri} already holds another model (pushed {old.get('created', '?')}, "
+            f"{len(old['files'])} file(s)); runs that name it keep the stages they finished "
+            "with it: push to a new path, or replace it on purpose (--replace)"
+        )
     known = _already_there(store, dest)
     if old is not None:
         # readers must not take the old manifest for files being replaced under it
