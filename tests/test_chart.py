@@ -250,6 +250,10 @@ def test_eval_pods_cache_pushed_models_on_a_sized_volume(rendered) -> None:
     assert env["TTT_MODELS_CACHE"] == mounts["models"] == "/var/cache/ttt-models"
     (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
     assert volume == {"name": "models", "emptyDir": {"sizeLimit": "8Gi"}}
+    notes = render(_load(VARIANTS["gpu"]))["ttt/templates/NOTES.txt"]
+    for model in (spec["ttt"]["model"], spec["embedding"]["model"]):
+        assert f"ttt models push <model directory or .gguf> {model} --hub-id" in notes
+    assert "emptyDir, 8Gi" in notes and "ttt models push" not in render()["ttt/templates/NOTES.txt"]
     values = {**_GPU, "eval": {**_GPU["eval"], "enabled": True}}
     values["models"] = {"cache": {"existingClaim": "ttt-models"}}
     (job,) = by_kind(objects(render(values)), "Job")
