@@ -121,8 +121,11 @@ def test_a_repush_uploads_nothing_and_an_interrupted_one_resumes(tmp_path, caplo
     (src / "config.json").write_text((src / "config.json").read_text() + "\n")
     with pytest.raises(ModelError, match="already holds another model.*new path"):
         push_model(src, store, dest, hub_id="gpt2")
-    with pytest.raises(ModelError, match="already holds another model"):
-        push_model(src, store, dest, hub_id="gpt2-large")  # another identity too
+    # the same files with their identity told better: the manifest is rewritten
+    (src / "config.json").write_text((src / "config.json").read_text()[:-1])
+    told = push_model(src, store, dest, hub_id="openai-community/gpt2", revision="r2")
+    assert told["files"] == first["files"] and told["identity"]["revision"] == "r2"
+    (src / "config.json").write_text((src / "config.json").read_text() + "\n")
     # replaced on purpose: only the changed file is uploaded, under a new manifest
     caplog.clear()
     changed = push_model(src, store, dest, hub_id="gpt2", replace=True)

@@ -100,7 +100,13 @@ def push_model(
     if unchanged and all(store.exists(dest.key(name)) for name in recorded):
         log.info("%s: already pushed, identical (%d file(s))", dest.uri, len(recorded))
         return check_model_manifest(old, dest.uri)
-    if old is not None and not replace:
+    same_weights = old is not None and [old.get(k) for k in same[:3]] + [old.get("files")] == [
+        KIND,
+        fmt,
+        entry,
+        recorded,
+    ]
+    if old is not None and not replace and not same_weights:
         raise ModelError(
             f"{dest.uri} already holds another model (pushed {old.get('created', '?')}, "
             f"{len(old['files'])} file(s)); runs that name it keep the stages they finished "
