@@ -64,6 +64,17 @@ def with_store(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
     return task
 
 
+# Models named by store path (s3://..., `ttt models push`) are fetched, verified, into this
+# volume by the tasks that load them (embed: the encoder; eval: the LM and the encoder),
+# sized as the chart's models.cache: gpt2-large and the RoBERTa-large encoder fit 8Gi.
+MODELS_CACHE = "/var/cache/ttt-models"
+
+
+def with_models_cache(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
+    kubernetes.empty_dir_mount(task, "models", MODELS_CACHE, size_limit=size)
+    return task.set_env_variable("TTT_MODELS_CACHE", MODELS_CACHE)
+
+
 def on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     task.set_accelerator_type(GPU).set_accelerator_limit(1)
     # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule (the NVIDIA GPU operator's default).
@@ -95,6 +106,7 @@ def build_full(accelerators: bool = True):
     gpu = on_gpu if accelerators else (lambda task: task)
     sizes = SIZES if accelerators else CPU_SIZES
     name = "ttt-nn-full" if accelerators else "ttt-nn-full-cpu"
+    models = "8Gi" if accelerators else "1Gi"
 
     @dsl.pipeline(name=name, description="TTT-NN at Pile scale: sharded index, ranks.")
     def full(
@@ -115,6 +127,7 @@ def build_full(accelerators: bool = True):
                     sized(with_store(shard_embed(spec=spec, shard=s), store_secret), "embed", sizes)
                 )
             )
+            with_models_cache(embed, models)
             # A flat index is built by adding vectors, which a CPU does at memory speed: no GPU.
             index = sized(
                 with_store(
@@ -150,6 +163,7 @@ def build_full(accelerators: bool = True):
                 index_service=index_service,
             )
             evaluate = gpu(observed(sized(with_store(evaluate, store_secret), "eval", sizes)))
+            with_models_cache(evaluate, models)
             kubernetes.use_secret_as_volume(evaluate, secret_name=auth_secret, mount_path=TOKEN_DIR)
             evaluate.set_env_variable("TTT_AUTH_TOKEN_FILE", TOKEN_FILE)
             kubernetes.add_pod_label(evaluate, *INDEX_CLIENT_LABEL)

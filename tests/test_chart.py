@@ -236,6 +236,31 @@ def test_eval_is_an_indexed_job_with_world_size(rendered) -> None:
     assert "/var/run/ttt/token" in mounts
 
 
+def test_eval_pods_cache_pushed_models_on_a_sized_volume(rendered) -> None:
+    """The GPU values name their models by store path (no hub egress): the eval pods fetch
+    them into a volume sized for gpt2-large and the encoder, told by TTT_MODELS_CACHE."""
+    spec = _load(VARIANTS["gpu"])["run"]["spec"]
+    assert spec["ttt"]["model"] == "s3://ttt/models/gpt2-large"
+    assert spec["embedding"]["model"] == "s3://ttt/models/roberta-large-pile"
+    (job,) = by_kind(rendered["gpu-no-kfp"], "Job")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert env["TTT_MODELS_CACHE"] == mounts["models"] == "/var/cache/ttt-models"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume == {"name": "models", "emptyDir": {"sizeLimit": "8Gi"}}
+    notes = render(_load(VARIANTS["gpu"]))["ttt/templates/NOTES.txt"]
+    for model in (spec["ttt"]["model"], spec["embedding"]["model"]):
+        assert f"ttt models push <model directory or .gguf> {model} --hub-id" in notes
+    assert "emptyDir, 8Gi" in notes and "ttt models push" not in render()["ttt/templates/NOTES.txt"]
+    values = {**_GPU, "eval": {**_GPU["eval"], "enabled": True}}
+    values["models"] = {"cache": {"existingClaim": "ttt-models"}}
+    (job,) = by_kind(objects(render(values)), "Job")
+    (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "models"]
+    assert volume == {"name": "models", "persistentVolumeClaim": {"claimName": "ttt-models"}}
+
+
 def test_run_configmap_is_a_valid_run_spec(rendered) -> None:
     from ttt.spec import loads_spec
 

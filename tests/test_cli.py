@@ -38,6 +38,9 @@ COMMANDS = [
     ["plan"],
     ["bench", "reliability"],
     ["bench", "ttt"],
+    ["models"],
+    ["models", "push"],
+    ["models", "show"],
 ]
 
 

@@ -84,6 +84,22 @@ def _executors(name: str) -> tuple[dict, dict]:
     return spec["deploymentSpec"]["executors"], k8s
 
 
+@pytest.mark.parametrize(("name", "size"), [("full.yaml", "8Gi"), ("full-cpu.yaml", "1Gi")])
+def test_tasks_that_load_models_cache_pushed_ones_on_a_sized_volume(name, size):
+    """embed (the encoder) and eval (the LM and the encoder) fetch models named by store path
+    into an emptyDir sized for them (gpt2-large and RoBERTa-large on GPU), told by env."""
+    execs, k8s = _executors(name)
+    for executor in ("exec-shard-embed", "exec-ttt-eval"):
+        env = {e["name"]: e["value"] for e in execs[executor]["container"].get("env", [])}
+        (mount,) = k8s[executor]["emptyDirMounts"]
+        assert mount == {
+            "mountPath": env["TTT_MODELS_CACHE"],
+            "sizeLimit": size,
+            "volumeName": "models",
+        }
+    assert not any("emptyDirMounts" in k8s.get(e, {}) for e in ("exec-index-build", "exec-report"))
+
+
 def test_gpu_only_where_it_pays_and_tolerated():
     resources, k8s = _executors("full.yaml")
     for gpu_exec in ("exec-shard-embed", "exec-ttt-eval"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from transformers import (
     AutoModelForCausalLM,
@@ -13,6 +14,7 @@ from transformers import (
 )
 
 from ttt.device import pick_device, pick_dtype
+from ttt.models import local_model
 
 log = logging.getLogger(__name__)
 
@@ -20,24 +22,17 @@ log = logging.getLogger(__name__)
 _EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-def _resolve(model: str) -> str:
-    """A short name of an offline package (e.g. smollm2-135m) -> its path; others unchanged."""
-    try:
-        from ttt.assets import resolve_model
-    except ImportError:  # assets.py not present: names are HF ids or paths
-        return model
-    return resolve_model(model)
-
-
 def load_lm(
-    model: str, dtype: str = "float32", device: str = "auto"
+    model: str, dtype: str = "float32", device: str = "auto", storage: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM in eval mode on `device`, in `dtype`, with its tokenizer.
 
-    `model` is an offline package name (see ttt.assets), an HF id, a local directory, or a
-    `.gguf` file (dequantized by transformers; needs the gguf and accelerate packages).
+    `model` is an offline package name (see ttt.assets), an HF id, a local directory, a
+    `.gguf` file (dequantized by transformers; needs the gguf and accelerate packages), or a
+    pushed model `s3://bucket/prefix` (ttt.models: fetched from the store `storage` names
+    into a verified local copy).
     """
-    source = _resolve(model)
+    source = local_model(model, storage)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     path = Path(source)
@@ -49,6 +44,9 @@ def load_lm(
     else:
         kwargs = {}
         where = source
+    if Path(where).is_dir():
+        # a local copy loads with no network at all (HF_HUB_OFFLINE semantics)
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)

@@ -23,12 +23,14 @@ COMMAND_MODULES = [
     "run",
     "bench",
     "plan",
+    "models",
 ]
 
 EPILOG = """examples:
   ttt validate examples/demo.yaml          print the resolved run spec
   ttt corpus stats examples/data/test.jsonl.zst
   ttt run examples/demo.yaml               the whole pipeline on this machine
+  ttt models push DIR s3://ttt/models/NAME  a model into the store (pods need no hub)
   ttt query --spec examples/demo.yaml "grep searches for PATTERNS in each FILE" --k 3
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,10 +98,11 @@ class Encoder:
         dtype: str = "auto",
         device: str = "auto",
         batch_tokens: int = 16384,
+        storage: Any = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from ttt.assets import resolve_model
+        from ttt.models import local_model
 
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r}: expected 'mean' or 'cls'")
@@ -108,12 +110,13 @@ class Encoder:
         self.pooling, self.normalize, self.batch_tokens = pooling, normalize, batch_tokens
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        path = resolve_model(model)
+        path = local_model(model, storage)  # a pushed model: its verified local copy
+        offline = {"local_files_only": True} if Path(path).is_dir() else {}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **offline)
             # SDPA (flash / memory-efficient kernels on a GPU) where the architecture has it
             self.model = AutoModel.from_pretrained(
-                path, **{_DTYPE_KWARG: self.dtype}, **_attention_kwargs(path)
+                path, **{_DTYPE_KWARG: self.dtype}, **_attention_kwargs(path), **offline
             )
         except OSError as exc:
             raise EmbedError(f"encoder {model!r} ({path}): cannot load: {exc}") from None
@@ -122,8 +125,9 @@ class Encoder:
         self.dim = int(self.model.config.hidden_size)
 
     @classmethod
-    def from_spec(cls, embedding: Any) -> Encoder:
-        """An encoder from a run's `spec.embedding` section."""
+    def from_spec(cls, embedding: Any, storage: Any = None) -> Encoder:
+        """An encoder from a run's `spec.embedding` section (`storage`: the run's
+        `spec.storage`, where a model named s3://bucket/prefix is read)."""
         return cls(
             embedding.model,
             pooling=embedding.pooling,
@@ -132,6 +136,7 @@ class Encoder:
             dtype=embedding.dtype,
             device=embedding.device,
             batch_tokens=embedding.batch_tokens,
+            storage=storage,
         )
 
     def _position_limit(self) -> int:

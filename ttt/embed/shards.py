@@ -62,7 +62,7 @@ def embed_shard(
     if not is_done(run, store, shard_prefix(run, "corpus", shard), "corpus"):
         publish_corpus(run, store, progress=progress)
     texts = open_text_store(run, store, shard)
-    encoder = encoder or Encoder.from_spec(run.spec.embedding)
+    encoder = encoder or Encoder.from_spec(run.spec.embedding, run.spec.storage)
     n = len(texts)
     n_parts = math.ceil(n / part_size)
     parts_prefix = f"{prefix}/parts/{spec_hash}"

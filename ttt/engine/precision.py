@@ -71,9 +71,11 @@ def weight_dtype(dtype: str, engine: str) -> str:
     return dtype
 
 
-def load_for_engine(ttt_spec: Any, engine: str) -> tuple[Any, Any]:
-    """The run's language model and tokenizer, in the weight dtype that `engine` needs."""
+def load_for_engine(ttt_spec: Any, engine: str, storage: Any = None) -> tuple[Any, Any]:
+    """The run's language model and tokenizer, in the weight dtype that `engine` needs
+    (`storage`: the run's store, where a model named s3://bucket/prefix is read)."""
     from ttt.lm import load_lm
 
     device = str(pick_device(ttt_spec.device))
-    return load_lm(ttt_spec.model, dtype=weight_dtype(ttt_spec.dtype, engine), device=device)
+    dtype = weight_dtype(ttt_spec.dtype, engine)
+    return load_lm(ttt_spec.model, dtype=dtype, device=device, storage=storage)

@@ -44,7 +44,7 @@ def _default_lm(run: Any) -> tuple[Any, Any]:
     from ttt.engine.select import choose_engine
 
     device = pick_device(run.spec.ttt.device)
-    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt, device))
+    return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt, device), run.spec.storage)
 
 
 def evaluate_rank(

@@ -324,7 +324,7 @@ def open_run_store(run: Any) -> Any:
 def run_encoder(run: Any) -> Encoder:
     from ttt.embed import Encoder as TextEncoder
 
-    return TextEncoder.from_spec(run.spec.embedding)
+    return TextEncoder.from_spec(run.spec.embedding, run.spec.storage)
 
 
 def retrieval_options(run: Any) -> dict:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ttt.spec.evidence import Evidence, count_train_files, gather
 from ttt.spec.sections import PAPER_ENCODER
 
 # The paper's three language models and their settings (its Table / Figure 4 runs).
@@ -14,8 +14,9 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
     "gpt2-large": {"learningRate": 2e-5, "maxLength": 1024},
     "EleutherAI/gpt-neo-1.3B": {"learningRate": 5e-6, "maxLength": 2048},
 }
-# The hub ids that name those models exactly (a local path or an s3:// copy is not checked
-# to be the same weights, so it departs even when its name ends the same way).
+# The hub ids that name those models exactly. A local path is not known to hold the same
+# weights, so it departs even when its name ends the same way; a pushed copy
+# (s3://bucket/prefix, `ttt models push`) is the model its manifest's identity names.
 PAPER_MODEL_IDS: dict[str, str] = {
     "gpt2": "gpt2",
     "openai-community/gpt2": "gpt2",
@@ -27,6 +28,9 @@ PAPER_MODEL_IDS: dict[str, str] = {
 BASELINE_NEIGHBORS = 20
 # The Pile's training set as the paper indexed it: its 30 files, one index each.
 PILE_TRAIN_FILES = 30
+# `ttt validate --paper` exit status: at parity; a departure; nothing departs but something
+# could not be checked (2 is argparse's usage error, so "unchecked" is 3).
+EXIT_PARITY, EXIT_DEPARTS, EXIT_UNCHECKED = 0, 1, 3
 
 
 @dataclass(frozen=True)
@@ -69,31 +73,70 @@ def _paper_model(name: str) -> dict[str, Any] | None:
 
 
 def train_files(patterns: list[str]) -> int | None:
-    """How many training files the spec names: listed files, local globs expanded; None where
-    a glob is remote (s3://; validate reads no store) and so cannot be counted here."""
-    count = 0
-    for pattern in patterns:
-        if not glob.has_magic(pattern):
-            count += 1
-        elif "://" in pattern:
-            return None
+    """How many training files the spec names without a store: listed files, local globs
+    expanded; None where a glob is remote (s3://), which only the store can count."""
+    try:
+        return count_train_files(patterns)
+    except LookupError:
+        return None
+
+
+def _model_identity(name: str, facts: Evidence) -> tuple[str, str]:
+    """(the hub id a model field stands for, how to show it): itself, or for a pushed copy
+    the hub id its manifest records (shown with its revision)."""
+    from ttt.models import describe_identity, identity
+
+    if name in facts.models:
+        body = facts.models[name]
+        return identity(body).get("hubId") or "", f"{name} ({describe_identity(body)})"
+    if name in facts.bad_models:
+        return "", f"{name} ({facts.bad_models[name]})"
+    return name, name
+
+
+def _identity_checks(run: Any, facts: Evidence) -> dict[str, tuple[Any, Any, str]]:
+    """The model's and the encoder's identity: a hub id, or a pushed copy whose manifest
+    names it. A pushed copy the store could not be asked about is not compared (a note)."""
+    s = run.spec
+    paper_models = ", ".join(PAPER_MODELS)
+    checks: dict[str, tuple[Any, Any, str]] = {}
+    for path, name, why in (
+        ("spec.embedding.model", s.embedding.model, "the paper's encoder, by hub id"),
+        (
+            "spec.ttt.model",
+            s.ttt.model,
+            (
+                f"the paper's models by hub id: {paper_models} (a path is not known to hold "
+                "them; a pushed copy is what its manifest names)"
+            ),
+        ),
+    ):
+        hub, shown = _model_identity(name, facts)
+        if name.startswith("s3://") and name not in facts.models and name not in facts.bad_models:
+            continue  # not read: unchecked() says so
+        if path == "spec.embedding.model":
+            checks[path] = (shown, shown if hub == PAPER_ENCODER else PAPER_ENCODER, why)
         else:
-            count += len(glob.glob(pattern))
-    return count
+            paper = shown if hub in PAPER_MODEL_IDS else _paper_id(hub or name)
+            checks[path] = (shown, paper, why)
+    return checks
 
 
-def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
-    """Every checked setting: {path: (the spec's value, the paper's value, why it matters)}."""
+def paper_settings(run: Any, facts: Evidence | None = None) -> dict[str, tuple[Any, Any, str]]:
+    """Every checked setting: {path: (the spec's value, the paper's value, why it matters)};
+    `facts` are what the run's store says (read here when not given)."""
+    facts = gather(run) if facts is None else facts
     s = run.spec
     e, r, t, ev = s.embedding, s.retrieval, s.ttt, s.eval
     method = t.method
     k = BASELINE_NEIGHBORS if method in ("interpolation", "in-context") else 50
-    model = _paper_model(t.model)
+    lm_id = _model_identity(t.model, facts)[0] or t.model
+    model = _paper_model(lm_id)
     lr = model["learningRate"] if model else 2e-5
     length = model["maxLength"] if model else 1024
-    paper_models = ", ".join(PAPER_MODELS)
+    identity = _identity_checks(run, facts)
     checks: dict[str, tuple[Any, Any, str]] = {
-        "spec.embedding.model": (e.model, PAPER_ENCODER, "the paper's encoder, by hub id"),
+        **{k: v for k, v in identity.items() if k == "spec.embedding.model"},
         "spec.embedding.pooling": (e.pooling, "mean", "mean of the last hidden states"),
         "spec.embedding.maxTokens": (e.max_tokens, 512, "the encoder reads 512 tokens"),
         "spec.embedding.normalize": (e.normalize, False, "unnormalized vectors"),
@@ -113,15 +156,11 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
             False,
             "the reference has no leakage guard (it trains on train/test duplicates)",
         ),
-        "spec.ttt.model": (
-            t.model,
-            t.model if t.model in PAPER_MODEL_IDS else _paper_id(t.model),
-            f"the paper's models by hub id: {paper_models} (a path is not known to hold them)",
-        ),
+        **{k: v for k, v in identity.items() if k == "spec.ttt.model"},
         "spec.ttt.splitText": (
             t.split_text,
             t.split_text
-            if method == "dynamic-eval" or PAPER_MODEL_IDS.get(t.model) == "gpt2"
+            if method == "dynamic-eval" or PAPER_MODEL_IDS.get(lm_id) == "gpt2"
             else False,
             "the whole document is the query and is scored (split text: GPT-2 117M only)",
         ),
@@ -156,7 +195,7 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
         "spec.eval.selection": (ev.selection, "reference", "the reference's shuffle and cut"),
         "spec.eval.maxDocumentsPerTask": (ev.max_documents_per_task, None, "no cap"),
     }
-    files = train_files(list(s.corpus.train))
+    files = facts.train_files
     if files is not None:
         checks["spec.corpus.train"] = (
             f"{files} file(s)",
@@ -187,10 +226,10 @@ def paper_settings(run: Any) -> dict[str, tuple[Any, Any, str]]:
     return checks
 
 
-def departures(run: Any) -> list[Departure]:
+def departures(run: Any, facts: Evidence | None = None) -> list[Departure]:
     """The settings of `run` that differ from the paper's reference code, in spec order."""
     out = []
-    for path, (value, paper, why) in paper_settings(run).items():
+    for path, (value, paper, why) in paper_settings(run, facts).items():
         same = (
             abs(value - paper) <= 1e-12 * max(abs(paper), 1.0)
             if isinstance(value, float) and isinstance(paper, float)
@@ -201,35 +240,42 @@ def departures(run: Any) -> list[Departure]:
     return out
 
 
-def unchecked(run: Any) -> list[str]:
-    """What changes the numbers but cannot be compared from the spec alone, said so rather
-    than passed in silence: a training corpus behind a remote glob (validate reads no store)."""
-    if train_files(list(run.spec.corpus.train)) is None:
-        remote = [p for p in run.spec.corpus.train if "://" in p and glob.has_magic(p)]
-        note = (
-            f"spec.corpus.train: {', '.join(remote)} not counted (validate reads no store); "
-            f"the paper indexed the Pile's {PILE_TRAIN_FILES} training files"
-        )
-        return [note]
-    return []
+def unchecked(run: Any, facts: Evidence | None = None) -> list[str]:
+    """What changes the numbers but could not be compared, said so rather than passed in
+    silence: a training corpus behind an s3:// glob, or a pushed model's identity, when the
+    run's store cannot be reached."""
+    return list((gather(run) if facts is None else facts).notes)
 
 
-def departures_json(run: Any, source: str) -> dict[str, Any]:
+def exit_status(found: list[Departure], notes: list[str]) -> int:
+    """0 at parity, 1 when a setting departs, 3 when none departs but one is unchecked."""
+    if found:
+        return EXIT_DEPARTS
+    return EXIT_UNCHECKED if notes else EXIT_PARITY
+
+
+def departures_json(run: Any, source: str, facts: Evidence | None = None) -> dict[str, Any]:
     """The departures for machines: {source, count, departures: [{field, value, paper, why}],
-    unchecked: [what the spec alone cannot settle]}."""
-    found = departures(run)
+    unchecked: [what could not be compared], status: parity|departs|unchecked, exit}."""
+    facts = gather(run) if facts is None else facts
+    found = departures(run, facts)
+    code = exit_status(found, facts.notes)
     return {
         "source": source,
         "count": len(found),
         "departures": [asdict(d) for d in found],
-        "unchecked": unchecked(run),
+        "unchecked": list(facts.notes),
+        "status": {EXIT_PARITY: "parity", EXIT_DEPARTS: "departs"}.get(code, "unchecked"),
+        "exit": code,
     }
 
 
-def format_departures(run: Any, source: str) -> str:
-    """A header, then one `field: ours -> paper  # why` line per departure (none: the header)."""
-    found = departures(run)
+def format_departures(run: Any, source: str, facts: Evidence | None = None) -> str:
+    """A header, then one `field: ours -> paper  # why` line per departure (none: the
+    header), then a `# not checked:` line for each thing that could not be compared."""
+    facts = gather(run) if facts is None else facts
+    found = departures(run, facts)
     lines = [f"# {source}: {len(found)} departure(s) from the paper's reference code (tttlm)"]
     lines += [d.line() for d in found]
-    lines += [f"# not checked: {note}" for note in unchecked(run)]
+    lines += [f"# not checked: {note}" for note in facts.notes]
     return "\n".join(lines) + "\n"

@@ -51,8 +51,9 @@ class EmbeddingSpec(Section):
 
     model: str = Field(
         PAPER_ENCODER,
-        description="HF id or directory; the default is the paper's RoBERTa-large fine-tuned "
-        "one epoch on the Pile",
+        description="HF id, directory, offline name, or a model pushed into this run's store "
+        "(s3://bucket/prefix, `ttt models push`); the default is the paper's RoBERTa-large "
+        "fine-tuned one epoch on the Pile",
     )
     pooling: Literal["mean", "cls"] = "mean"
     max_tokens: int = Field(512, ge=8, le=32768)
@@ -154,7 +155,11 @@ class RetrievalSpec(Section):
 class TTTSpec(Section):
     """The language model and the test-time training loop (paper defaults)."""
 
-    model: str = "gpt2-large"
+    model: str = Field(
+        "gpt2-large",
+        description="HF id, directory, .gguf file, offline name, or a model pushed into this "
+        "run's store (s3://bucket/prefix, `ttt models push`: fetched, verified, loaded offline)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     method: Literal[

@@ -56,6 +56,9 @@ spec:
         # Prometheus scrapes the worker from outside the pod, so not loopback.
         - name: TTT_METRICS_ADDR
           value: "0.0.0.0"
+        # Pushed models (s3://...) are fetched, verified, into the sized models volume.
+        - name: TTT_MODELS_CACHE
+          value: /var/cache/ttt-models
         {{- include "ttt.commonEnv" . | nindent 8 }}
       ports:
         - name: metrics
@@ -74,11 +77,21 @@ spec:
         {{- include "ttt.commonVolumeMounts" . | nindent 8 }}
         - name: scratch
           mountPath: /var/cache/ttt
+        - name: models
+          mountPath: /var/cache/ttt-models
   volumes:
     {{- include "ttt.commonVolumes" (dict "root" . "store" .Values.secrets.store) | nindent 4 }}
     - name: scratch
       emptyDir:
         sizeLimit: {{ .Values.eval.scratch.sizeLimit }}
+    - name: models
+      {{- if .Values.models.cache.existingClaim }}
+      persistentVolumeClaim:
+        claimName: {{ .Values.models.cache.existingClaim }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ .Values.models.cache.sizeLimit }}
+      {{- end }}
   {{- with .Values.eval.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
