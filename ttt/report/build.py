@@ -18,6 +18,7 @@ from ttt.report.plots import plot_before_after, plot_bpb_vs_neighbors
 from ttt.report.summary import finite, summarize
 from ttt.report.table import format_table
 from ttt.store import StoreError
+from ttt.tracking import tracker
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ def build_report(
         {name: out / name for name in REPORT_FILES},
         {"stage": "report", "spec_hash": run.stage_hash("report"), "documents": len(records)},
     )
+    # MLflow (spec.tracking.mlflow): figures and files on the run's parent; never fails here
+    if (tracked := tracker(run)) is not None:
+        tracked.log_report(finite(summary), {name: out / name for name in REPORT_FILES})
     summary["local_dir"] = str(out)
     summary["table_markdown"] = format_table(summary)
     return summary
