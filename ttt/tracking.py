@@ -18,8 +18,8 @@ from ttt.report.headline import headline_figures, metric_name
 
 log = logging.getLogger(__name__)
 
-# Where a pod learns its KFP run id: the components set it from the pipeline's
-# PIPELINE_JOB_ID placeholder; any other orchestrator may set it too.
+# A KFP run's id reaches the library as an argument (the components pass the pipeline's
+# PIPELINE_JOB_ID placeholder), else from this variable (any other orchestrator may set it).
 KFP_RUN_ID_ENV = "KFP_RUN_ID"
 KEY_TAG = "ttt.key"  # what finds a run again: <name>/<eval hash>/<KFP run id or "local">[/rank-N]
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a rank's run under it
@@ -28,9 +28,10 @@ BATCH = {"params": 100, "metrics": 1000}  # MLflow's limits per log_batch call
 BACKOFF_FACTOR = 1  # seconds of urllib3 backoff: MLflow's default of 2 with 7 retries waits minutes
 
 
-def kfp_run_id(environ: dict[str, str] | None = None) -> str | None:
-    """The KFP run this process belongs to (KFP_RUN_ID), cleaned for tags and names."""
-    value = (os.environ if environ is None else environ).get(KFP_RUN_ID_ENV, "").strip()
+def kfp_run_id(given: str | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The KFP run this process belongs to (given, else $KFP_RUN_ID), cleaned for tags."""
+    env = os.environ if environ is None else environ
+    value = (given or env.get(KFP_RUN_ID_ENV, "")).strip()
     # a placeholder KFP did not resolve (a component run by hand) is no run id
     value = "" if value.startswith("{{") else value
     return re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:64] or None
@@ -89,11 +90,11 @@ class Tracker:
     its tracker and waits at most one request's timeout and retries for it.
     """
 
-    def __init__(self, run: Any, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, run: Any, kfp_id: str | None = None, environ: dict | None = None) -> None:
         self.run = run
         self.config = run.spec.tracking.mlflow
         self.enabled = self.config is not None
-        self.kfp_id = kfp_run_id(environ)
+        self.kfp_id = kfp_run_id(kfp_id, environ)
         self.key = f"{run.name}/{run.stage_hash('eval')}/{self.kfp_id or 'local'}"
         default = f"{run.name}-{run.stage_hash('eval')[:8]}"
         if self.kfp_id:
@@ -323,17 +324,19 @@ class Tracker:
         self.guard("logging the report", report)
 
 
-def tracker(run: Any) -> Tracker | None:
+def tracker(run: Any, kfp_id: str | None = None) -> Tracker | None:
     """A Tracker when the spec configures MLflow, else None (mlflow is never imported)."""
-    return Tracker(run) if run.spec.tracking.mlflow is not None else None
+    return Tracker(run, kfp_id) if run.spec.tracking.mlflow is not None else None
 
 
 @contextmanager
-def tracked_rank(run: Any, store: Any, rank: int, world_size: int, prefix: str) -> Iterator[dict]:
+def tracked_rank(
+    run: Any, store: Any, rank: int, world_size: int, prefix: str, kfp_id: str | None = None
+) -> Iterator[dict]:
     """Around one rank's evaluation: its MLflow run started, then FINISHED with its figures
     (the caller puts the manifest in the yielded dict) or FAILED."""
     outcome: dict[str, Any] = {}
-    t = tracker(run)
+    t = tracker(run, kfp_id)
     run_id = t.start_rank(rank, world_size) if t else None
     try:
         yield outcome

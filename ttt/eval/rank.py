@@ -60,6 +60,7 @@ def evaluate_rank(
     local_index: bool = False,
     progress_seconds: float = 30.0,
     state_seconds: float = 300.0,
+    kfp_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one rank's test documents; resumable, one record per document; the manifest.
 
@@ -72,10 +73,12 @@ def evaluate_rank(
     else in a log line at most every `progress_seconds`.
 
     With spec.tracking.mlflow, the rank is an MLflow run nested under the run's parent: the
-    resolved spec as params, bits per byte per task and checkpoint as metrics (ttt.tracking;
-    a tracking server that is down is a warning, never a failed rank).
+    resolved spec as params, bits per byte per task and checkpoint as metrics, tied to the KFP
+    run `kfp_run_id` (default: $KFP_RUN_ID); a tracking server that is down is a warning,
+    never a failed rank (ttt.tracking).
     """
-    with tracked_rank(run, store, rank, world_size, rank_prefix(run, rank)) as outcome:
+    prefix = rank_prefix(run, rank)
+    with tracked_rank(run, store, rank, world_size, prefix, kfp_run_id) as outcome:
         outcome["manifest"] = _evaluate_rank(
             run, store, rank, world_size, retriever=retriever, lm=lm, work_dir=work_dir,
             flush_seconds=flush_seconds, progress=progress, local_index=local_index,
