@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from ttt.eval.records import RESULTS, parse_results, task_totals
-from ttt.report.headline import headline_figures, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,9 @@ def spec_params(run: Any) -> dict[str, str]:
 def rank_metrics(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) -> list[tuple]:
     """(key, value, step) of a rank's records: bits per byte per task at each checkpoint
     (step = neighbors trained on, the evalAfter entry), plain sums over the rank's documents."""
+    # ttt.report's package imports the report stage, which imports this module
+    from ttt.report.headline import metric_name
+
     out: list[tuple] = [("documents", float(len(records)), 0)]
     for n in checkpoints:
         for task, totals in task_totals(records, n).items():
@@ -71,6 +73,8 @@ def rank_metrics(records: Sequence[dict[str, Any]], checkpoints: Sequence[int]) 
 def report_metrics(summary: dict[str, Any]) -> list[tuple]:
     """(key, value, step) of a report: the headline figures (step 0) and the curves per task,
     for the Pile-weighted mean and for the reference's aggregation (step = neighbors)."""
+    from ttt.report.headline import headline_figures, metric_name
+
     out: list[tuple] = [(k, v, 0) for k, v in headline_figures(summary).items()]
     for n in summary["checkpoints"]:
         for task, v in summary["tasks"].items():
