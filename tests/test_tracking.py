@@ -22,14 +22,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_run import tiny_spec
 
+from ttt.embed import embed_shard
 from ttt.eval import evaluate_rank
 from ttt.eval.records import parse_results, task_totals
+from ttt.index.build import build_shard_index
 from ttt.report import REPORT_FILES, build_report
 from ttt.report.headline import metric_name
-from ttt.runner import run_local
 from ttt.spec import SpecError, loads_spec
+from ttt.stages import publish_corpus
 from ttt.store import open_store
-from ttt.tracking import KEY_TAG, PARENT_TAG, Tracker, spec_params
+from ttt.tracking import KEY_TAG, PARENT_TAG, Tracker, spec_params, tracked_run
 
 KFP_RUN = "3f2a9c1e-77b0-4d7e-9a51-0c6f1d2e8b44"
 SERVER_START_S = 180  # a cold `mlflow server` imports for ~15 s on a loaded 2-core box
@@ -85,19 +87,30 @@ def _tracking(uri: str, experiment: str = "ttt-test", **more) -> str:
 
 def _spec_text(root: Path, uri: str, **more) -> str:
     text = tiny_spec(root, "tracked", workers=1, shards=1, extra=_tracking(uri, **more))
-    return text.replace("maxDocumentsPerTask: 2", "maxDocumentsPerTask: 1")
+    # one document of each of two tasks: per-task figures at three checkpoints, quickly
+    text = text.replace("maxDocumentsPerTask: 2", "maxDocumentsPerTask: 1")
+    return text.replace("eval: {portion", "eval: {tasks: [Python Docs, Man Pages], portion")
 
 
 @pytest.fixture(scope="module")
-def tracked_run(mlflow_server, tmp_path_factory):
-    """`ttt run` of a tiny spec with tracking on, as one KFP run's pods would see it."""
+def tracked(mlflow_server, tmp_path_factory):
+    """A tiny run with tracking on, its stages in this process as `ttt run` calls them (the
+    parent run opened first, around them), as the pods of one KFP run: the rank and the
+    report get the KFP run id as the components pass it, `ttt run` from $KFP_RUN_ID."""
     root = tmp_path_factory.mktemp("run")
     run = loads_spec(_spec_text(root, mlflow_server), environ={})
+    store = open_store(run.spec.storage)
     patch = pytest.MonkeyPatch()
-    patch.setenv("KFP_RUN_ID", KFP_RUN)  # the workers (children) inherit it
+    patch.setenv("KFP_RUN_ID", KFP_RUN)
     started = time.monotonic()
     try:
-        summary = run_local(run, workdir=root / "work", progress=False)
+        with tracked_run(run):
+            publish_corpus(run, store, progress=False)
+            embed_shard(run, store, 0)
+            build_shard_index(run, store, 0)
+        patch.delenv("KFP_RUN_ID")
+        evaluate_rank(run, store, 0, 1, local_index=True, progress=False, kfp_run_id=KFP_RUN)
+        summary = build_report(run, store, kfp_run_id=KFP_RUN)
     finally:
         patch.undo()
     return run, summary, root, time.monotonic() - started
@@ -114,8 +127,8 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_ttt_run_logs_spec_figures_and_report_files_to_a_real_server(tracked_run, mlflow_server):
-    run, _, root, seconds = tracked_run
+def test_ttt_run_logs_spec_figures_and_report_files_to_a_real_server(tracked, mlflow_server):
+    run, _, root, seconds = tracked
     client = _client(mlflow_server)
     experiment = client.get_experiment_by_name("ttt-test")
     assert experiment is not None
@@ -145,7 +158,8 @@ def test_ttt_run_logs_spec_figures_and_report_files_to_a_real_server(tracked_run
 
     # bits per byte per task and checkpoint (step = neighbors), equal to the report's
     stored = json.loads(open_store(run.spec.storage).get_bytes(f"{run.prefix}/report/summary.json"))
-    assert stored["tasks"] and stored["checkpoints"] == [0, 2, 4]
+    assert sorted(stored["tasks"]) == ["Man Pages", "Python Docs"]
+    assert stored["checkpoints"] == [0, 2, 4]
     for task, v in stored["tasks"].items():
         curve = _history(client, parent.info.run_id, f"bpb.{metric_name(task)}")
         want = {n: v["checkpoints"][str(n)]["bits_per_byte"] for n in (0, 2, 4)}
@@ -180,10 +194,28 @@ def test_ttt_run_logs_spec_figures_and_report_files_to_a_real_server(tracked_run
 
 
 @pytest.mark.slow
-def test_a_server_that_is_down_is_a_warning_not_a_failed_or_slow_stage(tracked_run, caplog):
+def test_ttt_runs_parent_is_running_while_it_works_and_failed_when_it_fails(
+    mlflow_server, tmp_path
+):
+    """`ttt run` (run_local) opens the parent before any worker; a failure marks it FAILED
+    and a resumed run sets it RUNNING again."""
+    run = loads_spec(tiny_spec(tmp_path, "failing", extra=_tracking(mlflow_server)), environ={})
+    client = _client(mlflow_server)
+    with pytest.raises(RuntimeError, match="a stage broke"), tracked_run(run):
+        parent = Tracker(run).parent_id()
+        assert client.get_run(parent).info.status == "RUNNING"
+        raise RuntimeError("a stage broke")
+    assert client.get_run(parent).info.status == "FAILED"
+    with tracked_run(run):
+        assert client.get_run(parent).info.status == "RUNNING"
+        assert Tracker(run).parent_id() == parent  # the same parent: the run resumes
+
+
+@pytest.mark.slow
+def test_a_server_that_is_down_is_a_warning_not_a_failed_or_slow_stage(tracked, caplog):
     """The same finished run (tracking is in no stage hash: its results stay valid) pointed
     at a closed port: the rank and the report finish, each process warns once, quickly."""
-    run, _, root, _ = tracked_run
+    run, _, root, _ = tracked
     closed = f"http://127.0.0.1:{_free_port()}"
     down = loads_spec(
         run.to_yaml().replace(run.spec.tracking.mlflow.tracking_uri, closed), environ={}

@@ -353,10 +353,10 @@ def tracked_rank(
 
 
 @contextmanager
-def tracked_run(run: Any) -> Iterator[None]:
+def tracked_run(run: Any, kfp_id: str | None = None) -> Iterator[None]:
     """Around `ttt run`: the parent run started RUNNING before any worker (so none races to
     make it); FAILED if the run fails. The report ends it FINISHED."""
-    t = tracker(run)
+    t = tracker(run, kfp_id)
     if t:
         t.start()
     try:
