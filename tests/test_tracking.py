@@ -31,7 +31,7 @@ from ttt.report.headline import metric_name
 from ttt.spec import SpecError, loads_spec
 from ttt.stages import publish_corpus
 from ttt.store import open_store
-from ttt.tracking import KEY_TAG, PARENT_TAG, Tracker, spec_params, tracked_run
+from ttt.tracking import KEY_TAG, PARENT_TAG, Tracker, spec_params, tracked_rank, tracked_run
 
 KFP_RUN = "3f2a9c1e-77b0-4d7e-9a51-0c6f1d2e8b44"
 SERVER_START_S = 180  # a cold `mlflow server` imports for ~15 s on a loaded 2-core box
@@ -122,6 +122,11 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _runs(client, run) -> list:
+    experiment = client.get_experiment_by_name(run.spec.tracking.mlflow.experiment)
+    return client.search_runs([experiment.experiment_id], f"tags.`ttt.run` = '{run.name}'")
+
+
 def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
@@ -130,9 +135,7 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 def test_ttt_run_logs_spec_figures_and_report_files_to_a_real_server(tracked, mlflow_server):
     run, _, root, seconds = tracked
     client = _client(mlflow_server)
-    experiment = client.get_experiment_by_name("ttt-test")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
+    runs = _runs(client, run)  # in experiment ttt-test, where other tests' runs also go
     eval_hash = run.stage_hash("eval")
     (parent,) = [r for r in runs if r.data.tags.get("ttt.role") == "run"]
     (child,) = [r for r in runs if r.data.tags.get("ttt.role") == "rank"]
@@ -209,6 +212,13 @@ def test_ttt_runs_parent_is_running_while_it_works_and_failed_when_it_fails(
     with tracked_run(run):
         assert client.get_run(parent).info.status == "RUNNING"
         assert Tracker(run).parent_id() == parent  # the same parent: the run resumes
+    # a rank that fails (an OOM kill's restart aside) ends FAILED, nested under the parent
+    store = open_store(run.spec.storage)
+    with pytest.raises(MemoryError), tracked_rank(run, store, 1, 2, "unused") as outcome:
+        raise MemoryError
+    assert "manifest" not in outcome
+    (rank,) = [r for r in _runs(client, run) if r.data.tags.get("ttt.rank") == "1"]
+    assert (rank.info.status, rank.data.tags[PARENT_TAG]) == ("FAILED", parent)
 
 
 @pytest.mark.slow

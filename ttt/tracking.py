@@ -233,18 +233,22 @@ class Tracker:
         all meet under one parent; a rank re-settles when it finishes."""
         if self._parent is None:
             client = self.client()
-            runs = self._find(self.key)
+            runs, created = self._find(self.key), False
             if not runs:
-                created = client.create_run(
+                made = client.create_run(
                     self.experiment_id(), run_name=self.name, tags=self._tags("run", self.key)
                 )
-                client.log_text(created.info.run_id, self.run.to_yaml(), "spec.yaml")
-                runs = self._find(self.key) or [created]
+                runs, created = self._find(self.key) or [made], True
             winner = min(runs, key=lambda r: r.info.run_id)
             for other in runs:
                 if other.info.run_id != winner.info.run_id:
-                    client.delete_run(other.info.run_id)
+                    try:  # another rank may have deleted it already
+                        client.delete_run(other.info.run_id)
+                    except Exception as exc:  # noqa: BLE001 - its deletion is not ours to need
+                        log.debug("MLflow: run %s not deleted: %s", other.info.run_id, exc)
             self._parent = winner.info.run_id
+            if created:  # logged to the winner only: nobody deletes the lowest id
+                client.log_text(self._parent, self.run.to_yaml(), "spec.yaml")
             self._log_params(self._parent)
             log.info("MLflow: run %s (%s) in experiment %r at %s", self.name, self._parent,
                      self.config.experiment, self.config.tracking_uri)  # fmt: skip
