@@ -94,9 +94,9 @@ def _spec_text(root: Path, uri: str, **more) -> str:
 
 @pytest.fixture(scope="module")
 def tracked(mlflow_server, tmp_path_factory):
-    """A tiny run with tracking on, its stages in this process as `ttt run` calls them (the
-    parent run opened first, around them), as the pods of one KFP run: the rank and the
-    report get the KFP run id as the components pass it, `ttt run` from $KFP_RUN_ID."""
+    """A tiny run with tracking on, its stages in this process as `ttt run` calls them (inside
+    `tracked_run`, which opens the parent first), under one KFP run id: `tracked_run` reads it
+    from $KFP_RUN_ID, the rank and the report get it as the components pass it."""
     root = tmp_path_factory.mktemp("run")
     run = loads_spec(_spec_text(root, mlflow_server), environ={})
     store = open_store(run.spec.storage)
@@ -104,13 +104,13 @@ def tracked(mlflow_server, tmp_path_factory):
     patch.setenv("KFP_RUN_ID", KFP_RUN)
     started = time.monotonic()
     try:
-        with tracked_run(run):
+        with tracked_run(run):  # reads $KFP_RUN_ID; the rank and the report are given it
             publish_corpus(run, store, progress=False)
             embed_shard(run, store, 0)
             build_shard_index(run, store, 0)
-        patch.delenv("KFP_RUN_ID")
-        evaluate_rank(run, store, 0, 1, local_index=True, progress=False, kfp_run_id=KFP_RUN)
-        summary = build_report(run, store, kfp_run_id=KFP_RUN)
+            patch.delenv("KFP_RUN_ID")
+            evaluate_rank(run, store, 0, 1, local_index=True, progress=False, kfp_run_id=KFP_RUN)
+            summary = build_report(run, store, kfp_run_id=KFP_RUN)
     finally:
         patch.undo()
     return run, summary, root, time.monotonic() - started
