@@ -161,6 +161,7 @@ def build_full(accelerators: bool = True):
                 rank=r,
                 world_size=plan.outputs["world_size"],
                 index_service=index_service,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # ties the MLflow runs to this one
             )
             evaluate = gpu(observed(sized(with_store(evaluate, store_secret), "eval", sizes)))
             with_models_cache(evaluate, models)
@@ -169,7 +170,11 @@ def build_full(accelerators: bool = True):
             kubernetes.add_pod_label(evaluate, *INDEX_CLIENT_LABEL)
             evaluate.set_retry(num_retries=3, backoff_duration="60s")  # resumes per document
             evaluate.after(deploy)
-        summary = sized(with_store(report(spec=spec), store_secret), "report", sizes)
+        summary = sized(
+            with_store(report(spec=spec, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), store_secret),
+            "report",
+            sizes,
+        )
         summary.after(evaluate)
 
     return full

@@ -28,5 +28,12 @@ def smoke(spec: str, store_secret: str = "ttt-store") -> None:
     index = uncached(
         index_build(spec=spec, shard=0, embeddings=embed.outputs["manifest"]), store_secret
     )
-    evaluate = uncached(ttt_eval(spec=spec, rank=0, world_size=1).after(index), store_secret)
-    uncached(report(spec=spec), store_secret).after(evaluate)
+    evaluate = uncached(
+        ttt_eval(spec=spec, rank=0, world_size=1, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).after(
+            index
+        ),
+        store_secret,
+    )
+    uncached(report(spec=spec, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), store_secret).after(
+        evaluate
+    )

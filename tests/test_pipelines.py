@@ -486,3 +486,15 @@ def test_the_compiled_launch_script_execs_python(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("name", ["full.yaml", "full-cpu.yaml", "smoke.yaml"])
+def test_eval_and_report_get_the_kfp_run_id_for_mlflow(name):
+    """ttt-eval and report get the run's id (KFP resolves the placeholder at run time): their
+    MLflow runs are named and tagged with it, so a KFP run leads to its MLflow runs."""
+    spec, _ = _dag(name)
+    dags = [spec["root"]] + [c for c in spec["components"].values() if "dag" in c]
+    tasks = {k: t for d in dags for k, t in d["dag"]["tasks"].items()}
+    for task in ("ttt-eval", "report"):
+        given = tasks[task]["inputs"]["parameters"]["kfp_run_id"]
+        assert given == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}, (name, task)

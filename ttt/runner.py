@@ -27,6 +27,7 @@ from ttt.spec import TTTRun
 from ttt.stages import is_done, publish_corpus, shard_prefix
 from ttt.store import open_store
 from ttt.telemetry import start_metrics_server
+from ttt.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +332,6 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     Returns the report's summary. A re-run after a crash or Ctrl-C resumes: finished shards
     and ranks are skipped, and unfinished workers skip the documents they have done.
     """
-    from ttt.embed import embed_shard
-    from ttt.eval import rank_prefix
-    from ttt.index.build import build_shard_index
-    from ttt.report import build_report
-
     store = open_store(run.spec.storage)
     if run.spec.metrics.enabled:
         start_metrics_server(run.spec.metrics.port)
@@ -344,9 +340,20 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     # Children read the resolved spec, so every process sees exactly what this one saw.
     spec_path = work / "spec.yaml"
     spec_path.write_text(run.to_yaml())
-    shards, world = run.spec.corpus.shards, run.spec.eval.workers
-    started = time.monotonic()
+    # MLflow: the parent run exists before the workers nest theirs under it (ttt.tracking)
+    with tracked_run(run):
+        return _run_stages(run, store, work, spec_path, progress, time.monotonic())
 
+
+def _run_stages(
+    run: TTTRun, store: Any, work: Path, spec_path: Path, progress: bool, started: float
+) -> dict:
+    from ttt.embed import embed_shard
+    from ttt.eval import rank_prefix
+    from ttt.index.build import build_shard_index
+    from ttt.report import build_report
+
+    shards, world = run.spec.corpus.shards, run.spec.eval.workers
     _stage(f"corpus: {shards} shard(s) into {store.describe()}")
     publish_corpus(run, store, progress=progress)
     for stage, build in (("embed", embed_shard), ("index", build_shard_index)):

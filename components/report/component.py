@@ -13,9 +13,10 @@ def report(
     table: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
     page: dsl.Output[dsl.HTML],
+    kfp_run_id: str = "",
 ) -> None:
-    """Write report/ to the store; the summary, the table, the headline figures (run
-    comparison) and report.html (the UI's viewer) also as KFP artifacts."""
+    """Write report/ to the store; summary, table, headline figures (run comparison), report.html
+    (viewer) also as KFP artifacts, and to MLflow (spec.tracking) under KFP run `kfp_run_id`."""
     import json
 
     from ttt.report import build_report, headline_figures
@@ -23,7 +24,7 @@ def report(
     from ttt.store import open_store
 
     run = resolve_spec(spec)
-    result = build_report(run, open_store(run.spec.storage))
+    result = build_report(run, open_store(run.spec.storage), kfp_run_id=kfp_run_id or None)
     with open(summary.path, "w") as f:
         json.dump(result, f)
     with open(table.path, "w") as f:

@@ -13,12 +13,11 @@ def ttt_eval(
     world_size: int,
     results: dsl.Output[dsl.Artifact],
     index_service: str = "",
+    kfp_run_id: str = "",
 ) -> None:
-    """Evaluate rank `rank` of `world_size`; a retried pod skips the documents it finished.
-
-    `index_service` (the chart's headless Service, namespace-qualified) overrides
-    spec.retrieval.service, as TTT_RETRIEVAL__SERVICE would.
-    """
+    """Evaluate rank `rank` of `world_size` (a retried pod resumes). `index_service` (the chart's
+    headless Service, namespace-qualified) overrides spec.retrieval.service, as
+    TTT_RETRIEVAL__SERVICE would; `kfp_run_id` (the pipeline's run) ties the MLflow runs."""
     import json
     import os
 
@@ -30,6 +29,7 @@ def ttt_eval(
     if index_service:
         environ["TTT_RETRIEVAL__SERVICE"] = index_service
     run = resolve_spec(spec, environ)
-    result = evaluate_rank(run, open_store(run.spec.storage), rank, world_size)
+    store, kfp = open_store(run.spec.storage), kfp_run_id or None
+    result = evaluate_rank(run, store, rank, world_size, kfp_run_id=kfp)
     with open(results.path, "w") as f:
         json.dump(result, f)

@@ -20,6 +20,7 @@ from ttt.eval.records import (
 from ttt.eval.retrieve import needs_neighbors
 from ttt.eval.sample import partition, select_test_documents, split_for
 from ttt.progress import PROGRESS_FILE_ENV, WorkProgress
+from ttt.tracking import tracked_rank
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def evaluate_rank(
     local_index: bool = False,
     progress_seconds: float = 30.0,
     state_seconds: float = 300.0,
+    kfp_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one rank's test documents; resumable, one record per document; the manifest.
 
@@ -71,7 +73,38 @@ def evaluate_rank(
     the run's shard servers answer (or, with `local_index`, its shards loaded in-process).
     Progress moves within a document too (neighbors, steps, ETA): on the bar on a terminal,
     else in a log line at most every `progress_seconds`.
+
+    With spec.tracking.mlflow, the rank is an MLflow run nested under the run's parent: the
+    resolved spec as params, bits per byte per task and checkpoint as metrics, tied to the KFP
+    run `kfp_run_id` (default: $KFP_RUN_ID); a tracking server that is down is a warning,
+    never a failed rank (ttt.tracking).
     """
+    prefix = rank_prefix(run, rank)
+    with tracked_rank(run, store, rank, world_size, prefix, kfp_run_id) as outcome:
+        outcome["manifest"] = _evaluate_rank(
+            run, store, rank, world_size, retriever=retriever, lm=lm, work_dir=work_dir,
+            flush_seconds=flush_seconds, progress=progress, local_index=local_index,
+            progress_seconds=progress_seconds, state_seconds=state_seconds,
+        )  # fmt: skip
+    return outcome["manifest"]
+
+
+def _evaluate_rank(
+    run: Any,
+    store: Any,
+    rank: int,
+    world_size: int,
+    *,
+    retriever: Any,
+    lm: tuple[Any, Any] | None,
+    work_dir: str | Path | None,
+    flush_seconds: float,
+    progress: bool,
+    local_index: bool,
+    progress_seconds: float,
+    state_seconds: float,
+) -> dict[str, Any]:
+    """evaluate_rank's work, without the tracking around it."""
     spec_hash = run.stage_hash("eval")
     prefix = rank_prefix(run, rank)
     split = split_for(run)  # strided per task with a carried optimizer, as the reference

@@ -18,6 +18,7 @@ from ttt.report.plots import plot_before_after, plot_bpb_vs_neighbors
 from ttt.report.summary import finite, summarize
 from ttt.report.table import format_table
 from ttt.store import StoreError
+from ttt.tracking import tracker
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,15 @@ def build_report(
     out_dir: str | Path | None = None,
     allow_incomplete: bool = False,
     compare: Sequence[tuple[Any, Any]] = (),
+    kfp_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Merge the ranks, write summary.json, table.md, the two plots and report.html to `report/`.
 
     Refuses (ResultsError naming the rank) unless every rank finished and its results match
     its manifest; `allow_incomplete` reports what is there, marked "complete": false. With
     `compare` ((run, store) of other runs, e.g. SIFT), the page shows their picks of each
-    test document beside this run's.
+    test document beside this run's. With spec.tracking.mlflow, the figures and files also go
+    to the run's MLflow parent run (of KFP run `kfp_run_id`, default $KFP_RUN_ID).
     """
     records, facts = read_results(run, store, allow_incomplete=allow_incomplete)
     if not records:
@@ -164,6 +167,9 @@ def build_report(
         {name: out / name for name in REPORT_FILES},
         {"stage": "report", "spec_hash": run.stage_hash("report"), "documents": len(records)},
     )
+    # MLflow (spec.tracking.mlflow): figures and files on the run's parent; never fails here
+    if (tracked := tracker(run, kfp_run_id)) is not None:
+        tracked.log_report(finite(summary), {name: out / name for name in REPORT_FILES})
     summary["local_dir"] = str(out)
     summary["table_markdown"] = format_table(summary)
     return summary

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ttt.spec.run import TTTRun
 from ttt.spec.sections import ENV_PREFIX, Metadata, RunSpec, SpecError, StorageSpec
@@ -40,16 +40,34 @@ def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> list[str]:
             path = ["spec", alias]
         else:
             continue  # other TTT_ variables (credentials, log level) are not spec fields
-        if len(parts) != 2 or not isinstance(target, dict):
+        if len(parts) < 2 or not isinstance(target, dict):
             errors.append(f"{var}: expected {ENV_PREFIX}<SECTION>__<FIELD>")
             continue
-        fields = {_normalise(n): (f.alias or n) for n, f in model.model_fields.items()}
-        key = fields.get(_normalise(parts[1]))
-        if key is None:
-            errors.append(f"{var}: {'.'.join(path)} has no field '{parts[1]}'")
-            continue
-        target[key] = yaml.safe_load(value) if value != "" else None
+        # a nested section's field: TTT_TRACKING__MLFLOW__TRACKING_URI
+        for i, part in enumerate(parts[1:], 1):
+            fields = {_normalise(n): (n, f) for n, f in model.model_fields.items()}
+            name, info = fields.get(_normalise(part), (None, None))
+            if info is None:
+                errors.append(f"{var}: {'.'.join(path)} has no field '{part}'")
+                break
+            key = info.alias or name
+            if i == len(parts) - 1:
+                target[key] = yaml.safe_load(value) if value != "" else None
+                break
+            inner = _section_of(info.annotation)
+            if inner is None or not isinstance(target.setdefault(key, {}), dict):
+                errors.append(f"{var}: {'.'.join([*path, key])} is not a section")
+                break
+            target, model, path = target[key], inner, [*path, key]
     return errors
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a nested section field (`MlflowSpec | None` -> MlflowSpec)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

@@ -21,6 +21,9 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "report": ("corpus", "embedding", "index", "retrieval", "ttt", "eval"),
 }
 
+# The sections outside every stage's inputs (storage, metrics, tracking) are operational as a
+# whole: where artifacts, metrics and MLflow runs go never changes a figure.
+
 # Operational fields: how a stage's output is served or reached, never what it contains.
 # They stay out of every stage hash, so scaling the index servers (`helm upgrade --set
 # index.replicas=3`) or giving retrieval a longer timeout neither makes the servers refuse

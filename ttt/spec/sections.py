@@ -1,4 +1,4 @@
-"""The sections of a run spec (corpus, embedding, index, retrieval, ttt, eval, storage, metrics) and their field rules."""
+"""The sections of a run spec (corpus, embedding, index, retrieval, ttt, eval, storage, metrics, tracking) and their field rules."""
 
 from __future__ import annotations
 
@@ -241,6 +241,40 @@ class MetricsSpec(Section):
     pushgateway: str | None = None
 
 
+class MlflowSpec(Section):
+    """MLflow experiment tracking: where the resolved spec, bits per byte and report go."""
+
+    tracking_uri: str = Field(
+        description="the tracking server, e.g. http://mlflow.mlflow:5000 (or any URI MLflow takes)"
+    )
+    experiment: str = Field("ttt-nn", min_length=1, max_length=500)
+    run_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=250,
+        description="the run's name; default <metadata.name>-<eval hash>[-kfp-<KFP run id>]",
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on every run")
+    timeout_seconds: int = Field(10, ge=1, le=600, description="one HTTP request's limit")
+    retries: int = Field(
+        1, ge=0, le=10, description="HTTP retries; a server still down is a warning, not a failure"
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_uri(cls, value: str) -> str:
+        value = value.strip()
+        if "://" not in value and value not in ("databricks", "databricks-uc"):
+            raise ValueError("expected a URI such as http://mlflow:5000")
+        return value
+
+
+class TrackingSpec(Section):
+    """Experiment trackers; none unless configured. They never change a result (no hash)."""
+
+    mlflow: MlflowSpec | None = None
+
+
 class RunSpec(Section):
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
@@ -250,6 +284,7 @@ class RunSpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
 
 class Metadata(Section):
