@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "run",
     "bench",
     "plan",
+    "rehearse",
 ]
 
 EPILOG = """examples:
