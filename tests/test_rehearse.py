@@ -59,10 +59,19 @@ def test_a_pods_environment_is_only_what_its_manifest_and_image_give():
         {"name": "E", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]}  # fmt: skip
     env = environment(_pod({"containers": [container]}), container, objects)
-    assert {k: env[k] for k in "ABCDE"} == {"A": "a", "B": "v", "C": "y", "D": "a", "E": "10.244.1.2"}
+    assert {k: env[k] for k in "ABCDE"} == {
+        "A": "a",
+        "B": "v",
+        "C": "y",
+        "D": "a",
+        "E": "10.244.1.2",
+    }
     assert env["KUBERNETES_SERVICE_HOST"] == "10.244.2.3" and "TTT_S3_ACCESS_KEY" not in env
     assert command(container, env) == ["ttt", "eval", "a"]  # ENTRYPOINT + args, $(A) expanded
-    missing = {**container, "env": [{"name": "B", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}}]}
+    missing = {
+        **container,
+        "env": [{"name": "B", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}}],
+    }
     with pytest.raises(PodError, match="secret ttt/nope not found"):
         environment(_pod({"containers": [missing]}), missing, objects)
 
@@ -100,7 +109,9 @@ def test_the_api_stand_in_authorizes_by_the_charts_roles():
     assert api.allowed(kfp, "get", "", "configmaps", "ttt", "ttt-run")
     assert not api.allowed(kfp, "delete", "apps", "statefulsets", "ttt", "ttt-index")
     assert not api.allowed(kfp, "get", "", "configmaps", "ttt", "other")
-    assert not api.allowed(("kubeflow", "default"), "get", "apps", "statefulsets", "ttt", "ttt-index")
+    assert not api.allowed(
+        ("kubeflow", "default"), "get", "apps", "statefulsets", "ttt", "ttt-index"
+    )
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
 
 
@@ -124,7 +135,39 @@ def test_the_demo_rehearses_with_the_cpu_values(tmp_path):
     logs = sorted(p.name for p in (work / "logs").glob("*.log"))
     for name in ("ttt_ttt-index-0.log", "ttt_ttt-index-1.log"):
         assert name in logs, logs
-    for task in ("corpus-shard", "shard-embed", "index-build", "deploy-index", "ttt-eval", "report"):
+    for task in (
+        "corpus-shard",
+        "shard-embed",
+        "index-build",
+        "deploy-index",
+        "ttt-eval",
+        "report",
+    ):
         assert any(n.startswith(f"kubeflow_{task}-") for n in logs), (task, logs)
     pod = json.loads(next((work / "pods").glob("ttt_ttt-index-0.json")).read_text())
     assert pod["readOnlyRoot"] and pod["uid"] == 10001 and "TTT_S3_ACCESS_KEY" not in pod["env"]
+
+
+def test_a_task_pod_gets_what_its_platform_spec_declares():
+    """deploy-index and ttt-eval as KFP's driver makes their pods from full-cpu.yaml: the
+    store Secret's keys as env (the loop's `pipelinechannel--store_secret` resolved to the
+    run's `store_secret`), the auth Secret as a volume, the labels, the KFP account."""
+    from types import SimpleNamespace
+
+    from ttt.rehearse.network import Node
+    from ttt.rehearse.pipeline import TaskPods, read_pipeline
+
+    spec, platform = read_pipeline(ROOT / "pipelines" / "full-cpu.yaml")
+    cluster = SimpleNamespace(run_id="r1", node=Node())
+    tasks = TaskPods(
+        cluster, spec, platform, {"store_secret": "ttt-store", "auth_secret": "ttt-auth"}
+    )
+    image = spec["deploymentSpec"]["executors"]["exec-deploy-index"]["container"]["image"]
+    deploy = tasks.pod("exec-deploy-index", image, ["sh", "-c", "x"], {"store_secret": "ttt-store"})
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in deploy.container["env"]}
+    assert env["TTT_S3_ACCESS_KEY"] == {"name": "ttt-store", "key": "accesskey", "optional": False}
+    assert deploy.namespace == "kubeflow" and deploy.spec["serviceAccountName"] == "pipeline-runner"
+    evaluate = tasks.pod("exec-ttt-eval", image, ["sh", "-c", "x"], {})
+    assert evaluate.spec["volumes"][0]["secret"]["secretName"] == "ttt-auth"
+    assert evaluate.container["volumeMounts"][0]["mountPath"] == "/var/run/ttt/token"
+    assert evaluate.labels["ttt.dev/index-client"] == "true"

@@ -143,7 +143,8 @@ class ApiServer:
 
     def handle(self, h: BaseHTTPRequestHandler, verb: str) -> None:
         path = h.path.split("?")[0]
-        token = h.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, token = h.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""  # the client sends "bearer"
         user = self.tokens.get(token)
         self.requests.append(f"{verb.upper()} {path} as {user}")
         if user is None:

@@ -159,3 +159,12 @@ class Cluster:
         if self.store:
             self.store.close()
         self.node.down()
+        # The mount points the pods made on the node's file system, deepest first.
+        made = set()
+        for record in (p for p in (self.workdir / "created").glob("*") if p.is_file()):
+            made |= set(filter(None, record.read_text().splitlines()))
+        for path in sorted(made, key=lambda p: -p.count("/")):
+            try:
+                Path(path).rmdir()
+            except OSError:
+                pass

@@ -71,8 +71,8 @@ class RunningPod:
         out.write(f"[rehearsal] start {' '.join(spec['argv'])}\n")
         out.flush()
         return subprocess.Popen(
-            ["ip", "netns", "exec", self._netns, sys.executable, "-m", "ttt.rehearse.podproc",
-             str(path)],
+            ["ip", "netns", "exec", self._netns, "unshare", "--uts", "--", sys.executable,
+             "-m", "ttt.rehearse.podproc", str(path)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
@@ -96,6 +96,8 @@ class RunningPod:
                     break
                 if self.restart == "Never":
                     break
+            elif self.restart == "Never":  # a task pod that cannot start fails (KFP's view)
+                break
             failures += 1
             self._stop.wait(BACKOFF_S[min(failures - 1, len(BACKOFF_S) - 1)])
         self._done.set()

@@ -51,6 +51,7 @@ class Node:
     _services: dict[str, str] = field(default_factory=dict)  # "name.namespace" -> IP
     _names: list[tuple[str, str, str | None]] = field(default_factory=list)  # ip, name, ns
     _netns: list[str] = field(default_factory=list)
+    _made: int = 0  # namespaces made so far: names and veths are never reused
 
     def up(self) -> None:
         ip("link", "add", BRIDGE, "type", "bridge")
@@ -95,7 +96,8 @@ class Node:
 
     def pod_netns(self, key: str, namespace: str, hostname: str) -> str:
         """A fresh network namespace for pod `key` (its veth on the bridge, its /etc/hosts)."""
-        index = len(self._netns)
+        index = self._made
+        self._made += 1
         name = f"{self.tag}-{index}"
         address = self.pod_ip(key)
         host_end, pod_end = f"vh{self.tag[-6:]}{index}"[-15:], f"vp{index}"

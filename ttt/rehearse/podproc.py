@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,10 @@ def mount_volume(m: dict[str, Any], fs_group: int | None, created: list[str]) ->
     kubelet would evict), a Secret/ConfigMap a tmpfs holding its keys, a claim a bind mount."""
     path = m["path"]
     _mountpoint(path, created)
-    if m["kind"] == "bind":
-        _mount("--bind", m["source"], path)
+    if m["kind"] == "bind":  # from the source opened before any mount could hide it
+        fd = m["fd"]
+        subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path], check=True,
+                       capture_output=True, pass_fds=(fd,))  # fmt: skip
     else:
         size = f",size={m['size']}" if m.get("size") else ""
         _mount("-t", "tmpfs", "-o", f"mode={m.get('mode', 0o1777):o}{size}", "tmpfs", path)
@@ -55,6 +58,28 @@ def mount_volume(m: dict[str, Any], fs_group: int | None, created: list[str]) ->
         _mount("-o", "remount,bind,ro", path)
 
 
+def reachable(paths: list[str], staging: str) -> None:
+    """The image's user must reach the interpreter and the code (in an image, /opt/venv).
+    Where a folder on the way is closed to others (root's home holding pyenv), this pod sees
+    a traversable empty folder there with just the needed child bound back in."""
+    done = set()
+    for path in paths:
+        parts = Path(path).parts
+        for depth in range(1, len(parts) - 1):
+            folder, child = Path(*parts[: depth + 1]), parts[depth + 1]
+            if os.stat(folder).st_mode & 0o001:
+                continue
+            if (folder, child) not in done:
+                stage = Path(staging) / f"{len(done)}"
+                stage.mkdir(parents=True, exist_ok=True)
+                _mount("--bind", str(folder / child), str(stage))
+                _mount("-t", "tmpfs", "-o", "mode=0711", "tmpfs", str(folder))
+                (folder / child).mkdir()
+                _mount("--move", str(stage), str(folder / child))
+                done.add((folder, child))
+            break
+
+
 def lock_root(volumes: list[str]) -> None:
     """readOnlyRootFilesystem: every mount but the kernel's and the pod's volumes turns
     read-only in this mount namespace (the host's stay as they are)."""
@@ -72,11 +97,18 @@ def lock_root(volumes: list[str]) -> None:
 
 def main(path: str) -> None:
     pod = json.loads(Path(path).read_text())
+    socket.sethostname(pod["hostname"])  # its own UTS namespace: the pod's name
     created: list[str] = []
     fs_group = pod.get("fsGroup")
+    record = open(pod["created"], "w")  # noqa: SIM115 - before the mounts may hide its folder
+    reachable(pod["reachable"], pod["staging"])
+    for m in pod["mounts"]:
+        if m["kind"] == "bind":
+            m["fd"] = os.open(m["source"], os.O_PATH | os.O_DIRECTORY)
     for m in pod["mounts"]:
         mount_volume(m, fs_group, created)
-    Path(pod["created"]).write_text("\n".join(created))
+    record.write("\n".join(created))
+    record.close()
     if pod.get("readOnlyRoot"):
         lock_root([m["path"] for m in pod["mounts"]])
     gid, uid = pod.get("gid"), pod.get("uid")

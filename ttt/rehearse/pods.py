@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 from ttt.errors import TTTError
 from ttt.rehearse.images import image_for
 
+CODE = str(Path(__file__).resolve().parents[2])  # this checkout: the images' installed code
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
 
@@ -192,6 +195,8 @@ def volume_source(pod: Pod, volume: dict[str, Any], objects: Objects) -> dict[st
         except PodError as exc:
             raise PodError(f"{where}: {exc}") from None
         return {"kind": "files", "files": files}
+    if "hostPath" in volume:
+        return {"kind": "bind", "source": volume["hostPath"]["path"]}
     if "persistentVolumeClaim" in volume:
         claim = pod.claims.get(volume["name"])
         if claim is None:
@@ -211,6 +216,8 @@ def mounts(pod: Pod, container: dict[str, Any], objects: Objects) -> list[dict[s
         {"path": "/tmp", "kind": "tmpfs", "mode": 0o1777},
     ]
     volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+    taken = {m["mountPath"] for m in container.get("volumeMounts", [])}
+    out = [m for m in out if m["path"] not in taken]  # a volume there replaces the image's
     for m in container.get("volumeMounts", []):
         if m["name"] not in volumes:
             raise PodError(f"pod {pod.name}: volumeMount {m['name']!r} names no volume")
@@ -250,6 +257,7 @@ def process(pod: Pod, objects: Objects, created_file: Path) -> dict[str, Any]:
     env = environment(pod, container, objects)
     return {
         "name": f"{pod.namespace}/{pod.name}",
+        "hostname": pod.hostname,
         "mounts": mounts(pod, container, objects),
         "readOnlyRoot": bool(ctx.get("readOnlyRootFilesystem")),
         "uid": uid,
@@ -259,4 +267,6 @@ def process(pod: Pod, objects: Objects, created_file: Path) -> dict[str, Any]:
         "cwd": container.get("workingDir", image.workdir),
         "argv": command(container, env),
         "created": str(created_file),
+        "reachable": sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, CODE)}),
+        "staging": str(created_file.parent.parent / "staging" / f"{pod.namespace}_{pod.name}"),
     }

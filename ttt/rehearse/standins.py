@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -12,8 +13,7 @@ from pathlib import Path
 from ttt.errors import TTTError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "getting-started.md"
-READ_ONLY = ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "s3:ListBucketVersions",
-             "s3:GetBucketLocation", "s3:HeadBucket"]  # fmt: skip
+READ_ONLY = ["s3:Get*", "s3:List*", "s3:HeadBucket"]  # read and list, never write
 
 
 class StandInError(TTTError, RuntimeError):
@@ -36,8 +36,14 @@ class ObjectStore:
     the docs' read-write pair, and a read-only pair allowed to read and list only."""
 
     def __init__(self, address: str, port: int, buckets: list[str]) -> None:
+        # Path-style only, as MinIO: moto would read "minio-service" in the Host header
+        # minio-service.kubeflow:9000 as a virtual-hosted bucket name.
+        os.environ["S3_IGNORE_SUBDOMAIN_BUCKETNAME"] = "true"
         import boto3
+        import moto.s3.utils
         from moto.server import ThreadedMotoServer
+
+        moto.s3.utils.S3_IGNORE_SUBDOMAIN_BUCKETNAME = "true"
 
         self.server = ThreadedMotoServer(ip_address=address, port=port, verbose=False)
         self.server.start()
