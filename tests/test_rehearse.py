@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +124,7 @@ def test_the_demo_rehearses_with_the_cpu_values(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "ttt", "rehearse", "--values", "charts/ttt/values-cpu.yaml",
          "--spec", "examples/demo.yaml", "--slice", "400", "--workdir", str(work)],
-        cwd=ROOT, capture_output=True, text=True, timeout=3000, env={**os.environ},
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=3000,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
     assert "ttt rehearse: passed" in done.stdout
