@@ -41,6 +41,7 @@ COMMANDS = [
     ["models"],
     ["models", "push"],
     ["models", "show"],
+    ["rehearse"],
 ]
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "bench",
     "plan",
     "models",
+    "rehearse",
 ]
 
 EPILOG = """examples:
