@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +21,9 @@ def _isolated(argv: list[str]) -> int:
               "network and mount namespaces", file=sys.stderr)  # fmt: skip
         return 2
     env = {**os.environ, INSIDE: "1"}
-    cmd = ["unshare", "--net", "--mount", "--propagation", "private", "--",
+    cmd = [shutil.which("unshare") or "/usr/bin/unshare", "--net", "--mount", "--propagation", "private", "--",
            sys.executable, "-m", "ttt", *argv]  # fmt: skip
-    return os.spawnvpe(os.P_WAIT, "unshare", cmd, env)
+    return subprocess.call(cmd, env=env)
 
 
 def _rehearse(args: argparse.Namespace) -> int:

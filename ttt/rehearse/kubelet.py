@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from ttt.rehearse.network import Node
+from ttt.rehearse.network import IP, UNSHARE, Node
 from ttt.rehearse.pods import Objects, Pod, PodError, process
 
 BACKOFF_S = (10, 20, 40, 80, 160, 300)  # the kubelet's CrashLoopBackOff steps
@@ -71,7 +71,7 @@ class RunningPod:
         out.write(f"[rehearsal] start {' '.join(spec['argv'])}\n")
         out.flush()
         return subprocess.Popen(
-            ["ip", "netns", "exec", self._netns, "unshare", "--uts", "--", sys.executable,
+            [IP, "netns", "exec", self._netns, UNSHARE, "--uts", "--", sys.executable,
              "-m", "ttt.rehearse.podproc", str(path)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,

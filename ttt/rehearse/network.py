@@ -19,6 +19,10 @@ NODE_IP = "10.244.0.1"
 POD_NET = ipaddress.ip_network("10.244.1.0/24")
 SERVICE_NET = ipaddress.ip_network("10.244.2.0/24")
 DOMAIN = "cluster.local"
+# Absolute paths: the node runs them as root.
+IP = shutil.which("ip") or "/usr/sbin/ip"
+MOUNT = shutil.which("mount") or "/usr/bin/mount"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 
 
 class NetworkError(TTTError, RuntimeError):
@@ -27,7 +31,7 @@ class NetworkError(TTTError, RuntimeError):
 
 def ip(*args: str, netns: str | None = None) -> None:
     """Run `ip ARGS` (in `netns` when given); a failure names the command."""
-    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    cmd = [IP, *(["-n", netns] if netns else []), *args]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode:
         raise NetworkError(f"{' '.join(cmd)}: {done.stderr.strip()}")
@@ -60,11 +64,11 @@ class Node:
         # ip netns exec bind-mounts /etc/netns/NAME/* over /etc/*: a pod's hosts file. A tmpfs
         # here (the rehearsal has its own mount namespace) leaves the host's /etc untouched.
         Path("/etc/netns").mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/etc/netns"], check=True)
+        subprocess.run([MOUNT, "-t", "tmpfs", "tmpfs", "/etc/netns"], check=True)
 
     def down(self) -> None:
         for name in self._netns:
-            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+            subprocess.run([IP, "netns", "delete", name], check=False, capture_output=True)
         self._netns.clear()
 
     def pod_ip(self, key: str) -> str:
@@ -120,7 +124,7 @@ class Node:
 
     def drop_netns(self, name: str) -> None:
         if name in self._netns:
-            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+            subprocess.run([IP, "netns", "delete", name], check=False, capture_output=True)
             self._netns.remove(name)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 

@@ -120,7 +120,7 @@ class TaskPods:
         # The launcher's output folders are the pod user's to write, as in the pod's own FS.
         os.makedirs(pipeline_root, exist_ok=True)
         for root, _, _ in os.walk(pipeline_root):
-            os.chmod(root, 0o777)
+            os.chmod(root, 0o777)  # nosec B103 - the pod user's, as in its own file system
         running = RunningPod(pod, self.cluster.node, self.cluster.objects,
                              self.cluster.workdir, restart="Never")  # fmt: skip
         self.pods.append(running.start())

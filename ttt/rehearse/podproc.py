@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 # Kernel file systems and the device tree stay as the runtime gives them (as a container's).
+# Absolute paths: the pod runs them as root before it drops to its user.
+MOUNT = shutil.which("mount") or "/usr/bin/mount"
 KEEP_WRITABLE = ("/proc", "/sys", "/dev")
 
 
 def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
+    subprocess.run([MOUNT, *args], check=True, capture_output=True)
 
 
 def _mountpoint(path: str, created: list[str]) -> None:
@@ -37,7 +40,7 @@ def mount_volume(m: dict[str, Any], fs_group: int | None, created: list[str]) ->
     _mountpoint(path, created)
     if m["kind"] == "bind":  # from the source opened before any mount could hide it
         fd = m["fd"]
-        subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path], check=True,
+        subprocess.run([MOUNT, "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path], check=True,
                        capture_output=True, pass_fds=(fd,))  # fmt: skip
     else:
         size = f",size={m['size']}" if m.get("size") else ""
@@ -92,7 +95,7 @@ def lock_root(volumes: list[str]) -> None:
             continue
         points.append(point)
     for point in points:
-        subprocess.run(["mount", "-o", "remount,bind,ro", point], check=False, capture_output=True)
+        subprocess.run([MOUNT, "-o", "remount,bind,ro", point], check=False, capture_output=True)
 
 
 def main(path: str) -> None:
@@ -123,7 +126,8 @@ def main(path: str) -> None:
     except OSError as exc:
         sys.exit(f"pod {pod['name']}: working directory {pod['cwd']}: {exc}")
     try:
-        os.execvpe(pod["argv"][0], pod["argv"], env)
+        # the container's own command, as a runtime starts it (no shell)
+        os.execvpe(pod["argv"][0], pod["argv"], env)  # nosec B606
     except OSError as exc:  # as a runtime's "executable file not found in $PATH"
         sys.exit(f"pod {pod['name']}: exec {pod['argv'][0]}: {exc}")
 

@@ -213,7 +213,7 @@ def mounts(pod: Pod, container: dict[str, Any], objects: Objects) -> list[dict[s
     uid = image.user[0] if image.user else 0
     out: list[dict[str, Any]] = [
         {"path": image.env.get("HOME", "/root"), "kind": "tmpfs", "mode": 0o755, "owner": uid},
-        {"path": "/tmp", "kind": "tmpfs", "mode": 0o1777},
+        {"path": "/tmp", "kind": "tmpfs", "mode": 0o1777},  # nosec B108 - the pod's own
     ]
     volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
     taken = {m["mountPath"] for m in container.get("volumeMounts", [])}

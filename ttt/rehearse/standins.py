@@ -49,7 +49,7 @@ class ObjectStore:
         self.server.start()
         self.endpoint = f"http://{address}:{port}"
         setup = {"endpoint_url": self.endpoint, "region_name": "us-east-1",
-                 "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}  # fmt: skip
+                 "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}  # fmt: skip # nosec B105
         iam, s3 = boto3.client("iam", **setup), boto3.client("s3", **setup)
         pairs = []
         for user, actions in (("ttt-store", ["s3:*"]), ("ttt-store-readonly", READ_ONLY)):
