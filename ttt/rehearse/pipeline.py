@@ -282,12 +282,17 @@ def run_pipeline(task_pods: TaskPods, path: Path, pipeline_root: Path) -> bool:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)  # fmt: skip
     pipeline = components.load_component_from_file(str(path))
+    import builtins
+
+    plain_print = builtins.print  # kfp indents print per task; parallel loop tasks race on it
     with pods_for_tasks(task_pods):
         try:
             pipeline(**task_pods.arguments)
         except RuntimeError as exc:  # the orchestrator's "task failed"
             task_pods.error = str(exc)
             return False
+        finally:
+            builtins.print = plain_print
     from kfp.local import status
 
     ok = task_pods.status == status.Status.SUCCESS

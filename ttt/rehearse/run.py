@@ -20,6 +20,7 @@ from ttt.errors import TTTError
 from ttt.rehearse.cluster import Cluster
 from ttt.rehearse.network import ip
 from ttt.rehearse.pipeline import TaskPods, read_pipeline, run_pipeline
+from ttt.report.table import format_table
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, NAMESPACE = "ttt", "ttt"
@@ -174,13 +175,8 @@ def compare(reference: dict[str, Any], rehearsed: dict[str, Any]) -> list[str]:
                 f"{y:.3f}" if isinstance(y, float) else y
             ):
                 diffs.append(f"{task} {key}: ttt run {x} vs rehearsal {y}")
-    if not diffs and reference.get("table_markdown") != rehearsed.get("table_markdown"):
-        diffs.append(
-            "the tables differ:\n"
-            + reference["table_markdown"]
-            + "\n"
-            + rehearsed["table_markdown"]
-        )
+    if not diffs and format_table(reference) != format_table(rehearsed):
+        diffs.append(f"the tables differ:\n{format_table(reference)}\n{format_table(rehearsed)}")
     return diffs
 
 
@@ -250,7 +246,7 @@ def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None
             summary = json.loads(
                 open_store(run.spec.storage).get_bytes(f"{run.prefix}/report/summary.json")
             )
-            result.table = summary.get("table_markdown", "")
+            result.table = format_table(summary)
             if expected is None:
                 result.notes.append("not compared with `ttt run` (--skip-reference)")
             else:
