@@ -108,8 +108,15 @@ def main(path: str) -> None:
     for m in pod["mounts"]:
         if m["kind"] == "bind":
             m["fd"] = os.open(m["source"], os.O_PATH | os.O_DIRECTORY)
+    # The interpreter and the code stay visible where a pod's volume (its own /tmp) covers them.
+    code = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in pod["reachable"]}
     for m in pod["mounts"]:
         mount_volume(m, fs_group, created)
+    covered = [p for p in sorted(code) if any(p.startswith(m["path"].rstrip("/") + "/")
+                                              for m in pod["mounts"])]  # fmt: skip
+    for where in covered:  # the outermost of them (the code holds the venv)
+        if not any(where.startswith(done + "/") for done in covered if done != where):
+            mount_volume({"path": where, "kind": "bind", "fd": code[where]}, None, [])
     record.write("\n".join(created))
     record.close()
     if pod.get("readOnlyRoot"):
