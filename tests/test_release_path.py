@@ -14,6 +14,7 @@ import yaml
 from release_path import DIGESTS, GETTING_STARTED, REGISTRY, ROOT, build_release
 
 from pipelines.compile import NAMES
+from ttt.rehearse.run import deep_merge  # Helm's merge of values files
 
 STAGE = re.compile(r"/ttt-(\w+)@")
 
@@ -43,14 +44,6 @@ def test_release_pipelines_are_the_committed_ones_pinned_by_digest(user, name):
         assert image == f"{REGISTRY}/ttt-{stage}@{DIGESTS[stage]}", executor
         body["container"]["image"] = executors(committed[0])[executor]["container"]["image"]
     assert released == committed
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merge(out[key], value) if both else value
-    return out
 
 
 def set_value(values: dict, path: str, value: str) -> dict:
@@ -86,7 +79,7 @@ def test_the_documented_helm_install_pulls_the_released_images(user):
             if path == "my-values.yaml":
                 continue  # the user's own spec under `run:`; the chart's default stands in
             where = user / path if path.startswith("release/") else ROOT / path
-            values = merge(values, yaml.safe_load(where.read_text(encoding="utf-8")))
+            values = deep_merge(values, yaml.safe_load(where.read_text(encoding="utf-8")))
         elif word == "--set":
             values = set_value(values, *words[i + 1].split("=", 1))
     docs = objects(render(values))
