@@ -588,7 +588,9 @@ def test_a_pod_monitor_scrapes_the_kfp_pods(rendered) -> None:
         METRICS_LABEL[0]: METRICS_LABEL[1],
     }
     assert kfp["podMetricsEndpoints"][0]["portNumber"] == 9090
-    # The dashboard's `run` variable: every monitor maps a pod label to `run`.
+    # The dashboard's `run` variable: no monitor maps a pod label to `run` (the series carry
+    # the TTTRun's name themselves; tests/test_dashboard.py scrapes through these relabelings);
+    # the pipeline's pods keep KFP's run id as `kfp_run`.
     endpoints = [
         e
         for m in (
@@ -598,7 +600,10 @@ def test_a_pod_monitor_scrapes_the_kfp_pods(rendered) -> None:
         for e in m["spec"].get("podMetricsEndpoints", m["spec"].get("endpoints", []))
     ]
     assert len(endpoints) == 3
-    assert all(r["targetLabel"] == "run" for e in endpoints for r in e["relabelings"])
+    assert not [r for e in endpoints for r in e.get("relabelings", []) if r["targetLabel"] == "run"]
+    assert kfp["podMetricsEndpoints"][0]["relabelings"] == [
+        {"sourceLabels": ["__meta_kubernetes_pod_label_pipeline_runid"], "targetLabel": "kfp_run"}
+    ]
 
 
 def test_notes_state_the_kfp_backend_and_the_rbac() -> None:

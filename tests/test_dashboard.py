@@ -4,6 +4,8 @@ Prometheus (and the Pushgateway) are the Debian packages `prometheus` and
 `prometheus-pushgateway`; `make test` installs them (scripts/install-servers). Prometheus
 scrapes, every second, a running `ttt serve` shard server, a running `ttt eval` worker and
 this test process while it embeds the shard; each panel's PromQL must then answer through /api/v1/query.
+The server and the worker are scraped with the relabelings of the chart's rendered monitors,
+as a chart index pod and a KFP pipeline pod (their pod labels as service discovery gives them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helm_chart import by_kind, objects, render
 from index_shards import TOKEN, free_port, start_server, stop, wait_ready
 from prometheus_client import start_http_server
 from tiny_run import tiny_spec
@@ -38,8 +41,9 @@ DASHBOARD = ROOT / "charts" / "ttt" / "dashboards" / "ttt.json"
 RUN = "dash"
 
 # What Grafana puts in for the dashboard's variables before it sends a query: every
-# namespace and run (the local Prometheus's series have neither label), 1m rate windows.
-VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": ".*"}
+# namespace (the local Prometheus's series have none), the run's name, 1m rate windows.
+VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$run": RUN}
+KFP_RUN = "6f0c2a1e-kfp-run-id"
 
 
 def binary(name: str) -> str:
@@ -118,12 +122,28 @@ def pushgateway() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def prometheus(tmp: Path, targets: dict[str, str], gateway: str) -> Iterator[str]:
-    """Prometheus on a loopback port scraping `targets` (job -> host:port) every second."""
-    jobs = [
-        {"job_name": job, "static_configs": [{"targets": [target]}]}
-        for job, target in targets.items()
-    ]
+def prometheus(
+    tmp: Path,
+    targets: dict[str, str],
+    gateway: str,
+    pods: dict[str, tuple[dict, list]] | None = None,
+) -> Iterator[str]:
+    """Prometheus on a loopback port scraping `targets` (job -> host:port) every second.
+
+    `pods` gives a job the meta labels its pod would have under Kubernetes service discovery
+    and the relabel configs to apply to them (from a rendered monitor).
+    """
+    pods = pods or {}
+    jobs = []
+    for job, target in targets.items():
+        meta, relabel = pods.get(job, ({}, []))
+        jobs.append(
+            {
+                "job_name": job,
+                "static_configs": [{"targets": [target], "labels": meta}],
+                "relabel_configs": relabel,
+            }
+        )
     jobs.append(
         {
             "job_name": "pushgateway",
@@ -160,6 +180,14 @@ def query(prom: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def series(prom: str, match: str) -> list[dict[str, str]]:
+    """The label sets of every series `match` selects, over the last ten minutes."""
+    params = {"match[]": match, "start": str(time.time() - 600)}
+    body = httpx.get(f"{prom}/api/v1/series", params=params, timeout=5).json()
+    assert body["status"] == "success", f"{match}: {body.get('error')}"
+    return body["data"]
+
+
 def has_data(result: list[dict]) -> bool:
     """A non-empty vector with a finite value (Grafana draws nothing for NaN)."""
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
@@ -167,14 +195,38 @@ def has_data(result: list[dict]) -> bool:
 
 @contextlib.contextmanager
 def metrics_of_this_process() -> Iterator[int]:
-    """This test process's default registry (the in-process embed stage's metrics)."""
-    server, thread = start_http_server(0, addr="127.0.0.1")
+    """This test process's default registry (the in-process embed stage's metrics), each
+    series labelled with the run's name as `ttt embed` labels them."""
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=telemetry.RunLabelled(RUN))
     try:
         yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def monitor_relabelings(kind: str, name: str) -> list[dict]:
+    """A rendered monitor's relabelings (values-gpu.yaml) as Prometheus relabel configs, the
+    operator's camelCase fields in Prometheus's snake_case."""
+    import yaml
+
+    pytest.importorskip("helm_python")
+    values = yaml.safe_load((ROOT / "charts" / "ttt" / "values-gpu.yaml").read_text())
+    (monitor,) = [
+        m for m in by_kind(objects(render(values)), kind) if m["metadata"]["name"] == name
+    ]
+    endpoint = monitor["spec"].get("podMetricsEndpoints", monitor["spec"].get("endpoints"))[0]
+    snake = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{snake.get(k, k): v for k, v in r.items()} for r in endpoint.get("relabelings", [])]
+
+
+def pod_meta(labels: dict[str, str]) -> dict[str, str]:
+    """Pod labels as Kubernetes service discovery names them for relabeling."""
+    return {
+        "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+        for k, v in labels.items()
+    }
 
 
 def scrape_targets(prom: str) -> dict[str, str]:
@@ -191,6 +243,18 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         gateway = stack.enter_context(pushgateway())
         own_port = stack.enter_context(metrics_of_this_process())
+        # The shard server as the chart's index pod, the worker as a KFP ttt-eval pod: each
+        # with its pod's labels and its monitor's relabelings.
+        pods = {
+            "ttt-shard": (
+                pod_meta({"ttt.dev/run": RUN, "app.kubernetes.io/component": "index"}),
+                monitor_relabelings("ServiceMonitor", "ttt-index"),
+            ),
+            "ttt-eval": (
+                pod_meta({"pipeline/runid": KFP_RUN, "app.kubernetes.io/part-of": "ttt"}),
+                monitor_relabelings("PodMonitor", "ttt-pipeline"),
+            ),
+        }
         prom = stack.enter_context(
             prometheus(
                 tmp_path,
@@ -200,6 +264,7 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
                     "ttt-embed": f"127.0.0.1:{own_port}",
                 },
                 gateway,
+                pods,
             )
         )
         # One document per task, two neighbors, short sequences: a few seconds per document
@@ -293,6 +358,17 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
             ("ttt-embed", "ttt_embed_documents_total"),
         ):
             assert query(prom, f'count_over_time({metric}{{job="{job}"}}[5m])'), (job, metric)
+
+        # The dashboard's `run`: one value for the chart's pod and the pipeline's alike, from
+        # the series themselves; the KFP run id stays apart as `kfp_run`.
+        # (instance="": the worker's final figures, pushed with job ttt-eval, not scraped)
+        scraped = series(prom, '{__name__=~"ttt_.+", job=~"ttt-shard|ttt-eval", instance!=""}')
+        assert {(s["job"], s.get("run")) for s in scraped} == {
+            ("ttt-shard", RUN),
+            ("ttt-eval", RUN),
+        }, scraped
+        assert {s.get("kfp_run") for s in scraped if s["job"] == "ttt-eval"} == {KFP_RUN}
+        assert not [s for s in scraped if "exported_run" in s]
 
         # The worker's final figures reached the Pushgateway and, through it, Prometheus.
         pushed = httpx.get(f"{gateway}/metrics", timeout=5).text

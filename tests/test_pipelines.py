@@ -454,7 +454,9 @@ def test_ttt_eval_reaches_real_servers_with_what_the_ir_gives_it(tmp_path, monke
         for url in urls:
             metrics = httpx.get(f"{url}/metrics", timeout=5).text
             assert 'code="401"' not in metrics
-            assert re.search(r'ttt_index_requests_total\{code="200",shard="\d"\} [1-9]', metrics)
+            # every series names the run it serves (the dashboard's `run`)
+            pattern = rf'ttt_index_requests_total\{{code="200",run="{run.name}",shard="\d"\}} [1-9]'
+            assert re.search(pattern, metrics), metrics
     finally:
         for proc in servers:
             stop(proc)

@@ -53,3 +53,25 @@ def test_bits_per_byte_are_two_counters_with_the_same_labels() -> None:
     nats, scored = telemetry.EVAL_LOSS_NATS, telemetry.EVAL_BYTES
     assert nats._type == scored._type == "counter"
     assert nats._labelnames == scored._labelnames == ("rank", "task", "phase")
+
+
+def test_run_labelled_adds_the_run_to_every_series_and_keeps_a_series_own() -> None:
+    from prometheus_client import Counter, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    Counter("ttt_x_total", "x", ["shard"], registry=registry).labels("0").inc(3)
+    Histogram("ttt_y_seconds", "y", buckets=(1,), registry=registry).observe(0.5)
+    Counter("ttt_z_total", "z", ["run"], registry=registry).labels("other").inc()
+    text = generate_latest(telemetry.RunLabelled("demo", registry)).decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert {s.name for s in samples} >= {"ttt_x_total", "ttt_y_seconds_bucket", "ttt_z_total"}
+    runs = {s.name: s.labels["run"] for s in samples}
+    assert runs["ttt_x_total"] == runs["ttt_y_seconds_count"] == "demo"
+    assert runs["ttt_z_total"] == "other"
+    assert next(s for s in samples if s.name == "ttt_x_total").value == 3
+    # the same text promtool lints, run label and all
+    done = subprocess.run(
+        [promtool(), "check", "metrics"], input=text.encode(), capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

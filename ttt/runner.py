@@ -334,7 +334,7 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     """
     store = open_store(run.spec.storage)
     if run.spec.metrics.enabled:
-        start_metrics_server(run.spec.metrics.port)
+        start_metrics_server(run.spec.metrics.port, run=run.name)
     work = Path(workdir or tempfile.mkdtemp(prefix=f"ttt-run-{run.name}-"))
     work.mkdir(parents=True, exist_ok=True)
     # Children read the resolved spec, so every process sees exactly what this one saw.

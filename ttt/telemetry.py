@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import (
@@ -12,9 +13,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    generate_latest,
     push_to_gateway,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -100,21 +103,52 @@ STAGE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 
+
+class RunLabelled:
+    """A registry's series, each with `run` (the TTTRun's name) added to its labels.
+
+    Every process that knows its run exports `run` itself: KFP labels its pods with its own
+    run id only, so no pod label could give the dashboard's `run` variable one value for the
+    chart's index pods and the pipeline's tasks alike. A series that already has `run` (the
+    Pushgateway's grouping) keeps its own.
+    """
+
+    def __init__(self, run: str, registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+        self.run = run
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                s if "run" in s.labels else s._replace(labels={**s.labels, "run": self.run})
+                for s in family.samples
+            ]
+            yield labelled
+
+
+def exposition(run: str | None = None) -> bytes:
+    """This process's metrics in Prometheus's text format, `run`-labelled when given."""
+    return generate_latest(RunLabelled(run) if run else DEFAULT_REGISTRY)  # type: ignore[arg-type]
+
+
 _server_lock = threading.Lock()
 _servers: dict[int, int] = {}
 
 
-def start_metrics_server(port: int, addr: str | None = None) -> int:
+def start_metrics_server(port: int, addr: str | None = None, run: str | None = None) -> int:
     """Expose the default registry on `port` (0 = a free port); returns the bound port.
 
     Loopback unless `addr` or TTT_METRICS_ADDR says otherwise (a pod sets 0.0.0.0 so that
-    Prometheus can scrape it). Idempotent per port, so a stage may call it unconditionally.
+    Prometheus can scrape it). Every series carries `run=<run>` when `run` is given.
+    Idempotent per port, so a stage may call it unconditionally.
     """
     addr = addr or os.environ.get("TTT_METRICS_ADDR", "127.0.0.1")
     with _server_lock:
         if port in _servers:
             return _servers[port]
-        server, _thread = start_http_server(port, addr=addr)
+        registry = RunLabelled(run) if run else DEFAULT_REGISTRY
+        server, _thread = start_http_server(port, addr=addr, registry=registry)  # type: ignore[arg-type]
         bound = server.server_address[1]
         _servers[port] = bound
         log.info("metrics on http://%s:%d/metrics", addr, bound)
@@ -146,6 +180,8 @@ def push_final(gateway: str | None, job: str, grouping: dict[str, str], figures:
 
 __all__ = [name for name in dir() if name.isupper()] + [
     "DEFAULT_REGISTRY",
+    "RunLabelled",
+    "exposition",
     "push_final",
     "start_metrics_server",
 ]

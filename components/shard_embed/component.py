@@ -19,7 +19,7 @@ def shard_embed(spec: str, shard: int, manifest: dsl.Output[dsl.Artifact]) -> No
 
     run = resolve_spec(spec)
     if run.spec.metrics.enabled:
-        start_metrics_server(run.spec.metrics.port)
+        start_metrics_server(run.spec.metrics.port, run=run.name)
     result = embed_shard(run, open_store(run.spec.storage), shard, progress=False)
     with open(manifest.path, "w") as f:
         json.dump(result, f)

@@ -38,7 +38,7 @@ def _embed(args: argparse.Namespace) -> int:
         return 2
     if run.spec.metrics.enabled:
         try:
-            start_metrics_server(run.spec.metrics.port)
+            start_metrics_server(run.spec.metrics.port, run=run.name)
         except OSError as exc:  # a busy port must not stop a batch job
             log.warning("metrics server not started on port %d: %s", run.spec.metrics.port, exc)
     store = open_store(run.spec.storage)

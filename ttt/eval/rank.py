@@ -159,7 +159,7 @@ def _evaluate_rank(
     telemetry.DOCUMENTS_PENDING.labels(str(rank)).set(len(todo))
     if run.spec.metrics.enabled:
         try:
-            telemetry.start_metrics_server(run.spec.metrics.port)
+            telemetry.start_metrics_server(run.spec.metrics.port, run=run.name)
         except OSError as exc:
             log.warning("metrics port %d unavailable: %s", run.spec.metrics.port, exc)
 

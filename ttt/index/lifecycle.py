@@ -147,6 +147,7 @@ def serve(
         limits=limits,
         on_ready=on_ready,
         threads=threads,
+        run=run.name,
     )
     state: ShardState = app.state.shard
     config = uvicorn.Config(

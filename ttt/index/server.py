@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -191,10 +191,12 @@ def create_app(
     limits: Limits | None = None,
     on_ready: Callable[[], None] | None = None,
     threads: int | None = None,
+    run: str | None = None,
 ) -> FastAPI:
     """The shard's ASGI app; the index loads in a background thread once the app starts.
 
-    `threads` caps the FAISS threads of one search (default: every core).
+    `threads` caps the FAISS threads of one search (default: every core); `run` (the TTTRun's
+    name) labels every series /metrics exports.
     """
     if not token and not auth_disabled:
         raise ShardError(
@@ -342,6 +344,6 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus exposition of this process."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(telemetry.exposition(run), media_type=CONTENT_TYPE_LATEST)
 
     return app
