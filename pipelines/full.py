@@ -1,5 +1,6 @@
 """The full TTT-NN pipeline: corpus, embed+index per shard, deploy the index, eval per rank, report."""
 
+import math
 import os
 
 from kfp import dsl, kubernetes
@@ -82,9 +83,19 @@ def on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def threads(cpu: str) -> str:
+    """Whole cores of a CPU quantity ("500m" -> 1, "8" -> 8), at least one."""
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return str(max(1, math.ceil(cores)))
+
+
 def sized(task: dsl.PipelineTask, kind: str, sizes: dict) -> dsl.PipelineTask:
     cpu, memory, timeout = sizes[kind]
     task.set_cpu_request(cpu).set_memory_request(memory)
+    # torch's and FAISS's OpenMP threads: the cores requested, not one per node core (two
+    # eval pods of the demo's rehearsal on 2 cores, a thread per core each, were on course for
+    # 50 min where `ttt run` took 18).
+    task.set_env_variable("OMP_NUM_THREADS", threads(cpu))
     # Every stage skips what its manifest in the store says is done: the store is the cache.
     # KFP's cache would replay an old output (a stale deployment, a report of results that
     # were since removed) without running the stage.

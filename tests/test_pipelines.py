@@ -500,3 +500,18 @@ def test_eval_and_report_get_the_kfp_run_id_for_mlflow(name):
     for task in ("ttt-eval", "report"):
         given = tasks[task]["inputs"]["parameters"]["kfp_run_id"]
         assert given == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}, (name, task)
+
+
+@pytest.mark.parametrize("name", ["full.yaml", "full-cpu.yaml"])
+def test_every_task_gets_its_cpu_request_as_openmp_threads(name):
+    """torch and FAISS start a thread per node core unless told: each task gets the whole
+    cores it requests (two demo eval pods on 2 cores, a thread per core each, crawled). The
+    smoke pipeline runs one task at a time and requests nothing: every core is its own."""
+    import math
+
+    execs, _ = _executors(name)
+    for executor, body in execs.items():
+        container = body["container"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        request = container["resources"]["cpuRequest"]
+        assert env["OMP_NUM_THREADS"] == str(max(1, math.ceil(float(request)))), executor

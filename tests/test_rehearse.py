@@ -73,6 +73,43 @@ def test_a_pods_environment_is_only_what_its_manifest_and_image_give():
         environment(_pod({"containers": [missing]}), missing, objects)
 
 
+def test_resource_fields_round_up_as_the_downward_api_does():
+    import os
+
+    from ttt.rehearse.pods import resource_field
+
+    res = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2"}}
+    assert resource_field(res, {"resource": "requests.cpu"}) == "1"  # 0.5 core -> 1
+    assert resource_field(res, {"resource": "limits.cpu", "divisor": "1"}) == "2"
+    assert resource_field(res, {"resource": "requests.cpu", "divisor": "100m"}) == "5"
+    assert resource_field(res, {"resource": "requests.memory", "divisor": "1Mi"}) == "1024"
+    # an unset limit is the node's allocatable; an unset request its limit
+    assert resource_field({}, {"resource": "limits.cpu"}) == str(os.cpu_count())
+    assert resource_field({"limits": {"cpu": "3"}}, {"resource": "requests.cpu"}) == "3"
+
+
+def test_the_charts_pods_get_their_cpu_limit_as_openmp_threads():
+    """torch and FAISS start a thread per core unless told: each pod gets its CPU limit."""
+    from ttt.rehearse.run import render_chart
+
+    values = yaml.safe_load((ROOT / "charts" / "ttt" / "values-cpu.yaml").read_text())
+    values["eval"]["enabled"] = True
+    objects = Objects(secrets={}, configmaps={}, api_host="10.244.2.3:443")
+    seen = {}
+    for doc in render_chart(values):
+        if doc["kind"] not in ("StatefulSet", "Job"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            mine = {**container, "env": [e for e in container["env"] if "resourceFieldRef"
+                                         in e.get("valueFrom", {})]}  # fmt: skip
+            env = environment(_pod({"containers": [mine]}), mine, objects)
+            seen[doc["kind"]] = env["OMP_NUM_THREADS"]
+    limits = {
+        k: str(int(float(values[k]["resources"]["limits"]["cpu"]))) for k in ("index", "eval")
+    }
+    assert seen == {"StatefulSet": limits["index"], "Job": limits["eval"]}
+
+
 def test_volumes_sizes_and_the_user_come_from_the_manifest(tmp_path):
     objects = Objects(secrets={("ttt", "s"): {"token": b"t"}}, sa_tokens={("ttt", "default"): "x"})
     spec = {
@@ -135,3 +172,75 @@ def test_a_task_pod_gets_what_its_platform_spec_declares():
     assert evaluate.spec["volumes"][0]["secret"]["secretName"] == "ttt-auth"
     assert evaluate.container["volumeMounts"][0]["mountPath"] == "/var/run/ttt/token"
     assert evaluate.labels["ttt.dev/index-client"] == "true"
+    # the pushed models' cache: a sized emptyDir where TTT_MODELS_CACHE points
+    models = {v["name"]: v for v in evaluate.spec["volumes"]}["models"]
+    assert models["emptyDir"]["sizeLimit"] == "1Gi"
+    mounts = {m["name"]: m["mountPath"] for m in evaluate.container["volumeMounts"]}
+    cache = {e["name"]: e.get("value") for e in evaluate.container["env"]}["TTT_MODELS_CACHE"]
+    assert mounts["models"] == cache == "/var/cache/ttt-models"
+
+
+def test_the_spec_names_its_models_by_store_path_where_they_can_be_pushed(tmp_path):
+    from ttt.rehearse.models import ModelPushError, plan_pushes
+
+    spec = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    pushes = plan_pushes(spec, "ttt", "demo.yaml")
+    assert pushes == {
+        "spec.embedding.model": ("all-minilm-l6-v2", "s3://ttt/rehearse/models/all-minilm-l6-v2"),
+        "spec.ttt.model": ("smollm2-135m", "s3://ttt/rehearse/models/smollm2-135m"),
+    }
+    assert spec["spec"]["ttt"]["model"] == "s3://ttt/rehearse/models/smollm2-135m"
+    # already by store path: left alone; a hub id: nothing here to push (no egress)
+    assert plan_pushes(spec, "ttt", "demo.yaml") == {}
+    spec["spec"]["ttt"]["model"] = "gpt2-large"
+    with pytest.raises(ModelPushError, match=r"spec\.ttt\.model: 'gpt2-large'"):
+        plan_pushes(spec, "ttt", "demo.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(3000)
+def test_the_demo_rehearses_with_the_cpu_values_and_pushed_models(tmp_path):
+    """The README's test command runs the rehearsal itself: the chart with values-cpu.yaml and
+    pipelines/full-cpu.yaml on the demo spec (cut to --slice documents per file), its models
+    pushed into the store and fetched by the pods with no egress, and its report equals
+    `ttt run`'s (with the offline models) to the printed digit."""
+    import json
+    import subprocess
+
+    if sys.platform != "linux":
+        pytest.skip("the rehearsal needs Linux namespaces")
+    work = tmp_path / "rehearsal"
+    done = subprocess.run(
+        [sys.executable, "-m", "ttt", "rehearse", "--values", "charts/ttt/values-cpu.yaml",
+         "--spec", "examples/demo.yaml", "--slice", "400", "--push-models",
+         "--workdir", str(work)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=2900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
+    assert "ttt rehearse: passed" in done.stdout
+    assert "stand-in: the Kubernetes API" in done.stdout
+    assert "spec.ttt.model: smollm2-135m pushed to s3://ttt/rehearse/models/smollm2-135m" in (
+        done.stdout
+    )
+    # The pods really ran as their manifests say: every task of the pipeline and both index
+    # pods have logs, deploy-index went through the API stand-in, artifacts reached the store.
+    logs = {p.name: p for p in (work / "logs").glob("*.log")}
+    for name in ("ttt_ttt-index-0.log", "ttt_ttt-index-1.log"):
+        assert name in logs, sorted(logs)
+    for task in (
+        "corpus-shard",
+        "shard-embed",
+        "index-build",
+        "deploy-index",
+        "ttt-eval",
+        "report",
+    ):
+        assert any(n.startswith(f"kubeflow_{task}-") for n in logs), (task, sorted(logs))
+    # each ttt-eval pod fetched the language model from the store into its models volume
+    evals = [p.read_text() for n, p in logs.items() if n.startswith("kubeflow_ttt-eval-")]
+    assert evals and all(
+        "fetched model s3://ttt/rehearse/models/smollm2-135m" in t for t in evals
+    ), evals[0][-3000:]
+    pod = json.loads(next((work / "pods").glob("ttt_ttt-index-0.json")).read_text())
+    assert pod["readOnlyRoot"] and pod["uid"] == 10001 and "TTT_S3_ACCESS_KEY" not in pod["env"]

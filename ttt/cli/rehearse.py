@@ -35,6 +35,7 @@ def _rehearse(args: argparse.Namespace) -> int:
         Path(args.spec), [Path(v) for v in args.values], pipeline=args.pipeline and Path(args.pipeline),
         slice_lines=args.slice, workdir=args.workdir and Path(args.workdir),
         reference=not args.skip_reference, store_service=args.store_service,
+        push_models=args.push_models,
     )  # fmt: skip
     for note in result.notes:
         print(f"# {note}")
@@ -73,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="where logs, the kfp root and the stores go (kept)")
     p.add_argument("--store-service", default="minio-service.kubeflow:9000",
                    help="where the S3 stand-in serves (KFP's object store Service)")  # fmt: skip
+    p.add_argument("--push-models", action="store_true",
+                   help="push the spec's models into the store (ttt models push) and run the "
+                   "cluster's spec with them by store path, as values-gpu.yaml names its models")  # fmt: skip
     p.add_argument("--skip-reference", action="store_true",
                    help="only the cluster path: do not run `ttt run` to compare with")  # fmt: skip
     p.set_defaults(func=_rehearse)

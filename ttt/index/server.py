@@ -66,7 +66,8 @@ class ShardState:
 
     def __init__(self, shard: int, threads: int | None = None) -> None:
         self.shard = shard
-        self.threads = threads or os.cpu_count() or 1
+        # the pod's share (OMP_NUM_THREADS, the chart's CPU limit), else every core
+        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
         self.label = str(shard)
         self.index: faiss.Index | None = None
         self.texts: Any = None

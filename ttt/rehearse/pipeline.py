@@ -41,7 +41,7 @@ def _executor(spec: dict[str, Any], command: list[str]) -> str:
 class TaskPods:
     """What KFP's driver and launcher make of a task: a pod in `kubeflow` with the executor's
     image, command and env, plus exactly what its kubernetes platform spec adds (secretAsEnv,
-    secretAsVolume, fieldPathAsEnv, podMetadata, activeDeadlineSeconds)."""
+    secretAsVolume, emptyDirMounts, fieldPathAsEnv, podMetadata, activeDeadlineSeconds)."""
 
     def __init__(self, cluster: Any, spec: dict, platform: dict, arguments: dict[str, Any]):
         self.cluster, self.spec, self.arguments = cluster, spec, arguments
@@ -93,6 +93,9 @@ class TaskPods:
                 }
             )
             mounts.append({"name": f"secret-{i}", "mountPath": s["mountPath"]})
+        for d in k8s.get("emptyDirMounts", []):  # a tmpfs of its sizeLimit, as the chart's
+            volumes.append({"name": d["volumeName"], "emptyDir": {"sizeLimit": d.get("sizeLimit")}})
+            mounts.append({"name": d["volumeName"], "mountPath": d["mountPath"]})
         for f in k8s.get("fieldPathAsEnv", []):
             env.append(
                 {"name": f["name"], "valueFrom": {"fieldRef": {"fieldPath": f["fieldPath"]}}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 import sys
@@ -20,6 +21,33 @@ UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10
 
 class PodError(TTTError, RuntimeError):
     """A pod cannot start as its manifest says (the kubelet's CreateContainerConfigError)."""
+
+
+def cpu(text: str | float) -> float:
+    """A CPU quantity in cores ("500m" -> 0.5, "2" -> 2)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m?)", str(text))
+    if not m:
+        raise PodError(f"cpu quantity {text!r} is not one the rehearsal reads")
+    return float(m[1]) / (1000 if m[2] else 1)
+
+
+def resource_field(resources: dict, ref: dict) -> str:
+    """The downward API's value of a container resource: rounded up to whole divisors; a
+    limit left unset is the node's allocatable (here: this machine's cores and memory), a
+    request left unset its limit."""
+    kind, _, what = ref["resource"].partition(".")
+    value = resources.get(kind, {}).get(what)
+    if value is None and kind == "requests":
+        value = resources.get("limits", {}).get(what)
+    if value is None and kind == "limits":
+        value = (
+            os.cpu_count() or 1
+            if what == "cpu"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        )
+    if what == "cpu":
+        return str(math.ceil(cpu(value or 0) / cpu(ref.get("divisor", "1"))))
+    return str(math.ceil(quantity(value or 0) / quantity(ref.get("divisor", "1"))))
 
 
 def quantity(text: str | int) -> int:
@@ -149,10 +177,7 @@ def environment(pod: Pod, container: dict[str, Any], objects: Objects) -> dict[s
         elif "fieldRef" in source:
             env[name] = pod.field_ref(source["fieldRef"]["fieldPath"])
         elif "resourceFieldRef" in source:
-            ref = source["resourceFieldRef"]
-            kind, _, what = ref["resource"].partition(".")
-            value = container.get("resources", {}).get(kind, {}).get(what, "0")
-            env[name] = str(quantity(value) if what == "memory" else value)
+            env[name] = resource_field(container.get("resources", {}), source["resourceFieldRef"])
         else:
             raise PodError(f"{where}: env {name}: valueFrom {sorted(source)} not supported")
     return env

@@ -18,6 +18,7 @@ import yaml
 
 from ttt.errors import TTTError
 from ttt.rehearse.cluster import Cluster
+from ttt.rehearse.models import plan_pushes, push_all
 from ttt.rehearse.network import ip
 from ttt.rehearse.pipeline import TaskPods, read_pipeline, run_pipeline
 from ttt.report.table import format_table
@@ -182,12 +183,15 @@ def compare(reference: dict[str, Any], rehearsed: dict[str, Any]) -> list[str]:
 
 def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None = None,
              slice_lines: int | None = None, workdir: Path | None = None,
-             reference: bool = True, store_service: str = KFP_STORE,
+             reference: bool = True, store_service: str = KFP_STORE, push_models: bool = False,
              log: Any = print) -> Rehearsal:  # fmt: skip
     """Run `pipeline` (default pipelines/full-cpu.yaml) and the chart rendered with
     `values_files` on this node as the kind workflow runs them on a cluster, and compare the
     report with `ttt run` of the same spec. Needs root (network and mount namespaces) and is
-    meant to run in a network namespace of its own (the CLI puts it there)."""
+    meant to run in a network namespace of its own (the CLI puts it there).
+
+    `push_models`: the cluster's spec names its models by store path, pushed into the store
+    stand-in first (the route of values-gpu.yaml); `ttt run` keeps the spec's own names."""
     pipeline = pipeline or ROOT / "pipelines" / "full-cpu.yaml"
     work = Path(workdir or tempfile.mkdtemp(prefix="ttt-rehearse-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -195,6 +199,7 @@ def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None
     for f in values_files:
         values = deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
     local, cluster_spec, uploads, storage = prepare(spec_path, values, work, slice_lines)
+    pushes = plan_pushes(cluster_spec, storage["bucket"], str(spec_path)) if push_models else {}
     if "metrics" in values.get("run", {}).get("spec", {}):
         cluster_spec["spec"]["metrics"] = values["run"]["spec"]["metrics"]
     values["run"] = cluster_spec  # the chart serves the run the pipeline makes (as kind's)
@@ -220,6 +225,8 @@ def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None
         client = cluster.store.client()
         for key, path in uploads.items():
             client.upload_file(str(path), storage["bucket"], key)
+        for line in push_all(pushes, node_store(cluster, cluster_spec)):
+            log(f"rehearse: {line}")
         log(f"rehearse: chart up ({len(cluster.statefulsets)} StatefulSet(s), "
             f"{len(cluster.jobs)} Job(s)); not enforced here: {', '.join(cluster.ignored) or '-'}")  # fmt: skip
         arguments = _arguments(pipeline_spec, rendered, cluster_spec)
@@ -233,19 +240,10 @@ def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None
         if ok:
             result.failures += _serving(cluster)
             from ttt.spec import loads_spec
-            from ttt.store import open_store
 
-            # The node reads the store at its address (the pods' cluster name is theirs).
-            node_view = copy.deepcopy(cluster_spec)
-            node_view["spec"]["storage"]["endpoint"] = cluster.store.endpoint.removeprefix(
-                "http://"
-            )
-            run = loads_spec(yaml.safe_dump(node_view), environ={})
-            os.environ["TTT_S3_ACCESS_KEY"] = cluster.store.keys.access
-            os.environ["TTT_S3_SECRET_KEY"] = cluster.store.keys.secret
-            summary = json.loads(
-                open_store(run.spec.storage).get_bytes(f"{run.prefix}/report/summary.json")
-            )
+            prefix = loads_spec(yaml.safe_dump(cluster_spec), environ={}).prefix
+            store = node_store(cluster, cluster_spec)
+            summary = json.loads(store.get_bytes(f"{prefix}/report/summary.json"))
             result.table = format_table(summary)
             if expected is None:
                 result.notes.append("not compared with `ttt run` (--skip-reference)")
@@ -262,6 +260,19 @@ def rehearse(spec_path: Path, values_files: list[Path], *, pipeline: Path | None
             result.logs = {p.name: p.read_text()[-6000:] for p in cluster.logs()}
         cluster.down()
     return result
+
+
+def node_store(cluster: Cluster, cluster_spec: dict[str, Any]) -> Any:
+    """The cluster's store as this node reaches it: the stand-in's address (the pods' cluster
+    name is theirs), the read-write keys of the documented Secret."""
+    from ttt.spec import loads_spec
+    from ttt.store import open_store
+
+    node_view = copy.deepcopy(cluster_spec)
+    node_view["spec"]["storage"]["endpoint"] = cluster.store.endpoint.removeprefix("http://")
+    os.environ["TTT_S3_ACCESS_KEY"] = cluster.store.keys.access
+    os.environ["TTT_S3_SECRET_KEY"] = cluster.store.keys.secret
+    return open_store(loads_spec(yaml.safe_dump(node_view), environ={}).spec.storage)
 
 
 def _arguments(spec: dict[str, Any], rendered: list[dict], run: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Environment shared by index servers and eval workers: secrets are files, and the
      spec overrides point the run at those files and at this release's index pods. */}}
 {{- define "ttt.commonEnv" -}}
+# torch's and FAISS's OpenMP threads: the container's CPU limit in whole cores (the node's
+# allocatable cores without a limit), not one per node core, which oversubscribes a shared
+# node and gets a limited container throttled.
+- name: OMP_NUM_THREADS
+  valueFrom:
+    resourceFieldRef: {resource: limits.cpu, divisor: "1"}
 - name: TTT_STORAGE__CREDENTIALSFILE
   value: /var/run/ttt/store
 - name: TTT_STORAGE__CACHEDIR
