@@ -23,12 +23,34 @@ def _isolated(argv: list[str]) -> int:
     env = {**os.environ, INSIDE: "1"}
     cmd = [shutil.which("unshare") or "/usr/bin/unshare", "--net", "--mount", "--propagation", "private", "--",
            sys.executable, "-m", "ttt", *argv]  # fmt: skip
-    return subprocess.call(cmd, env=env)
+    with subprocess.Popen(cmd, env=env) as child:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # the node's cleanup runs in the child: wait for it
+            child.terminate()
+            return child.wait()
+
+
+def _stop_with_the_parent() -> None:
+    """Leave through the rehearsal's cleanup (pods stopped, namespaces and mounts removed) on
+    SIGTERM, and get SIGTERM when the parent dies (a test's timeout SIGKILLs the parent only)."""
+    import ctypes
+    import signal
+
+    def _term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _term)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took
+        raise SystemExit(143)
 
 
 def _rehearse(args: argparse.Namespace) -> int:
     if os.environ.get(INSIDE) != "1":
         return _isolated(sys.argv[1:])
+    _stop_with_the_parent()
     from ttt.rehearse import rehearse
 
     result = rehearse(
