@@ -216,8 +216,10 @@ def test_secrets_are_referenced_never_created(rendered) -> None:
             store = "ttt-store-readonly" if doc["kind"] == "StatefulSet" else "ttt-store"
             assert secrets == {"ttt-auth", store}, (variant, doc["kind"])
             for c in spec["containers"]:
-                # Files, not environment variables: nothing secret in `kubectl describe`.
-                assert not any("valueFrom" in e for e in c.get("env", [])), variant
+                # Files, not environment variables: nothing secret in `kubectl describe`
+                # (the only env from elsewhere: OMP_NUM_THREADS, the container's CPU limit).
+                sources = [e["valueFrom"] for e in c.get("env", []) if "valueFrom" in e]
+                assert all(list(v) == ["resourceFieldRef"] for v in sources), (variant, sources)
 
 
 def test_eval_is_an_indexed_job_with_world_size(rendered) -> None:
@@ -269,6 +271,27 @@ def test_run_configmap_is_a_valid_run_spec(rendered) -> None:
         run = loads_spec(cm["data"]["run.yaml"], f"{variant}: run.yaml", environ={})
         (sts,) = by_kind(docs, "StatefulSet")
         assert sts["spec"]["replicas"] == run.spec.corpus.shards * run.spec.index.replicas
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu", "cpu", "all-on"])
+def test_the_run_the_pods_read_is_the_run_the_values_give(rendered, variant) -> None:
+    """run.yaml is the values' run merged over the chart's, a null included: Helm deletes a
+    key that a user's values set to null where the chart's values.yaml sets it, so a
+    `distanceThreshold: null` (no threshold, values-cpu.yaml) once came out as the 4.0 default."""
+    from ttt.rehearse.run import deep_merge
+    from ttt.spec import loads_spec
+
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["run"]
+    given = (_load(VARIANTS[variant]) or {}).get("run", {})
+    want = loads_spec(yaml.safe_dump(deep_merge(default, given)), variant, environ={})
+    (cm,) = [
+        d for d in by_kind(rendered[variant], "ConfigMap") if d["metadata"]["name"] == "ttt-run"
+    ]
+    got = loads_spec(cm["data"]["run.yaml"], f"{variant}: run.yaml", environ={})
+    assert got.spec.model_dump() == want.spec.model_dump()
+    if variant == "cpu":
+        assert given["spec"]["retrieval"]["distanceThreshold"] is None
+        assert got.spec.retrieval.distance_threshold is None
 
 
 def test_dashboard_configmap(rendered) -> None:
@@ -504,8 +527,12 @@ def test_eval_waits_for_every_shard_with_the_rendered_command(rendered, tmp_path
     (tmp_path / "run.yaml").write_text(cm["data"]["run.yaml"])
     args = [a.replace("/etc/ttt", str(tmp_path)) for a in init["command"][3:]]
     args[args.index("--timeout") + 1] = "0"
+    from ttt.rehearse.pods import resource_field  # the downward API, as the kubelet resolves it
+
     for e in init["env"]:
-        monkeypatch.setenv(e["name"], e["value"])
+        ref = e.get("valueFrom", {}).get("resourceFieldRef")
+        value = resource_field(init["resources"], ref) if ref else e["value"]
+        monkeypatch.setenv(e["name"], value)
     seen: list[str] = []
     monkeypatch.setattr(wait, "ready", lambda url, timeout=2.0: seen.append(url) or False)
     assert wait.main(args) == 1
