@@ -244,3 +244,7 @@ def test_the_demo_rehearses_with_the_cpu_values_and_pushed_models(tmp_path):
     ), evals[0][-3000:]
     pod = json.loads(next((work / "pods").glob("ttt_ttt-index-0.json")).read_text())
     assert pod["readOnlyRoot"] and pod["uid"] == 10001 and "TTT_S3_ACCESS_KEY" not in pod["env"]
+    # one OpenMP thread each: the index pod's CPU limit and the eval tasks' request (1 core)
+    assert pod["env"]["OMP_NUM_THREADS"] == "1"
+    for task in (work / "pods").glob("kubeflow_ttt-eval-*.json"):
+        assert json.loads(task.read_text())["env"]["OMP_NUM_THREADS"] == "1", task.name
