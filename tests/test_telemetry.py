@@ -70,6 +70,11 @@ def test_run_labelled_adds_the_run_to_every_series_and_keeps_a_series_own() -> N
     assert runs["ttt_x_total"] == runs["ttt_y_seconds_count"] == "demo"
     assert runs["ttt_z_total"] == "other"
     assert next(s for s in samples if s.name == "ttt_x_total").value == 3
+    # a scrape asking for some names only (`?name[]=`) gets those, still labelled
+    with_x = generate_latest(
+        telemetry.RunLabelled("demo", registry).restricted_registry(["ttt_x_total"])
+    )
+    assert b'ttt_x_total{run="demo",shard="0"} 3.0' in with_x and b"ttt_y" not in with_x
     # the same text promtool lints, run label and all
     done = subprocess.run(
         [promtool(), "check", "metrics"], input=text.encode(), capture_output=True, check=False

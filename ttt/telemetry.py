@@ -126,6 +126,10 @@ class RunLabelled:
             ]
             yield labelled
 
+    def restricted_registry(self, names: list[str]) -> RunLabelled:
+        """Only the series `names` (a scrape's `?name[]=` parameters), still labelled."""
+        return RunLabelled(self.run, self.registry.restricted_registry(names))  # type: ignore[arg-type]
+
 
 def exposition(run: str | None = None) -> bytes:
     """This process's metrics in Prometheus's text format, `run`-labelled when given."""
