@@ -37,12 +37,19 @@ def test_bench_ttt_profile_counts_each_path_on_a_cpu(capsys):
     assert "engine_vmap.host_syncs" in out  # printed flat, one figure a line
     figures = json.loads(out[out.index("{") :])
     seq, loop, vmap = figures["sequential"], figures["engine_loop"], figures["engine_vmap"]
+    stacked = figures["engine_stacked"]
     # the paper's step reads Adam's step counts back per parameter; the engine reads nothing
-    assert seq["host_syncs"] >= 1 and loop["host_syncs"] == vmap["host_syncs"] == 0
-    assert vmap["operators"] < loop["operators"] < seq["operators"]  # per member-step
+    assert seq["host_syncs"] >= 1
+    assert loop["host_syncs"] == vmap["host_syncs"] == stacked["host_syncs"] == 0
+    # per member-step: the stacked path launches each kernel once for both members
+    assert stacked["kernels"] < 0.7 * loop["kernels"] < seq["kernels"]
+    assert stacked["operators"] < loop["operators"] < seq["operators"]
     # GPT-2's attention dropout: a CPU's SDPA takes its math fallback; vmap runs eager
     assert seq["attention"] == loop["attention"] == vmap["attention"] == "unfused"
-    for path in (seq, loop, vmap):
+    assert stacked["attention"] == "unfused"  # dropout on a CPU: the math fallback too
+    # no table-sized zeros, sum or gradient copy: less traffic than the loop path
+    assert stacked["param_traffic_bytes_per_param"] < loop["param_traffic_bytes_per_param"]
+    for path in (seq, loop, vmap, stacked):
         assert 8 < path["param_traffic_bytes_per_param"] < 200
         assert path["bytes_allocated_per_param"] > 0
     # a worker holds one saved copy: the engine's base is the sequential loop's saved weights

@@ -231,3 +231,34 @@ def test_mixed_tasks_pile_share_equals_its_test_bytes():
     assert weights["mine"] == pytest.approx(0.5)
     assert weights["Github"] + weights["Enron Emails"] == pytest.approx(0.5)
     assert weights["Github"] / weights["Enron Emails"] == pytest.approx(7.59 / 0.14)
+
+
+class Whole(torch.nn.Module):
+    """A model's full forward under a class name the scorer does not split (HEAD_APART)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.model(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_head_runs_per_window_with_the_whole_forwards_bits(kind, tiny_gpt2, gpt2_tokenizer):
+    from tests.test_engine_ensemble import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_positions=64) if kind == "gpt2" else tiny_llama()
+    rows: list[tuple[int, ...]] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: rows.append(tuple(args[0].shape)))
+    text = " ".join(f"word{i} and more text" for i in range(60))  # several windows, one partial
+    split = score_document(model, gpt2_tokenizer, text, max_length=32, eot_id=50256)
+    whole = score_document(Whole(model), gpt2_tokenizer, text, max_length=32, eot_id=50256)
+    assert split.tokens > 3 * 32 and split.loglik == whole.loglik  # the same bits
+    # item 10 of issue 21: never a batch's logits at once, one window's targets at a time
+    split_rows = rows[: len(rows) // 2]
+    assert len(split_rows) > 3 and all(len(shape) == 2 and shape[0] <= 32 for shape in split_rows)
+    ids, logps = token_logprobs(model, gpt2_tokenizer, text, 32, eot_id=50256)
+    assert (ids, logps) == token_logprobs(Whole(model), gpt2_tokenizer, text, 32, eot_id=50256)

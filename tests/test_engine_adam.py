@@ -64,3 +64,37 @@ def test_clip_scales_inside_adams_kernel_equal_clipping_first():
     assert torch.equal(scaled.weights[1], weights[1])  # the idle row untouched
     assert scaled.steps == [3, 0, 3]
     assert clip_scales([], 1.0) is None and clip_scales(list(grads), None) is None
+
+
+def test_per_parameter_gradients_clipped_in_the_kernel_equal_torchs_adamw_per_model():
+    """Gradients handed per parameter, as autograd returns them (no flat row), one of them
+    a member's slice of a batched gradient whose member dimension is not outermost (vmap's
+    for GPT-2's position embedding): each member is still torch's AdamW after
+    clip_grad_norm_ on its own model."""
+    torch.manual_seed(3)
+    shapes = [torch.Size([4, 3]), torch.Size([5]), torch.Size([2, 6])]
+    sizes = [s.numel() for s in shapes]
+    members = 2
+    start = torch.randn(members, sum(sizes))
+    stacked = StackedAdam(start.clone(), lr=1e-2, weight_decay=0.1, decoupled=True, shapes=shapes)
+    models = [
+        [torch.nn.Parameter(p.view(s).clone()) for p, s in zip(start[e].split(sizes), shapes)]
+        for e in range(members)
+    ]
+    opts = [torch.optim.AdamW(m, lr=1e-2, weight_decay=0.1) for m in models]
+    for step in range(3):
+        # (members, *shape) gradients; the last one laid out member-innermost
+        batched = [torch.randn(members, *s) * (10.0 if step == 1 else 0.1) for s in shapes]
+        batched[-1] = torch.randn(*shapes[-1], members).movedim(-1, 0)
+        assert not batched[-1][0].is_contiguous()
+        given = [g.clone() for g in batched]  # the kernel writes the clipped gradient back
+        rows = [[g[e] for g in given] for e in range(members)]
+        stacked.step(rows, [True, True], clip_scales(rows, 1.0))
+        for e in range(members):
+            for p, g in zip(models[e], batched, strict=True):
+                p.grad = g[e].clone()
+            torch.nn.utils.clip_grad_norm_(models[e], 1.0)
+            opts[e].step()
+    for e in range(members):
+        want = torch.cat([p.detach().reshape(-1) for p in models[e]])
+        torch.testing.assert_close(stacked.weights[e], want, rtol=1e-6, atol=1e-7)

@@ -48,7 +48,7 @@ def task_pairs(tasks=TASKS):
 def test_members_as_tasks_equal_the_loop_per_document(dropout, tiny_gpt2, gpt2_tokenizer):
     want = loop_by_task(tiny_gpt2(dropout=dropout), gpt2_tokenizer, carried())
     ensemble = EnsembleTTT(tiny_gpt2(dropout=dropout), gpt2_tokenizer, carried(), members=2)
-    assert ensemble.path == ("loop" if dropout else "vmap")
+    assert ensemble.path == ("loop" if dropout else "stacked")
     got = dict(ensemble.evaluate_tasks(task_pairs()))
     assert_equal_outcomes(got, want, rel=1e-4)
     # the carried moments matter: a fresh optimizer per document gives other numbers
@@ -74,7 +74,9 @@ def test_the_carried_state_is_the_loops_and_a_resumed_task_continues_it(tiny_gpt
     for i, state in theirs["state"].items():
         assert float(mine["state"][i]["step"]) == float(state["step"]) > 0
         for name in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(mine["state"][i][name], state[name], rtol=1e-4, atol=1e-9)
+            # relative to the tensor's scale: single entries near zero differ by rounding
+            scale = float(state[name].abs().max())
+            torch.testing.assert_close(mine["state"][i][name], state[name], rtol=1e-4, atol=1e-4 * scale)
     # a resumed rank: the ensemble's saved state continues the task, in the ensemble...
     want = loop.evaluate(*large[2][1:3], distances=large[2][3])
     again = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, carried(), members=2)

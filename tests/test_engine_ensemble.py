@@ -92,14 +92,16 @@ def assert_equal_outcomes(got, want, *, rel=None, bpb=None):
                 assert mine == pytest.approx(theirs, rel=rel or 0.02), key
 
 
+@pytest.mark.parametrize("path", ["stacked", "vmap"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fp32_ensemble_equals_the_sequential_loop(arch, tiny_gpt2, gpt2_tokenizer):
+def test_fp32_ensemble_equals_the_sequential_loop(arch, path, tiny_gpt2, gpt2_tokenizer):
     make = tiny_gpt2 if arch == "gpt2" else tiny_llama
     want = sequential(make(), gpt2_tokenizer, spec())
     model = make()
     saved = snapshot(model)
-    ensemble = EnsembleTTT(model, gpt2_tokenizer, spec(), members=2)
-    assert ensemble.path == "vmap"  # no dropout: all members in one batched step
+    chosen = EnsembleTTT(model, gpt2_tokenizer, spec(), members=2).path
+    assert chosen == "stacked"  # no dropout: all members in one batched step, written out
+    ensemble = EnsembleTTT(model, gpt2_tokenizer, spec(), members=2, path=path)
     got = dict(ensemble.evaluate_stream(ITEMS))
     assert_equal_outcomes(got, want, rel=1e-4)
     assert got["a"].at(3).bits_per_byte < got["a"].at(0).bits_per_byte  # it did learn
@@ -131,6 +133,10 @@ def test_bf16_autocast_stays_within_a_hundredth_of_a_bit(tiny_gpt2, gpt2_tokeniz
     got = dict(ensemble.evaluate_stream(ITEMS))
     assert_equal_outcomes(got, want, bpb=0.01)
     assert got["a"].at(3).loglik != want["a"].at(3).loglik  # bf16 did compute the training
+    # and the scoring: the untrained start scored with bf16 matmuls, float32 log-softmax
+    assert ensemble.precision.scoring_name == "bfloat16-autocast"
+    assert got["a"].at(0).loglik != want["a"].at(0).loglik
+    assert abs(got["a"].at(0).bits_per_byte - want["a"].at(0).bits_per_byte) <= 0.01
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # masters stay fp32
     for name, tensor in model.named_parameters():
         assert torch.equal(tensor, saved[name]), name
@@ -140,6 +146,10 @@ def test_one_document_and_an_error_restore_the_weights(tiny_gpt2, gpt2_tokenizer
     model = tiny_gpt2()
     saved = snapshot(model)
     ensemble = EnsembleTTT(model, gpt2_tokenizer, spec(), members=1)
+    assert ensemble.path == "stacked"  # one member without dropout: no functorch copies
+    # one member: the model's parameters are its weights, not a copy of their own
+    first = next(model.parameters())
+    assert first.untyped_storage().data_ptr() == ensemble.weights.untyped_storage().data_ptr()
     one = ensemble.evaluate(DOC, NEIGHBORS[:2])
     want = TTTNN(tiny_gpt2(), gpt2_tokenizer, spec()).evaluate(DOC, NEIGHBORS[:2])
     assert one.at(3).bits_per_byte == pytest.approx(want.at(3).bits_per_byte, rel=1e-4)
@@ -150,8 +160,18 @@ def test_one_document_and_an_error_restore_the_weights(tiny_gpt2, gpt2_tokenizer
 
 
 def test_members_paths_and_refusals(tiny_gpt2, gpt2_tokenizer):
-    assert choose_path(tiny_gpt2()) == "vmap" and choose_path(tiny_gpt2(dropout=0.1)) == "loop"
-    assert choose_path(tiny_gpt2(), members=1) == "loop"  # nothing to batch
+    assert choose_path(tiny_gpt2()) == "stacked" and choose_path(tiny_gpt2(dropout=0.1)) == "loop"
+    # one member: stacked too (no functorch copies), but exact dropout masks need the loop
+    assert choose_path(tiny_gpt2(), members=1) == "stacked"
+    assert choose_path(tiny_gpt2(dropout=0.1), members=1) == "loop"
+    # under autocast a dropout model batches too, with independent masks per member
+    assert choose_path(tiny_gpt2(dropout=0.1), 2, torch.bfloat16) == "stacked"
+    other = tiny_gpt2()
+    other.config.model_type = "mistral"  # no stacked forward written: vmap
+    assert choose_path(other) == "vmap" and choose_path(other, 2, torch.bfloat16) == "vmap"
+    assert choose_path(other, members=1) == "loop"  # nothing to batch, no stacked forward
+    with pytest.raises(ValueError, match="no stacked forward"):
+        EnsembleTTT(other, gpt2_tokenizer, spec(), members=2, path="stacked")
     assert choose_members(tiny_gpt2(), spec(), torch.device("cpu")) == 1
     assert choose_members(tiny_gpt2(), spec(ensemble_size=6), torch.device("cpu")) == 6
     with pytest.raises(ValueError, match="ttt-nn only"):
@@ -165,10 +185,48 @@ def test_vmap_path_finds_a_kernel_without_a_batching_rule_and_turns_to_eager(
 ):
     items = ITEMS[1:2]
     want = sequential(tiny_gpt2(), gpt2_tokenizer, spec(), items)
-    ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(), members=2)
+    ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(), members=2, path="vmap")
     assert ensemble.eager_attention is True  # known on CPU: SDPA's backward has no rule
     ensemble.eager_attention = None  # as on a GPU: not known until the first step
     got = dict(ensemble.evaluate_stream(items))
     assert ensemble.eager_attention is True  # the first step met the fallback and said so
     assert ensemble.model.config._attn_implementation == "sdpa"  # swapped only inside vmap
     assert_equal_outcomes(got, want, rel=1e-4)
+
+
+@pytest.mark.parametrize("path", ["stacked", "vmap"])
+def test_out_of_memory_halves_the_wave_and_retries_the_step(path, monkeypatch, gpt2_tokenizer):
+    want = sequential(tiny_llama(), gpt2_tokenizer, spec())
+    ensemble = EnsembleTTT(tiny_llama(), gpt2_tokenizer, spec(), members=4, path=path)
+    inner = getattr(ensemble, f"_grads_{path}")
+    calls = []
+
+    def tight(weights, ids, *rest):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 1:  # a device that holds one member's activations only
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return inner(weights, ids, *rest)
+
+    monkeypatch.setattr(ensemble, f"_grads_{path}", tight)
+    got = dict(ensemble.evaluate_stream(ITEMS))
+    assert calls[:3] == [4, 2, 1] and ensemble.wave == 1  # halved twice, then one at a time
+    assert set(calls[3:]) == {1}
+    assert_equal_outcomes(got, want, rel=1e-4)  # the retried steps changed nothing
+    # one member per call and still out of memory: the error is the caller's
+    monkeypatch.setattr(ensemble, f"_grads_{path}", lambda *a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("out of memory (injected)")))  # fmt: skip
+    with pytest.raises(torch.OutOfMemoryError):
+        list(ensemble.evaluate_stream(ITEMS[:1]))
+
+
+def test_a_members_bytes_count_logits_and_unfused_attention_scores(tiny_gpt2):
+    from ttt.engine.members import member_bytes
+
+    model = tiny_gpt2()
+    params = sum(p.numel() for p in model.parameters())
+    short, long = member_bytes(model, 64), member_bytes(model, 128)
+    assert short > 24 * params + 64 * 50257 * 16  # weights, moments and the logits' copies
+    assert long - short == short - 24 * params  # fused attention: linear in the tokens
+    model.config.model_type = "mistral"  # no stacked forward: vmap may run eager attention
+    scores = 2 * 2 * 12  # layers x heads x 12 bytes, per token pair
+    assert member_bytes(model, 128) - long == scores * 128 * 128

@@ -19,14 +19,20 @@ def test_the_plan_follows_the_rule_members_and_path():
     assert (cpu.engine, cpu.path) == ("sequential", "sequential")
     assert "1,522 ms per neighbor" in cpu.line()  # the measured reason
     gpu = explain_plan(TTTSpec(model="smollm2-135m", ensemble_size=8), "cuda")
-    assert (gpu.engine, gpu.members, gpu.path) == ("ensemble", "E = 8 (ensembleSize)", "vmap")
+    assert (gpu.engine, gpu.members, gpu.path) == ("ensemble", "E = 8 (ensembleSize)", "stacked")
+    # GPT-2 trains with dropout 0.1: in float32 (the paper's, the default) each member
+    # replays its own masks; under the GPU's bf16 autocast, batched with masks per member
     paper = explain_plan(TTTSpec(model="gpt2-large", reset_optimizer=False), "cuda")
-    assert paper.path == "loop" and "dropout" in paper.path_reason  # GPT-2 trains with 0.1
+    assert paper.path == "loop" and "replays its own masks" in paper.path_reason
+    fast = explain_plan(TTTSpec(model="gpt2-large", reset_optimizer=False, dtype="auto"), "cuda")
+    assert fast.path == "stacked" and "masks drawn per member" in fast.path_reason
     assert "each member a task with its carried optimizer" in paper.line()
     one = explain_plan(TTTSpec(model="smollm2-135m", engine="ensemble"), "cpu")
-    assert (one.members, one.path) == ("E = 1 (ensembleSize unset off a GPU)", "loop")
+    assert (one.members, one.path) == ("E = 1 (ensembleSize unset off a GPU)", "stacked")
+    drop = explain_plan(TTTSpec(model="gpt2", engine="ensemble", dtype="float32"), "cpu")
+    assert drop.path == "loop" and "dropout masks" in drop.path_reason
     unknown = explain_plan(TTTSpec(model="/nowhere/model", ensemble_size=2), "cuda")
-    assert unknown.path == "vmap or loop" and config_dropout("/nowhere/model") is None
+    assert unknown.path == "stacked or vmap or loop" and config_dropout("/nowhere/model") is None
     dyn = explain_plan(TTTSpec(method="dynamic-eval"), "cuda")
     assert dyn.engine == "sequential" and "method dynamic-eval" in dyn.line()
     # device auto: what a GPU and what a CPU would run, in one line

@@ -25,13 +25,13 @@ def test_the_mode_counts_operators_bytes_syncs_and_host_values():
     assert c.param_traffic == 40 + 40 + 40  # mul reads x, writes y; sum reads y
 
 
-def test_engine_steps_have_no_host_sync_on_either_path(tiny_gpt2, gpt2_tokenizer):
+def test_engine_steps_have_no_host_sync_on_any_path(tiny_gpt2, gpt2_tokenizer):
     for make, members, path in (
+        (tiny_llama, 2, "stacked"),
         (tiny_llama, 2, "vmap"),
         (lambda: tiny_gpt2(dropout=0.1), 2, "loop"),
     ):
-        engine = EnsembleTTT(make(), gpt2_tokenizer, spec(), members=members)
-        assert engine.path == path
+        engine = EnsembleTTT(make(), gpt2_tokenizer, spec(), members=members, path=path)
         steps = count_steps(engine, sites=True)
         list(engine.evaluate_stream(ITEMS[:3]))
         assert len(steps) > 3
@@ -57,3 +57,14 @@ def test_training_attention_is_the_models_causal_sdpa_without_a_mask():
     assert model.config._attn_implementation == "sdpa"  # its own again afterwards
     with training_attention(model, eager=True):
         assert model.config._attn_implementation == "eager"
+
+
+def test_a_row_update_counts_the_rows_it_moves_not_the_whole_table():
+    table = torch.zeros(100, 8)
+    rows = torch.tensor([3, 7])
+    with CountingMode(shapes=[(100, 8)]) as mode:
+        table.index_put_((rows,), torch.ones(2, 8), accumulate=True)
+        table.add_(1.0)  # a whole-table update reads and writes it all
+    moved = mode.counts.traffic_by_operator
+    assert moved["index_put_"] == 3 * 2 * 8 * 4  # the values read, two rows read and written
+    assert moved["add_"] == 2 * 100 * 8 * 4

@@ -65,3 +65,30 @@ def test_smollm2_gguf_loads_and_scores_real_text():
     ids = tokenizer.encode(text, add_special_tokens=False)
     copied = score_document(model, tokenizer, text, max_length=128, context_prefix_ids=ids)
     assert copied.bits_per_byte < 0.75 * score.bits_per_byte
+
+
+def live_tensor_storages() -> dict[int, int]:
+    """Every torch tensor the garbage collector can see: its storage's address and bytes."""
+    import gc
+    import warnings
+
+    gc.collect()
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated torch attributes warns
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+@pytest.mark.slow
+def test_loading_the_gguf_keeps_no_tensor_beyond_the_models_own():
+    # item 10 of issue 21: the dequantized state dict must not outlive the load
+    before = set(live_tensor_storages())
+    model, _ = load_lm("smollm2-135m", dtype="float32", device="cpu")
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    extra = {k: n for k, n in live_tensor_storages().items() if k not in before | own}
+    assert sum(extra.values()) < 1_000_000, f"{len(extra)} tensors alive beyond the model"
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,6 +41,18 @@ PILE_WEIGHTS: dict[str, float] = {
 
 # How many scoring windows of max_length tokens go through the model at once.
 DEFAULT_BATCH_TOKENS = 8192
+
+# Causal LMs whose logits are exactly output_embeddings(base_model(...).last_hidden_state):
+# their batch runs the body at once and the vocabulary head one window at a time (see
+# _batch_logits); any other model runs whole.
+HEAD_APART = (
+    "GPT2LMHeadModel",
+    "GPTNeoForCausalLM",
+    "GPTNeoXForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+)
 
 
 def count_words(text: str) -> int:
@@ -106,22 +119,39 @@ def _window_logliks(
     by_length: dict[int, list[tuple[list[int], list[int]]]] = {}
     for context, target in windows:
         by_length.setdefault(len(context) + len(target) - 1, []).append((context, target))
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device
     with torch.no_grad():
         for length, group in by_length.items():
             per_batch = max(1, batch_tokens // length)
             for start in range(0, len(group), per_batch):
                 batch = group[start : start + per_batch]
                 inputs = torch.tensor([(c + t)[:-1] for c, t in batch], device=device)
-                logits = model(input_ids=inputs).logits
+                logits = _batch_logits(model, inputs)
                 for row, (_context, target) in enumerate(batch):
-                    scores = logits[row, -len(target) :]
+                    scores = logits(row, len(target))
                     if scores.dtype in (torch.float16, torch.bfloat16):
                         scores = scores.float()  # bf16 log-softmax would cost the metric digits
                     idx = torch.tensor(target, device=device).unsqueeze(-1)
                     logp = scores.log_softmax(dim=-1).gather(-1, idx)
-                    total += logp.double().sum().item()
-    return total
+                    total += logp.double().sum()
+    return float(total)  # the one read back per document
+
+
+def _batch_logits(model: PreTrainedModel, inputs: torch.Tensor) -> Any:
+    """A function (row, n) -> the logits of the last n positions of that row of the batch.
+
+    The whole batch's logits would take batch_tokens x vocabulary floats at once (1.6 GB for
+    SmolLM2 at 8192 tokens, 12 bytes per parameter: item 10 of issue 21), so where the head is
+    a plain projection of the last hidden state (HEAD_APART), the body runs on the batch and
+    the head on one row's targets when asked; the same rows of the same matmul, so the same
+    bits (tests/test_bpb.py checks this on a real model).
+    """
+    head = model.get_output_embeddings() if type(model).__name__ in HEAD_APART else None
+    if not isinstance(head, torch.nn.Linear):
+        logits = model(input_ids=inputs).logits
+        return lambda row, n: logits[row, -n:]
+    hidden = model.base_model(input_ids=inputs).last_hidden_state
+    return lambda row, n: head(hidden[row, -n:])
 
 
 def score_document(
@@ -178,10 +208,10 @@ def _window_token_logprobs(
                 inputs = torch.tensor(
                     [(windows[i][0] + windows[i][1])[:-1] for i in batch], device=device
                 )
-                logits = model(input_ids=inputs).logits
+                logits = _batch_logits(model, inputs)
                 for row, i in enumerate(batch):
                     target = windows[i][1]
-                    scores = logits[row, -len(target) :].float()
+                    scores = logits(row, len(target)).float()
                     idx = torch.tensor(target, device=device).unsqueeze(-1)
                     out[i] = scores.log_softmax(dim=-1).gather(-1, idx).squeeze(-1).tolist()
     return [lp for window in out for lp in window]

@@ -208,7 +208,9 @@ def bench_ttt(
     if profile:
         from ttt.bench.ttt_profile import profile_paths
 
-        counted = profile_paths(lm, tokenizer, spec, texts, members or 2, seed)
+        counted = profile_paths(
+            lm, tokenizer, spec, texts, members or 2, seed, saved_model=name not in GPT2_SIZES
+        )
         if show:
             title = f"TTT-NN step profile ({name}, {length}-token chunks, {where})"
             flat = {

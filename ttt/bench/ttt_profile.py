@@ -4,7 +4,8 @@ For the sequential loop (ttt/train.py) and the engine's loop and vmap paths on t
 and chunks: operators dispatched (a kernel-launch proxy), bytes allocated and bytes of
 parameter-shaped traffic per parameter, host syncs, and whether attention ran as one fused
 call for all members; then the bytes per parameter one eval worker holds (item 10 of
-issue 21): every tensor the engine keeps, each storage counted once, and the resident peak.
+issue 21): every tensor the engine keeps, each storage counted once, the resident peak, and
+an eval worker's own peak, measured in a fresh process (ttt.bench.worker_memory).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def step_figures(steps: list[StepCounts], members: int, params: int, layers: int
     last = steps[-1]
     return {
         "operators": round(last.operators / members, 1),
+        "kernels": round(last.kernels / members, 1),
         "bytes_allocated_per_param": round(last.bytes_allocated / members / params, 2),
         "param_traffic_bytes_per_param": round(last.param_traffic / members / params, 2),
         "host_syncs": round(last.host_syncs / members, 2),
@@ -91,9 +93,17 @@ def resident_peak_bytes() -> int:
 
 
 def profile_paths(
-    lm: Any, tokenizer: Any, spec: Any, texts: list, members: int, seed: int = 0
+    lm: Any,
+    tokenizer: Any,
+    spec: Any,
+    texts: list,
+    members: int,
+    seed: int = 0,
+    *,
+    saved_model: bool = True,
 ) -> dict[str, Any]:
-    """Each path on the same documents (their first neighbor chunks, two steps each)."""
+    """Each path on the same documents (their first neighbor chunks, two steps each), then
+    an eval worker's memory where the model is a saved one (`saved_model`)."""
     params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     layers = int(getattr(lm.config, "num_hidden_layers", 0) or getattr(lm.config, "n_layer", 1))
     shapes = [tuple(p.shape) for p in lm.parameters() if p.requires_grad] + [(params,)]
@@ -106,7 +116,7 @@ def profile_paths(
     figures["sequential"] = step_figures(steps, 1, params, layers)
     figures["sequential_held_bytes_per_param"] = _per_param(held[-1], params)
     del loop, steps
-    for path in ("loop", "vmap"):
+    for path in ("loop", "vmap", "stacked"):
         engine = EnsembleTTT(lm, tokenizer, spec, members=members, seed=seed, path=path)
         steps, held = count_steps(engine, shapes), _held_after_steps(engine)
         list(engine.evaluate_stream(docs))
@@ -114,7 +124,19 @@ def profile_paths(
         figures[f"engine_{path}_held_bytes_per_param"] = _per_param(held[-1], params)
         del engine, steps
     figures["resident_peak_bytes_per_param"] = round(resident_peak_bytes() / params, 1)
+    figures["eval_worker"] = eval_worker(spec.model, spec.max_length, saved_model)
     return figures
+
+
+def eval_worker(model: str, max_length: int, saved_model: bool = True) -> dict[str, Any] | str:
+    """An eval worker's fixed overhead and peak bytes per parameter above it, against the
+    target; this process's peak cannot say it (it held the engines one after another).
+    `saved_model` false: the bench built the model from a config, which a worker cannot."""
+    from ttt.bench.worker_memory import eval_worker_figures
+
+    if not saved_model:  # built from a config here: a worker would load it from the hub
+        return f"not measured: {model} is built from its config, a worker loads a saved model"
+    return eval_worker_figures(model, max_length)
 
 
 def _held_after_steps(engine: Any) -> list[dict[str, int]]:

@@ -65,9 +65,10 @@ TTT: Arguments = [
     (
         "--path",
         {
-            "choices": ["vmap", "loop"],
-            "help": "the engine's path (default: vmap without dropout, loop with it; vmap "
-            "with dropout draws each member's masks independently)",
+            "choices": ["stacked", "vmap", "loop"],
+            "help": "the engine's path (default: as the engine chooses: loop for one member "
+            "or for dropout in float32, else stacked for GPT-2 and Llama, vmap otherwise; "
+            "stacked or vmap with dropout draw each member's masks independently)",
         },
     ),
     ("--device", {}),

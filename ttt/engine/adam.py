@@ -25,10 +25,13 @@ class StackedAdam:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled: bool = False,
+        shapes: list[torch.Size] | None = None,
     ) -> None:
         if weights.dim() != 2 or weights.dtype != torch.float32:
             raise ValueError("StackedAdam needs (members, parameters) float32 master weights")
         self.weights = weights
+        # the model's parameter shapes, when gradients come per parameter (no flat row to cat)
+        self.shapes = list(shapes) if shapes is not None else None
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
         self.exp_avg = torch.zeros_like(weights)
@@ -36,6 +39,18 @@ class StackedAdam:
         self.steps = [0] * weights.shape[0]  # on the host, for the record
         # the kernel's own step counters (float32 scalars on the device, as torch keeps them)
         self._steps = [torch.zeros((), device=weights.device) for _ in range(weights.shape[0])]
+        self._pieces: dict[int, tuple[list, list, list]] = {}
+
+    def pieces(self, member: int) -> tuple[list, list, list]:
+        """Member `member`'s weights and moments as per-parameter views (made once)."""
+        if member not in self._pieces:
+            assert self.shapes is not None
+            sizes = [s.numel() for s in self.shapes]
+            self._pieces[member] = tuple(  # type: ignore[assignment]
+                [v.view(s) for v, s in zip(t[member].split(sizes), self.shapes, strict=True)]
+                for t in (self.weights, self.exp_avg, self.exp_avg_sq)
+            )
+        return self._pieces[member]
 
     def reset(self, member: int) -> None:
         """A fresh optimizer for one member (its next document)."""
@@ -48,9 +63,10 @@ class StackedAdam:
     def step(
         self, grads: Any, active: list[bool], grad_scales: list[torch.Tensor] | None = None
     ) -> None:
-        """One Adam(W) step for every active row; `grads[e]` is member e's gradient row (an
-        (E, P) tensor or a list), idle rows are ignored; `grad_scales` (one per active row,
-        clip_scales') divide each row's gradient inside the kernel.
+        """One Adam(W) step for every active row; `grads[e]` is member e's gradient: a row (of
+        an (E, P) tensor or a list) or, with `shapes`, a list of per-parameter gradients (as
+        autograd returns them: no flat copy). Idle rows are ignored; `grad_scales` (one per
+        active row, clip_scales') divide each row's gradient inside the kernel.
 
         torch's fused Adam kernel (one pass over the weights, several rows per launch) over
         the active rows, each row its own "parameter" with its own step counter: exactly
@@ -75,11 +91,23 @@ class StackedAdam:
         }
 
         def update(of: list[int], **scale: Any) -> None:
-            weights, moments = [self.weights[e] for e in of], [self.exp_avg[e] for e in of]
-            squares, counts = [self.exp_avg_sq[e] for e in of], [steps[rows.index(e)] for e in of]
-            kernel(
-                weights, [grads[e] for e in of], moments, squares, [], counts, **options, **scale
-            )
+            weights, moments, squares, given, counts = [], [], [], [], []
+            for e in of:
+                if isinstance(grads[e], torch.Tensor):  # one flat row
+                    pieces = ([self.weights[e]], [self.exp_avg[e]], [self.exp_avg_sq[e]])
+                    gs = [grads[e]]
+                else:
+                    pieces = self.pieces(e)
+                    # the fused kernel walks memory linearly, whatever the strides: a member's
+                    # slice of a batched gradient whose member dimension is not outermost
+                    # (vmap's for a position embedding) is made contiguous first
+                    gs = [g if g.is_contiguous() else g.contiguous() for g in grads[e]]
+                weights += pieces[0]
+                moments += pieces[1]
+                squares += pieces[2]
+                given += gs
+                counts += [steps[rows.index(e)]] * len(gs)  # the row's one step counter
+            kernel(weights, given, moments, squares, [], counts, **options, **scale)
 
         if grad_scales is None:
             update(rows)
@@ -103,12 +131,18 @@ def clip_rows(rows: Any, max_norm: float | None) -> Any:
     return rows
 
 
-def clip_scales(rows: list[torch.Tensor], max_norm: float | None) -> list[torch.Tensor] | None:
+def clip_scales(rows: list[Any], max_norm: float | None) -> list[torch.Tensor] | None:
     """clip_grad_norm_ as a divisor per row, for StackedAdam.step's grad_scales: the row's
-    norm over max_norm (with its epsilon), at least 1. One norm pass; nothing is written."""
+    norm over max_norm (with its epsilon), at least 1. A row is one tensor or a list of
+    per-parameter gradients (clip_grad_norm_'s own way: the norm of the pieces' norms).
+    One norm pass; nothing is written."""
     if max_norm is None or not rows:
         return None
-    scales = torch._foreach_add(torch._foreach_norm(rows), 1e-6)
+    if isinstance(rows[0], torch.Tensor):
+        norms = torch._foreach_norm(rows)
+    else:
+        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(r))) for r in rows]
+    scales = torch._foreach_add(norms, 1e-6)
     torch._foreach_div_(scales, max_norm)
     torch._foreach_clamp_min_(scales, 1.0)
     return scales

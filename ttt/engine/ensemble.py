@@ -1,10 +1,12 @@
 """Several test documents at once: an ensemble of independent models over stacked weights.
 
 Each member is one test document's (or, with a carried optimizer, one task's) copy of the
-model: one row of an (E, P) float32 matrix and of StackedAdam. A step trains every active
-member on its next chunk, all at once with vmap(grad(functional_call)) ("vmap") or member
-after member ("loop": dropout masks equal to the sequential loop's). Scoring copies a row
-into the model and calls the sequential loop's scoring; the model is restored at the end.
+model: one row of an (E, P) float32 matrix and of StackedAdam. A step (ttt.engine.step)
+trains every active member on its next chunk: all at once through the stacked forward
+("stacked") or vmap(grad(functional_call)) ("vmap"), or member after member ("loop":
+dropout masks equal to the sequential loop's). Scoring copies a row into the model (with
+one member the model's parameters are the row) and calls the sequential loop's scoring;
+the model is restored at the end.
 """
 
 from __future__ import annotations
@@ -12,28 +14,27 @@ from __future__ import annotations
 import io
 import logging
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
 
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS
-from ttt.engine.adam import StackedAdam, clip_scales, load_row_state_dict, row_state_dict
-from ttt.engine.attention import training_attention
+from ttt.engine.adam import StackedAdam, load_row_state_dict, row_state_dict
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import (
+    PATHS,
     choose_members,
     choose_path,
     has_dropout,
     rng_state,
-    set_rng_state,
 )
 from ttt.engine.precision import Precision, resolve_precision
+from ttt.engine.stacked import unsupported as stacked_unsupported
+from ttt.engine.step import MemberSteps
 from ttt.outcome import DocOutcome
 from ttt.train import TTTNN
 
@@ -52,7 +53,7 @@ class _Member:
     neighbor_losses: list[torch.Tensor | None] = field(default_factory=list)  # per neighbor
 
 
-class EnsembleTTT:
+class EnsembleTTT(MemberSteps):
     """TTT-NN on E documents at once, each document's result equal to TTTNN.evaluate's.
 
     Equal for method ttt-nn (every document starts from the saved weights): with a fresh
@@ -95,17 +96,33 @@ class EnsembleTTT:
         for name, row, shape in zip(self.names, self.base.split(self.sizes), self.shapes):
             self.ref._saved[name] = row.view(shape)
         self.members = members or choose_members(model, ttt_spec, self.device)
-        self.path = path or choose_path(model, self.members)
-        if self.path not in ("vmap", "loop"):
-            raise ValueError(f"path {self.path!r}: expected 'vmap' or 'loop'")
+        self.path = path or choose_path(model, self.members, self.precision.autocast)
+        if self.path not in PATHS:
+            raise ValueError(f"path {self.path!r}: expected one of {', '.join(PATHS)}")
+        if self.path == "stacked" and (why := stacked_unsupported(model)) is not None:
+            raise ValueError(f"path stacked: no stacked forward for this model: {why}")
         self.weights = self.base.repeat(self.members, 1)
+        self.wave = self.members  # members per batched call: halved on out-of-memory
+        # the members' weights per parameter, (E, *shape) views of the rows: autograd hands
+        # back a gradient per parameter, which Adam takes as it is (no flat row to cat)
+        self.stacked = [
+            rows.view(self.members, *shape)
+            for rows, shape in zip(self.weights.split(self.sizes, dim=1), self.shapes, strict=True)
+        ]
         self.adam = StackedAdam(
             self.weights,
             lr=ttt_spec.learning_rate,
             eps=ttt_spec.eps,
             weight_decay=ttt_spec.weight_decay,
             decoupled=ttt_spec.optimizer == "adamw",
+            shapes=self.shapes,
         )
+        # one member: the model's parameters are its weights (no copy of their own; scoring
+        # reads them where they are, and the restore at the end writes them)
+        self.shared = self.members == 1
+        if self.shared:
+            for p, piece in zip(self.params, self.adam.pieces(0)[0], strict=True):
+                p.data = piece
         self.seed, self.rank = seed, str(rank)
         # Called as on_neighbor(n, of, steps) after each neighbor (progress), with one member
         # only: with several, documents interleave and "the current document" has no meaning.
@@ -264,33 +281,18 @@ class EnsembleTTT:
         due = [c for c in checkpoints if c == n or (n == member.last and c > member.last)]
         if not due:
             return
-        with torch.no_grad():
-            for p, row in zip(self.params, self.weights[e].split(self.sizes), strict=True):
-                p.copy_(row.view(p.shape))
-        self.ref._score_due(member.outcome, member.plan.scored, n, checkpoints, member.last)
+        if not self.shared:  # else the parameters are the member's weights already
+            with torch.no_grad():
+                for p, row in zip(self.params, self.weights[e].split(self.sizes), strict=True):
+                    p.copy_(row.view(p.shape))
+        with self.precision.scoring():  # the training's precision; log-softmax in float32
+            self.ref._score_due(member.outcome, member.plan.scored, n, checkpoints, member.last)
 
     def _count(self, outcome: DocOutcome) -> None:
         telemetry.TRAIN_TOKENS.labels(self.rank).inc(outcome.train_tokens)
         telemetry.TRAIN_STEPS.labels(self.rank).inc(outcome.train_steps)
 
-    # -- one step of every active member --
-
-    def _loss(
-        self, flat: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, causal: Any = None
-    ) -> torch.Tensor:
-        """Mean next-token loss of one member on one chunk; `mask` marks the real targets,
-        `causal` is eager attention's additive causal mask (else none is built)."""
-        views = (c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
-        params = dict(zip(self.names, views, strict=True))
-        with self.precision.context():
-            # no cache (training_attention builds no mask either): no host values per forward
-            kwargs = {"input_ids": ids[None], "use_cache": False}
-            if causal is not None:  # 4-D: transformers takes it as it is
-                kwargs["attention_mask"] = causal
-            out = functional_call(self.model, params, (), kwargs)
-        logp = out.logits[0, :-1].float().log_softmax(-1)
-        picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
-        return -(picked * mask).sum() / mask.sum().clamp(min=1)
+    # -- one step of every active member (the machinery: ttt.engine.step) --
 
     def _step(self, slots: list[_Member | None]) -> list[tuple[int, Any, DocOutcome]]:
         start = time.perf_counter()
@@ -312,89 +314,3 @@ class EnsembleTTT:
                 slots[e] = None
                 done.append((e, *finished))
         return done
-
-    def inputs(self, chunks: list[list[int] | None]) -> list[Any]:
-        """A step's token ids and target masks on the device, one (ids, mask) per member
-        (None where idle; on the vmap path one stacked pair for all), built from the host's
-        token lists before the step, as pinned copies that queue without a sync."""
-        if self.path == "vmap":
-            width = max(len(c) for c in chunks if c is not None)
-            ids = torch.zeros((self.members, width), dtype=torch.long)
-            mask = torch.zeros((self.members, width - 1))
-            for e, chunk in enumerate(chunks):
-                if chunk is not None:  # right padding: causal attention keeps real tokens exact
-                    ids[e, : len(chunk)] = torch.tensor(chunk)
-                    mask[e, : len(chunk) - 1] = 1
-            causal = None
-            if self.eager_attention:  # built here, not from a host value inside the forward
-                low = torch.finfo(torch.float32).min
-                causal = torch.full((width, width), low, device=self.device).triu(1)[None, None]
-            return [(self._to_device(ids), self._to_device(mask), causal)]
-        return [
-            None
-            if chunk is None
-            else (
-                self._to_device(torch.tensor(chunk)),
-                torch.ones(len(chunk) - 1, device=self.device),
-            )
-            for chunk in chunks
-        ]
-
-    def train_step(self, inputs: list[Any], slots: list[_Member | None]) -> torch.Tensor:
-        """One step of every active member on `inputs`: gradients, each row clipped, Adam(W).
-        Nothing in it reads a value back to the host or builds a tensor from host values
-        (ttt.engine.profile counts it); returns the members' losses, on the device."""
-        active = [m is not None for m in slots]
-        self.model.train()  # as the sequential loop: dropout on while training, if configured
-        try:
-            if self.path == "vmap":
-                grads, losses = self._grads_vmap(*inputs[0])
-            else:
-                grads, losses = self._grads_loop(inputs, slots)
-        finally:
-            self.model.eval()
-        rows = [grads[e] for e, on in enumerate(active) if on]
-        # clipping as a divisor inside Adam's kernel: one norm pass, no scaled copy
-        self.adam.step(grads, active, clip_scales(rows, self.spec.grad_clip))
-        return losses
-
-    def _grads_vmap(self, ids: Any, mask: Any, causal: Any) -> tuple[Any, torch.Tensor]:
-        randomness = "different" if self.dropout else "error"
-        step = vmap(grad_and_value(self._loss), (0, 0, 0, None), randomness=randomness)
-        if self.eager_attention is not None:
-            with training_attention(self.model, eager=self.eager_attention):
-                return step(self.weights, ids, mask, causal)
-        # first step with the model's own attention: if PyTorch falls back to a per-member
-        # loop for a kernel without a batching rule (it warns), later steps run eager attention
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with training_attention(self.model, eager=False):
-                found = step(self.weights, ids, mask, None)
-        slow = [w for w in caught if "batching rule" in str(w.message)]
-        self.eager_attention = bool(slow)
-        if slow:
-            log.info("vmap path: %s; eager attention from now on", str(slow[0].message)[:120])
-        return found
-
-    def _grads_loop(self, inputs: list[Any], slots: list[_Member | None]) -> tuple[Any, Any]:
-        """Member after member, each row's gradient as grad returns it (no stacked copy)."""
-        grads: list[torch.Tensor | None] = [None] * self.members
-        losses: list[torch.Tensor | None] = [None] * self.members
-        with training_attention(self.model, eager=False):
-            for e, given in enumerate(inputs):
-                member = slots[e]
-                if given is None or member is None:
-                    continue
-                if member.rng:
-                    set_rng_state(member.rng, self.device)
-                grads[e], losses[e] = grad_and_value(self._loss)(self.weights[e], *given)
-                if member.rng:
-                    member.rng = rng_state(self.device)
-        return grads, losses
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without a host sync: from pageable memory a CUDA copy
-        waits for the stream, from pinned memory it is queued like a kernel."""
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)

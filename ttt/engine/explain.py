@@ -17,6 +17,9 @@ KNOWN_DROPOUT = {
     "gpt2-large": True,
     "gpt2-xl": True,
 }
+# their architectures (model_type): both have a stacked forward (ttt.engine.stacked)
+KNOWN_TYPE = {"smollm2-135m": "llama"} | {name: "gpt2" for name in KNOWN_DROPOUT if "gpt2" in name}
+STACKED_TYPES = ("gpt2", "llama")
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,26 @@ class EnginePlan:
 def config_dropout(model: str) -> bool | None:
     """Whether `model` trains with dropout, from KNOWN_DROPOUT or a config already on this
     machine (nothing is downloaded); None when neither says."""
+    return config_facts(model)[0]
+
+
+def config_facts(model: str) -> tuple[bool | None, str | None]:
+    """(whether `model` trains with dropout, its model_type), from the tables above or a
+    config already on this machine; None where neither says."""
     if model in KNOWN_DROPOUT:
-        return KNOWN_DROPOUT[model]
+        return KNOWN_DROPOUT[model], KNOWN_TYPE[model]
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError, KeyError):  # not here, or a model type transformers lacks
-        return None
+        return None, None
     rates = [
         v
         for k, v in config.to_dict().items()
         if ("dropout" in k or "pdrop" in k) and isinstance(v, int | float)
     ]
-    return any(float(v) > 0 for v in rates)
+    return any(float(v) > 0 for v in rates), getattr(config, "model_type", None)
 
 
 def explain_spec(ttt_spec: Any) -> list[EnginePlan]:
@@ -92,13 +101,34 @@ def explain_plan(ttt_spec: Any, device: str | None = None) -> EnginePlan:
         size, members = 1, "E = 1 (ensembleSize unset off a GPU)"
     if not ttt_spec.reset_optimizer:
         members += ", each member a task with its carried optimizer"
-    dropout = config_dropout(ttt_spec.model)
-    if size == 1:
-        path, why = "loop", "one member: nothing to batch"
-    elif dropout:
-        path, why = "loop", "the model has dropout: each member replays its own masks"
-    elif dropout is None:
-        path, why = "vmap or loop", "vmap unless the model has dropout; its config is not here"
+    dropout, kind = config_facts(ttt_spec.model)
+    # as ttt.engine.precision resolves it: bf16 autocast on a GPU unless float32 is asked
+    autocast = ttt_spec.dtype == "bfloat16" or (
+        ttt_spec.dtype == "auto" and choice.device == "cuda"
+    )
+    if kind is None:
+        batched = "stacked or vmap"
     else:
-        path, why = "vmap", "no dropout: all members in one batched call"
+        batched = "stacked" if kind in STACKED_TYPES else "vmap"
+    if batched == "stacked":
+        how = "all members in one batched forward, attention one fused call"
+    elif batched == "vmap":
+        how = f"all members in one vmap call (no stacked forward for {kind})"
+    else:
+        how = "all members batched (stacked for gpt2 and llama, else vmap)"
+    if size == 1 and (dropout and not autocast or batched == "vmap"):
+        why = "one member: " + ("its own dropout masks" if dropout else "nothing to batch")
+        path = "loop"
+    elif size == 1:
+        path = "stacked" if batched == "stacked" else "stacked or loop"
+        why = "one member: the stacked forward, which keeps no per-parameter copies"
+    elif dropout and not autocast:
+        path, why = "loop", "the model has dropout: each member replays its own masks"
+    elif dropout:
+        path = batched
+        why = f"{how}; dropout masks drawn per member (bf16 autocast: within 0.01 bpb)"
+    elif dropout is None:
+        path, why = f"{batched} or loop", f"{how}, unless the model has dropout; no config here"
+    else:
+        path, why = batched, f"no dropout: {how}"
     return EnginePlan("ensemble", choice.device, members, path, choice.reason, why)

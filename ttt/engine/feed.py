@@ -46,10 +46,24 @@ def plan_document(item: Item, tokenizer: Any, spec: Any, ref: Any) -> Plan:
     return Plan(key, ref.scored_text(text), steps)
 
 
+# what a pull returns once its source is done (a document is never this object)
+_END = object()
+
+
+def _pull(source: Iterator[Any], plan: Callable[[Any], Any]) -> Any:
+    """The source's next document, planned, or _END: runs on the feed's pool thread, so the
+    source's own work (retrieval, in the eval stage) overlaps the device's. The pool has one
+    thread: a source is only ever advanced there, one pull after the other, in order."""
+    item = next(source, _END)
+    return _END if item is _END else plan(item)
+
+
 class SharedFeed:
     """resetOptimizer true: any free member takes the next document of one stream, with a
-    fresh optimizer. `members` documents are read ahead and tokenized on `pool`'s thread
-    while the device trains (retrieval, in the eval stage, happens as they are read)."""
+    fresh optimizer. `members` documents are read ahead (retrieved, in the eval stage) and
+    tokenized on `pool`'s one thread while the device trains; the main thread only waits
+    for a document when a member needs it. An error from the stream is raised as that
+    document is taken."""
 
     def __init__(
         self,
@@ -60,26 +74,32 @@ class SharedFeed:
     ) -> None:
         self.source, self.plan, self.members, self.pool = iter(items), plan, members, pool
         self.ahead: deque[Future[Any]] = deque()
+        self.done = False  # a pull found the stream's end
         self.refill()
 
     def refill(self) -> None:
-        while len(self.ahead) < self.members:
-            item = next(self.source, None)
-            if item is None:
-                return
-            self.ahead.append(self.pool.submit(self.plan, item))
+        while not self.done and len(self.ahead) < self.members:
+            self.ahead.append(self.pool.submit(_pull, self.source, self.plan))
 
     def next(self, member: int) -> tuple[Any, str] | None:
         """(the document's plan, RESET) for a free member, or None when the stream is done."""
         if not self.ahead:
+            self.refill()
+        if not self.ahead:
             return None
-        return self.ahead.popleft().result(), RESET
+        got = self.ahead.popleft().result()
+        if got is _END:  # the pulls behind it find the end too
+            self.done = True
+            self.ahead.clear()
+            return None
+        return got, RESET
 
 
 class TaskFeed:
     """resetOptimizer false: a member takes a whole task, its documents in order with one
     carried optimizer, reset when it takes the next task. Tasks go largest first to the
-    member that frees first (balanced by bytes); each member reads one document ahead.
+    member that frees first (balanced by bytes); each member reads one document ahead, on
+    `pool`'s one thread (retrieval, in the eval stage, overlaps the device's work).
 
     `tasks` are (bytes, documents) pairs; with `resume_first` the first task continues the
     optimizer state loaded before (a resumed rank) instead of starting afresh.
@@ -107,23 +127,24 @@ class TaskFeed:
         """Nothing shared to read ahead: each member reads its own task's next document."""
 
     def _read(self, member: int) -> None:
+        """The member's next document, pulled and planned on the pool's thread."""
         source = self.current[member]
-        item = next(source, None) if source is not None else None
-        self.ahead[member] = None if item is None else self.pool.submit(self.plan, item)
+        self.ahead[member] = None if source is None else self.pool.submit(_pull, source, self.plan)
 
     def next(self, member: int) -> tuple[Any, str] | None:
         """(the member's next plan, KEEP/RESET/RESUME), or None when no task is left."""
         start = KEEP
-        if self.ahead[member] is None:  # its task is done (or none yet): the next task
-            while self.ahead[member] is None:
-                if not self.pending:
-                    self.current[member] = None
-                    return None
-                _, index, docs = self.pending.popleft()
-                start = RESUME if index == 0 and self.resume_first else RESET
-                self.current[member] = iter(docs)
-                self._read(member)
-        future = self.ahead[member]
-        assert future is not None
-        self._read(member)  # the document after it, while this one trains
-        return future.result(), start
+        while True:
+            future = self.ahead[member]
+            got = _END if future is None else future.result()
+            if got is not _END:
+                self._read(member)  # the document after it, while this one trains
+                return got, start
+            # its task is done (or none yet): the next task, largest first
+            if not self.pending:
+                self.current[member] = self.ahead[member] = None
+                return None
+            _, index, docs = self.pending.popleft()
+            start = RESUME if index == 0 and self.resume_first else RESET
+            self.current[member] = iter(docs)
+            self._read(member)

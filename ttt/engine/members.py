@@ -1,10 +1,12 @@
-"""How an ensemble is shaped: how many documents train at once, batched (vmap) or in turn (loop)."""
+"""How an ensemble is shaped: how many documents train at once, and how: stacked, vmap or loop."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from ttt.engine.stacked import unsupported
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -16,39 +18,70 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def choose_path(model: torch.nn.Module, members: int = 2) -> str:
-    """'vmap' when every member can step in one batched call with results equal to the loop's.
+PATHS = ("loop", "vmap", "stacked")
 
-    Dropout makes the sequential loop's masks a function of one RNG stream per document,
-    which only the loop path reproduces (it swaps each member's RNG state in and out), so a
-    model with dropout takes the loop path. On CPU the vmap path runs eager attention, as
-    PyTorch has no batching rule for CPU SDPA's backward; elsewhere it keeps the model's own
-    unless the first step shows a batching-rule fallback. One member takes the loop path:
-    nothing to batch, and it keeps the model's own attention kernel.
+
+def choose_path(model: torch.nn.Module, members: int = 2, autocast: Any = None) -> str:
+    """How the members step: 'stacked', 'vmap' or 'loop'.
+
+    The stacked forward (ttt.engine.stacked: every operator once for all members, attention
+    one fused call) where the architecture has one, for one member too (it holds no
+    per-parameter copies that functorch's grad keeps: 30 bytes per parameter at its peak
+    where the loop path reaches 47, docs/performance.md); else vmap(grad(functional_call))
+    for several members and the loop path for one. With dropout, exact masks need the
+    sequential loop's one RNG stream per document, which only the loop path replays; under
+    autocast (bf16 on a GPU) the results are not the float32 loop's to the digit anyway, so
+    there the members are batched with independent masks (equal within 0.01 bpb, tested).
     """
-    return "loop" if members == 1 or has_dropout(model) else "vmap"
+    if unsupported(model) is None:
+        batched = "stacked"
+    else:
+        batched = "loop" if members == 1 else "vmap"
+    if has_dropout(model) and autocast is None:
+        return "loop"
+    return batched
 
 
 def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) -> int:
     """How many documents train at once: `spec.ttt.ensembleSize`, else from free memory.
 
-    A member costs its float32 weights, gradient, two Adam moments and temporaries (about
-    24 bytes per parameter) plus the activations of one chunk; on a GPU E fills 70 % of the
-    free memory (at most 64); on a CPU it is 1 unless set (see docs/performance.md).
+    On a GPU E fills 70 % of the free memory at member_bytes each (at most 64); on a CPU it
+    is 1 unless set (see docs/performance.md). An estimate that is still too high is met
+    by the engine: out of memory, it halves the members per batched call and retries.
     """
     requested = getattr(ttt_spec, "ensemble_size", None)
     if requested:
         return int(requested)
     if device.type != "cuda":
         return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(64, int(0.7 * free // member_bytes(model, int(ttt_spec.max_length)))))
+
+
+def member_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """What one member holds on the device while it steps on a chunk of `tokens`:
+
+    - its weights, gradient and two Adam moments in float32, and temporaries: 24 bytes per
+      parameter;
+    - activations kept for the backward: about 40 values per hidden unit per layer and token
+      (bf16 copies, float32 norms, the MLP's 4x width);
+    - the logits and their copies: bf16 logits, the float32 ones cross-entropy reads, its
+      saved log-softmax and the logits' gradient in float32 and bf16 (16 bytes per vocabulary
+      entry per token);
+    - attention scores where attention may run unfused (the vmap path's eager fallback, for
+      a model without a stacked forward): scores, their softmax and its gradient in float32
+      per head (12 bytes per head per token pair per layer); fused attention keeps none.
+    """
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
     layers = int(getattr(config, "num_hidden_layers", 12))
     hidden = int(getattr(config, "hidden_size", 768))
+    heads = int(getattr(config, "num_attention_heads", 12))
     vocab = int(getattr(config, "vocab_size", 50257))
-    activations = int(ttt_spec.max_length) * (layers * hidden * 40 + vocab * 12)
-    free, _total = torch.cuda.mem_get_info(device)
-    return max(1, min(64, int(0.7 * free // (24 * params + activations))))
+    activations = tokens * (layers * hidden * 40 + vocab * 16)
+    if unsupported(model) is not None:
+        activations += layers * heads * tokens * tokens * 12
+    return 24 * params + activations
 
 
 def rng_state(device: torch.device) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,8 @@ class Precision:
 
     `autocast` is the dtype of the forward and backward matmuls (None = plain float32). Pure
     bf16 weights would lose most updates at lr 2e-5 (an update below half a bf16 ulp of the
-    weight rounds away), so no spec value ever means bf16 weights here. Scoring always runs in
-    float32, so that bits per byte keep their digits.
+    weight rounds away), so no spec value ever means bf16 weights here. Scoring follows the
+    training's precision (`scoring()`), with the log-softmax always in float32 (ttt.bpb).
     """
 
     device: torch.device
@@ -29,6 +30,32 @@ class Precision:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """The scoring forward's matmuls: float32 where training is float32; under autocast,
+        TF32 on a GPU (a float32 range and a 10-bit mantissa, the matmuls 8x the float32
+        rate on an H100) and bf16 autocast elsewhere (a CPU asked for bfloat16). Both stay
+        within 0.01 bits per byte of float32 scoring (tests/test_engine_ensemble.py); the
+        log-softmax and the sum of log-likelihoods stay float32 and float64."""
+        if self.autocast is None:
+            yield
+        elif self.device.type == "cuda":
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast):
+                yield
+
+    @property
+    def scoring_name(self) -> str:
+        if self.autocast is None:
+            return "float32"
+        return "tf32" if self.device.type == "cuda" else f"{_short(self.autocast)}-autocast"
 
     @property
     def name(self) -> str:

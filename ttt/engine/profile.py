@@ -25,10 +25,11 @@ SYNC_OPS = {_aten._local_scalar_dense.default}
 # a tensor from Python values (torch.tensor, torch.as_tensor of a list): a host-to-device copy
 HOST_VALUE_OPS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 # operators whose weight operands are the model's own reads (forward and backward matmuls,
-# the embedding lookup): inherent to any training step, not counted as parameter traffic
+# the embedding lookup: `embedding`, or `index` when the stacked path picks each member's
+# rows of its own table): inherent to any training step, not counted as parameter traffic
 _WEIGHT_READERS = {
-    "mm", "bmm", "addmm", "matmul", "linear", "embedding", "baddbmm", "addmv", "mv", "t",
-    "_scaled_dot_product_flash_attention_for_cpu", "convolution",
+    "mm", "bmm", "addmm", "matmul", "linear", "embedding", "index", "baddbmm", "addmv", "mv",
+    "t", "_scaled_dot_product_flash_attention_for_cpu", "convolution",
 }  # fmt: skip
 # views that their schemas do not declare as such
 _ALIASES = {"_unsafe_view", "_reshape_alias", "alias"}
@@ -39,6 +40,7 @@ class StepCounts:
     """What one counted region dispatched."""
 
     operators: int = 0
+    kernels: int = 0  # operators that compute (not views): what a GPU would launch
     bytes_allocated: int = 0
     param_traffic: int = 0  # bytes of parameter-shaped tensors read or written
     syncs: int = 0
@@ -86,6 +88,8 @@ class CountingMode(TorchDispatchMode):
         c = self.counts
         c.operators += 1
         c.by_operator[func.overloadpacket.__name__] += 1
+        if not _is_view(func):  # a view is metadata: no kernel on any device
+            c.kernels += 1
         if func in SYNC_OPS or func in HOST_VALUE_OPS:
             if func in SYNC_OPS:
                 c.syncs += 1
@@ -100,14 +104,31 @@ class CountingMode(TorchDispatchMode):
             ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             if func.overloadpacket.__name__ in _WEIGHT_READERS:
                 ins = []
-            if not _is_view(func):  # a view moves no bytes
+            if func.overloadpacket.__name__ in _ROW_WRITERS:
+                moved = _rows_moved(args, self.shapes)
+            elif not _is_view(func):  # a view moves no bytes
                 seen = ins + [t for t in outs if not any(t is i for i in ins)]
                 seen += _written(func, args, kwargs)  # in place: read, then written
                 moved = sum(_nbytes(t) for t in seen if tuple(t.shape) in self.shapes)
+            else:
+                moved = 0
+            if moved:
                 c.param_traffic += moved
-                if moved:
-                    c.traffic_by_operator[func.overloadpacket.__name__] += moved
+                c.traffic_by_operator[func.overloadpacket.__name__] += moved
         return out
+
+
+# in-place row updates of a parameter-shaped tensor (the stacked lookup's gradient added into
+# the table's): they read and write only the indexed rows, so they count the rows they move
+# (the values read, the rows read and written), not the whole table their schema names
+_ROW_WRITERS = {"index_put_", "index_put", "index_add_"}
+
+
+def _rows_moved(args: Any, shapes: set[tuple[int, ...]]) -> int:
+    target, values = args[0], args[2] if len(args) > 2 else None
+    if tuple(target.shape) not in shapes or not isinstance(values, torch.Tensor):
+        return 0
+    return 3 * _nbytes(values)
 
 
 def _nbytes(t: torch.Tensor) -> int:

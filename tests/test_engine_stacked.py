@@ -1,0 +1,91 @@
+"""The stacked forward is the model's own per member: losses and gradients, GPT-2 and Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tests.test_engine_ensemble import tiny_llama
+from ttt.engine.stacked import stacked_losses, unsupported
+
+
+def _members(model, members: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """E different copies of the model's weights, stacked: (E, *shape) per parameter."""
+    torch.manual_seed(seed)
+    return {
+        name: torch.stack([p.detach() + 0.02 * torch.randn_like(p) for _ in range(members)])
+        for name, p in model.named_parameters()
+    }
+
+
+def _own_loss(model, weights, ids, mask):
+    """One member through the model's own forward (transformers' modules), the engine's loss."""
+    out = functional_call(model, weights, (), {"input_ids": ids[None], "use_cache": False})
+    logp = out.logits[0, :-1].float().log_softmax(-1)
+    picked = logp.gather(-1, ids[1:, None]).squeeze(-1)
+    return -(picked * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _batch(lengths: list[int], vocab: int = 1000):
+    torch.manual_seed(2)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width - 1)
+    for e, n in enumerate(lengths):  # right padding, as the engine pads its chunks
+        ids[e, :n] = torch.randint(0, vocab, (n,))
+        mask[e, : n - 1] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied"])
+def test_losses_and_gradients_equal_the_models_own_forward_per_member(arch, tiny_gpt2):
+    if arch == "gpt2":
+        model = tiny_gpt2()
+    else:
+        model = tiny_llama()
+        if arch == "llama-tied":  # SmolLM2's layout: the head is the embedding
+            from transformers import LlamaForCausalLM
+
+            config = model.config
+            config.tie_word_embeddings = True
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).eval()
+    assert unsupported(model) is None
+    names = [n for n, _ in model.named_parameters()]
+    assert ("lm_head.weight" in names) == (arch == "llama")  # tied heads come once
+    stacked = _members(model, 3)
+    leaves = {n: t.clone().requires_grad_() for n, t in stacked.items()}
+    ids, mask = _batch([20, 13, 17])
+    got = stacked_losses(model, leaves, ids, mask, training=False)
+    got_grads = torch.autograd.grad(got.sum(), list(leaves.values()))
+    for e in range(3):
+        mine = {n: t[e].clone().requires_grad_() for n, t in stacked.items()}
+        want = _own_loss(model, mine, ids[e], mask[e])
+        want_grads = torch.autograd.grad(want, list(mine.values()))
+        torch.testing.assert_close(got[e], want, rtol=1e-5, atol=1e-6)
+        for name, g, w in zip(names, got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g[e], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_draws_independent_masks_per_member(tiny_gpt2):
+    model = tiny_gpt2(dropout=0.1)
+    weights = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    ids, mask = _batch([16, 16])
+    ids[1] = ids[0]  # the same weights, the same chunk
+    same = stacked_losses(model, weights, ids, mask, training=False)
+    assert same[0] == same[1]
+    torch.manual_seed(0)
+    dropped = stacked_losses(model, weights, ids, mask, training=True)
+    assert dropped[0] != dropped[1]  # each member its own masks
+    assert (dropped - same).abs().max() > 0
+
+
+def test_other_architectures_say_why_they_keep_the_vmap_path(tiny_gpt2):
+    from transformers import GPT2Config
+
+    model = tiny_gpt2()
+    model.config = GPT2Config(**{**model.config.to_dict(), "activation_function": "relu"})
+    assert "activation" in unsupported(model)
+    model.config.model_type = "mistral"
+    assert "mistral" in unsupported(model)

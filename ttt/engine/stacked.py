@@ -1,0 +1,254 @@
+"""GPT-2 and Llama as one batched forward over E members' stacked weights: every operator once.
+
+vmap(grad(functional_call)) dispatches the model's operators once per step but wraps each in
+batching rules, falls back to eager attention where SDPA's backward has no batching rule, and
+with dropout needs the loop path. Written out with the members as a batch dimension, every
+matmul is one bmm/baddbmm over the members, attention is one fused SDPA call for all members
+(their heads in its batch), dropout draws independent masks per member, and GPT-2's
+`gelu_new` is the same tanh formula as one `gelu(approximate="tanh")`. Equal to the model's
+own forward per member (tests/test_engine_stacked.py); only the listed architectures and
+options are written out, anything else keeps the vmap path (`unsupported` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, up to rounding
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """None when `model` has a stacked forward here, else why not (the vmap path runs)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind == "gpt2":
+        if config.activation_function not in (*_GELU_TANH, "gelu"):
+            return f"GPT-2 activation {config.activation_function!r}"
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if getattr(config, flag, False):
+                return f"GPT-2 option {flag}"
+        if not getattr(config, "scale_attn_weights", True):
+            return "GPT-2 without scaled attention weights"
+        return None
+    if kind == "llama":
+        if config.hidden_act != "silu":
+            return f"Llama activation {config.hidden_act!r}"
+        if getattr(config, "pretraining_tp", 1) != 1:
+            return "Llama pretraining_tp > 1"
+        return None
+    return f"model type {kind!r} (stacked forwards: gpt2, llama)"
+
+
+def stacked_losses(
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    training: bool,
+) -> torch.Tensor:
+    """Each member's mean next-token loss, shape (E,): `weights` maps the model's parameter
+    names to (E, *shape) tensors, `ids` is (E, T), `mask` (E, T-1) marks real targets (right
+    padding: causal attention keeps every real token exact). `training` turns the model's
+    dropout on, with masks drawn independently per member."""
+    forward: Callable[..., torch.Tensor] = (
+        _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
+    )
+    logits = forward(model, weights, ids, training)
+    members, width = ids.shape
+    # one fused log-softmax + gather per target (no float32 copy of the logits of its own)
+    lost = F.cross_entropy(
+        logits[:, :-1].reshape(members * (width - 1), -1).float(),
+        ids[:, 1:].reshape(-1),
+        reduction="none",
+    ).view(members, width - 1)
+    return (lost * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class _Tied:
+    """Where the head's gradient of a tied table waits for the lookup's rows: they are added
+    into it in place (the table's whole gradient, with no table-sized zeros or sum)."""
+
+    grad: torch.Tensor | None = None
+
+
+def _embed(table: torch.Tensor, ids: torch.Tensor, tied: _Tied | None = None) -> torch.Tensor:
+    """Member e's rows of its own (E, V, H) table: (E, T, H)."""
+    return _Lookup.apply(table, ids, tied)
+
+
+class _Lookup(torch.autograd.Function):
+    """table[e, ids[e]] per member. Its backward adds the rows' gradients into the tied
+    head's gradient in place when there is one (the head's backward runs first: the lookup
+    feeds everything after it), else into a zero table; autograd's own would write a zero
+    table and then sum it with the head's, 16 more bytes per table parameter."""
+
+    @staticmethod
+    def forward(ctx: Any, table: Any, ids: Any, tied: Any) -> torch.Tensor:
+        members = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        ctx.save_for_backward(members, ids)
+        ctx.tied, ctx.shape, ctx.dtype = tied, table.shape, table.dtype
+        return table[members, ids]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:
+        members, ids = ctx.saved_tensors
+        tied = ctx.tied
+        if tied is not None and tied.grad is not None:
+            into, tied.grad = tied.grad, None  # already the table's gradient in autograd
+            into.index_put_((members, ids), grad.to(into.dtype), accumulate=True)
+            return None, None, None
+        table = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+        return table.index_put_((members, ids), grad.to(ctx.dtype), accumulate=True), None, None
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tied: _Tied | None = None
+) -> torch.Tensor:
+    """torch.nn.Linear per member: weight (E, out, in); `tied`: the head of a tied table."""
+    return _Linear.apply(x, weight, bias, tied)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in here (x's own outside autocast)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _Linear(torch.autograd.Function):
+    """x @ weight.T (+ bias) per member, its weight gradient computed as grad.T @ x: laid
+    out as the weight is. Autograd's own bmm backward gives it transposed, which Adam's fused
+    kernel (it walks memory linearly) would have to copy first: 8 bytes per parameter."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any, tied: Any) -> torch.Tensor:
+        dtype = _compute_dtype(x)  # autocast's choice, made here as it would for a Linear
+        xc, wc = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        ctx.tied = tied
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if bias is None:
+                return torch.bmm(xc, wc.transpose(1, 2))
+            return torch.baddbmm(bias.to(dtype)[:, None, :], xc, wc.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, Any, Any, None]:
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(xc.dtype)
+        gx = torch.bmm(grad, wc).to(x_dtype) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(grad.transpose(1, 2), xc).to(w_dtype)  # (E, out, in), contiguous
+        gb = grad.sum(1).to(b_dtype) if b_dtype is not None else None
+        if ctx.tied is not None:  # the lookup adds its rows into it (see _Lookup)
+            ctx.tied.grad = gw
+        return gx, gw, gb, None
+
+
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D per member: weight (E, in, out)."""
+    return torch.baddbmm(bias[:, None, :], x, weight)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Any:
+    out = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return torch.addcmul(bias[:, None, :], out, weight[:, None, :])
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: in float32, then back to the input's dtype, times the weight."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight[:, None, :] * x.to(dtype)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(E, T, heads * d) -> (E, heads, T, d)."""
+    members, width, _ = x.shape
+    return x.view(members, width, heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(E, heads, T, d) -> (E, T, heads * d)."""
+    members, heads, width, d = x.shape
+    return x.transpose(1, 2).reshape(members, width, heads * d)
+
+
+def _gpt2(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool) -> Any:
+    config = model.config
+    p = "transformer."
+    heads, eps = config.n_head, config.layer_norm_epsilon
+    width = ids.shape[1]
+    drop = config.resid_pdrop if training else 0.0
+    tied = None if "lm_head.weight" in w else _Tied()
+    h = _embed(w[p + "wte.weight"], ids, tied) + w[p + "wpe.weight"][:, :width]
+    h = F.dropout(h, config.embd_pdrop, training=training)
+    approximate = "none" if config.activation_function == "gelu" else "tanh"
+    for i in range(config.n_layer):
+        b = f"{p}h.{i}."
+        x = _layer_norm(h, w[b + "ln_1.weight"], w[b + "ln_1.bias"], eps)
+        q, k, v = _conv1d(x, w[b + "attn.c_attn.weight"], w[b + "attn.c_attn.bias"]).split(
+            config.n_embd, dim=2
+        )
+        a = F.scaled_dot_product_attention(
+            _heads(q, heads),
+            _heads(k, heads),
+            _heads(v, heads),
+            dropout_p=config.attn_pdrop if training else 0.0,
+            is_causal=True,
+        )
+        a = _conv1d(_merge(a), w[b + "attn.c_proj.weight"], w[b + "attn.c_proj.bias"])
+        h = h + F.dropout(a, drop, training=training)
+        x = _layer_norm(h, w[b + "ln_2.weight"], w[b + "ln_2.bias"], eps)
+        x = _conv1d(x, w[b + "mlp.c_fc.weight"], w[b + "mlp.c_fc.bias"])
+        x = F.gelu(x, approximate=approximate)
+        x = _conv1d(x, w[b + "mlp.c_proj.weight"], w[b + "mlp.c_proj.bias"])
+        h = h + F.dropout(x, drop, training=training)
+    h = _layer_norm(h, w[p + "ln_f.weight"], w[p + "ln_f.bias"], eps)
+    head = w.get("lm_head.weight", w[p + "wte.weight"])  # tied unless given apart
+    return _linear(h, head, None, tied)
+
+
+def _llama(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool) -> Any:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    config = model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    eps = config.rms_norm_eps
+    p = "model."
+    tied = None if "lm_head.weight" in w else _Tied()
+    h = _embed(w[p + "embed_tokens.weight"], ids, tied)
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    cos, sin = model.model.rotary_emb(h, positions)  # the model's own (scaling included)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scale = 1.0 / math.sqrt(dim)
+    dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0) if training else 0.0
+    for i in range(config.num_hidden_layers):
+        b = f"{p}layers.{i}."
+        x = _rms_norm(h, w[b + "input_layernorm.weight"], eps)
+        q, k, v = (
+            _heads(_linear(x, w[f"{b}self_attn.{n}_proj.weight"], w.get(f"{b}self_attn.{n}_proj.bias")), n_heads)
+            for n, n_heads in (("q", heads), ("k", kv), ("v", kv))
+        )  # fmt: skip
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=kv != heads
+        )
+        h = h + _linear(
+            _merge(a), w[b + "self_attn.o_proj.weight"], w.get(b + "self_attn.o_proj.bias")
+        )
+        x = _rms_norm(h, w[b + "post_attention_layernorm.weight"], eps)
+        gate = _linear(x, w[b + "mlp.gate_proj.weight"], w.get(b + "mlp.gate_proj.bias"))
+        up = _linear(x, w[b + "mlp.up_proj.weight"], w.get(b + "mlp.up_proj.bias"))
+        h = h + _linear(
+            F.silu(gate) * up, w[b + "mlp.down_proj.weight"], w.get(b + "mlp.down_proj.bias")
+        )
+    h = _rms_norm(h, w[p + "norm.weight"], eps)
+    head = w.get("lm_head.weight", w[p + "embed_tokens.weight"])  # tied unless given apart
+    return _linear(h, head, None, tied)
