@@ -76,7 +76,9 @@ def test_the_carried_state_is_the_loops_and_a_resumed_task_continues_it(tiny_gpt
         for name in ("exp_avg", "exp_avg_sq"):
             # relative to the tensor's scale: single entries near zero differ by rounding
             scale = float(state[name].abs().max())
-            torch.testing.assert_close(mine["state"][i][name], state[name], rtol=1e-4, atol=1e-4 * scale)
+            torch.testing.assert_close(
+                mine["state"][i][name], state[name], rtol=1e-4, atol=1e-4 * scale
+            )
     # a resumed rank: the ensemble's saved state continues the task, in the ensemble...
     want = loop.evaluate(*large[2][1:3], distances=large[2][3])
     again = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, carried(), members=2)
