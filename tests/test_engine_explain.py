@@ -16,8 +16,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def test_the_plan_follows_the_rule_members_and_path():
     cpu = explain_plan(TTTSpec(model="smollm2-135m"), "cpu")
-    assert (cpu.engine, cpu.path) == ("sequential", "sequential")
-    assert "1,522 ms per neighbor" in cpu.line()  # the measured reason
+    assert (cpu.engine, cpu.path) == ("ensemble", "stacked")
+    assert "3,269" in cpu.line()  # the measured reason
+    loop = explain_plan(TTTSpec(model="gpt2"), "cpu")
+    assert (loop.engine, loop.path) == ("sequential", "sequential")
+    assert "1,522 ms per neighbor" in loop.line()
     gpu = explain_plan(TTTSpec(model="smollm2-135m", ensemble_size=8), "cuda")
     assert (gpu.engine, gpu.members, gpu.path) == ("ensemble", "E = 8 (ensembleSize)", "stacked")
     # GPT-2 trains with dropout 0.1: in float32 (the paper's, the default) each member
@@ -55,7 +58,7 @@ def test_validate_prints_the_engine_and_stays_a_spec(capsys, tmp_path):
     got = capsys.readouterr()
     assert json.loads(got.out)["spec"]["ttt"]["model"] == "smollm2-135m"
     assert got.err.startswith("device auto: engine: ensemble on cuda")
-    assert "engine: sequential loop (ttt/train.py) on cpu" in got.err
+    assert "engine: ensemble on cpu, E = 1 (ensembleSize unset off a GPU), path stacked" in got.err
     main(["validate", "--paper", "--json", str(EXAMPLES / "pile-gpt2.yaml")])
     engine = json.loads(capsys.readouterr().out)["engine"]
     assert [(d["device"], d["engine"], d["path"]) for d in engine["devices"]] == [

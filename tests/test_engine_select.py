@@ -8,6 +8,7 @@ import torch
 from ttt.engine.precision import resolve_precision, weight_dtype
 from ttt.engine.select import (
     FASTEST,
+    FASTEST_ON_PATH,
     EngineError,
     SequentialEngine,
     build_engine,
@@ -30,11 +31,21 @@ def test_auto_takes_the_ensemble_only_where_it_is_equal_and_the_devices_fastest(
     assert choose_engine(TTTSpec(engine="sequential"), gpu) == "sequential"
 
 
-def test_on_a_cpu_auto_takes_the_faster_sequential_loop_and_says_why():
-    cpu = explain_engine(TTTSpec(), "cpu")
+def test_on_a_cpu_auto_takes_the_faster_engine_for_the_path_and_says_why(tiny_gpt2):
+    # GPT-2 trains with dropout: in float32 the engine's loop path, slower than the loop
+    cpu = explain_engine(TTTSpec(model="gpt2"), "cpu")
     assert (cpu.engine, cpu.device) == ("sequential", "cpu")
     assert "1,522 ms per neighbor" in cpu.reason  # the measurement behind the rule
     assert FASTEST["cpu"][0] == "sequential" and FASTEST["cuda"][0] == "ensemble"
+    # SmolLM2 has no dropout: one member on the stacked path, measured faster
+    smol = explain_engine(TTTSpec(model="smollm2-135m"), "cpu")
+    assert smol.engine == "ensemble" and "3,269" in smol.reason
+    assert FASTEST_ON_PATH[("cpu", "stacked")][0] == "ensemble"
+    # measured in float32 only: bf16 autocast on a CPU keeps the device's rule
+    assert choose_engine(TTTSpec(model="smollm2-135m", dtype="bfloat16"), "cpu") == "sequential"
+    # with the model loaded, its own config decides (a GPT-2 without dropout is stacked)
+    assert choose_engine(TTTSpec(model="gpt2"), "cpu", tiny_gpt2()) == "ensemble"
+    assert choose_engine(TTTSpec(model="gpt2"), "cpu", tiny_gpt2(dropout=0.1)) == "sequential"
     # asked for by name it still runs where it is equal, on any device
     assert choose_engine(TTTSpec(engine="ensemble"), "cpu") == "ensemble"
     other = explain_engine(TTTSpec(), "meta")  # a device type nobody measured: the loop
@@ -47,8 +58,11 @@ def test_on_a_cpu_auto_takes_the_faster_sequential_loop_and_says_why():
         explain_engine(TTTSpec(device="gpu0"))
 
 
-def test_build_engine_follows_the_models_device(tiny_gpt2, gpt2_tokenizer):
-    assert isinstance(build_engine(tiny_gpt2(), gpt2_tokenizer, TTTSpec()), SequentialEngine)
+def test_build_engine_follows_the_models_device_and_path(tiny_gpt2, gpt2_tokenizer):
+    dropout = tiny_gpt2(dropout=0.1)  # the engine's loop path on a CPU: the sequential loop
+    assert isinstance(build_engine(dropout, gpt2_tokenizer, TTTSpec()), SequentialEngine)
+    stacked = build_engine(tiny_gpt2(), gpt2_tokenizer, TTTSpec())
+    assert type(stacked).__name__ == "EnsembleTTT" and stacked.path == "stacked"
     forced = build_engine(tiny_gpt2(), gpt2_tokenizer, TTTSpec(engine="ensemble"))
     assert type(forced).__name__ == "EnsembleTTT"
 

@@ -40,9 +40,9 @@ FASTEST: dict[str, tuple[str, str]] = {
     "cpu": (
         "sequential",
         (
-            "on a CPU the sequential loop is faster: `ttt bench ttt --preset cpu` on an idle "
-            "machine (issue 21) gave ttt/train.py 1,522 ms per neighbor, the engine (one "
-            "member, loop path) 1,789"
+            "on a CPU the engine's loop path is slower than the sequential loop: `ttt bench "
+            "ttt --preset cpu` on an idle machine (issue 21) gave ttt/train.py 1,522 ms per "
+            "neighbor, the engine (one member, loop path) 1,789"
         ),
     ),
     "cuda": (
@@ -50,6 +50,18 @@ FASTEST: dict[str, tuple[str, str]] = {
         (
             "on a GPU the ensemble trains E documents per step under bf16 autocast, which "
             "the loop cannot (not yet timed on a GPU: docs/performance.md)"
+        ),
+    ),
+}
+# Where the path the ensemble takes changes the answer (ttt.engine.paths.predict_path): on a
+# CPU one member on the stacked path beats the sequential loop at equal bits per byte.
+FASTEST_ON_PATH: dict[tuple[str, str], tuple[str, str]] = {
+    ("cpu", "stacked"): (
+        "ensemble",
+        (
+            "on a CPU the engine's stacked path (one member) is the faster: `ttt bench ttt "
+            "--preset cpu` on an idle machine (2026-12-07) gave it 3,269 and 3,243 ms per "
+            "neighbor, ttt/train.py 3,761 and 3,796, at equal bits per byte"
         ),
     ),
 }
@@ -80,12 +92,13 @@ def device_type(requested: Any) -> str:
     return kind
 
 
-def explain_engine(ttt_spec: Any, device: Any = None) -> EngineChoice:
+def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> EngineChoice:
     """The engine `spec.ttt` runs on `device` (default: the spec's own) and the reason.
 
     sequential: always the loop. ensemble: the ensemble where it is equal, else an error.
-    auto: the ensemble where it is equal AND the device's measured fastest (FASTEST), else
-    the loop.
+    auto: the ensemble where it is equal AND the measured fastest on the device type and the
+    path the ensemble would take there (FASTEST_ON_PATH, else FASTEST), else the loop. The
+    path is read from the loaded `model` when given, else from the model's config.
     """
     requested = getattr(ttt_spec, "engine", "auto")
     if requested not in ENGINES:
@@ -102,12 +115,32 @@ def explain_engine(ttt_spec: Any, device: Any = None) -> EngineChoice:
         return EngineChoice("ensemble", kind, "spec.ttt.engine ensemble")
     if why_not is not None:
         return EngineChoice("sequential", kind, f"the ensemble is not equal here: {why_not}")
+    # measured in float32: a CPU asked for bf16 autocast keeps the device's rule
+    if ttt_spec.dtype != "bfloat16" and any(k == kind for k, _ in FASTEST_ON_PATH):
+        on_path = FASTEST_ON_PATH.get((kind, ensemble_path(ttt_spec, kind, model)))
+        if on_path is not None:
+            return EngineChoice(on_path[0], kind, on_path[1])
     engine, reason = FASTEST.get(
         kind, ("sequential", f"the ensemble is not measured on device type {kind!r}")
     )
     return EngineChoice(engine, kind, reason)
 
 
-def choose_engine(ttt_spec: Any, device: Any = None) -> str:
+def ensemble_path(ttt_spec: Any, kind: str, model: Any = None) -> str:
+    """The path the ensemble would take on device type `kind`: from the loaded `model` as
+    the engine decides it, else predicted from the model's config (ttt.engine.paths)."""
+    size = getattr(ttt_spec, "ensemble_size", None) or (None if kind == "cuda" else 1)
+    if model is None:
+        from ttt.engine.paths import predict_path
+
+        return predict_path(ttt_spec, kind, size)[0]
+    from ttt.engine.members import choose_path
+    from ttt.engine.precision import resolve_precision
+
+    autocast = resolve_precision(ttt_spec.dtype, next(model.parameters()).device).autocast
+    return choose_path(model, size or 2, autocast)
+
+
+def choose_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> str:
     """'sequential' or 'ensemble' for `spec.ttt` on `device`: see explain_engine."""
-    return explain_engine(ttt_spec, device).engine
+    return explain_engine(ttt_spec, device, model).engine

@@ -12,6 +12,7 @@ import torch
 from ttt.engine.rule import (  # the rule, kept apart so `ttt validate` needs no torch
     ENGINES,
     FASTEST,
+    FASTEST_ON_PATH,
     EngineChoice,
     EngineError,
     choose_engine,
@@ -24,6 +25,7 @@ from ttt.train import TTTNN
 __all__ = [
     "ENGINES",
     "FASTEST",
+    "FASTEST_ON_PATH",
     "EngineChoice",
     "EngineError",
     "SequentialEngine",
@@ -101,7 +103,7 @@ def build_engine(model: Any, tokenizer: Any, ttt_spec: Any, *, rank: str = "0") 
     A model whose weights are not float32 (loaded as bfloat16 by hand) cannot be the fast
     engine's master copy: auto then runs the sequential loop, and an explicit ensemble fails.
     """
-    engine = choose_engine(ttt_spec, next(model.parameters()).device)
+    engine = choose_engine(ttt_spec, next(model.parameters()).device, model)
     if engine == "ensemble" and any(p.dtype != torch.float32 for p in model.parameters()):
         if getattr(ttt_spec, "engine", "auto") == "ensemble":
             raise EngineError("spec.ttt.engine ensemble needs the model in float32 (masters)")
