@@ -464,12 +464,12 @@ def test_operational_fields_leave_every_pod_template_alone() -> None:
     }
     aliases = {
         "index": {"replicas": 3},
-        "ttt": {"ensembleSize": 4},
+        "ttt": {"ensembleSize": 4, "recompute": True},
         "retrieval": {RetrievalSpec.model_fields[f].alias or f: v for f, v in samples.items()},
     }
     assert {s: set(v) for s, v in OPERATIONAL_FIELDS.items()} == {
         "index": {"replicas"},
-        "ttt": {"ensemble_size"},
+        "ttt": {"ensemble_size", "recompute"},
         "retrieval": set(samples),
     }, "a new operational field: add it to ttt.runChecksum in _helpers.tpl and a sample here"
     old, new = upgrade(with_run({}), with_run(aliases))

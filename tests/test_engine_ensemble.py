@@ -230,3 +230,23 @@ def test_a_members_bytes_count_logits_and_unfused_attention_scores(tiny_gpt2):
     model.config.model_type = "mistral"  # no stacked forward: vmap may run eager attention
     scores = 2 * 2 * 12  # layers x heads x 12 bytes, per token pair
     assert member_bytes(model, 128) - long == scores * 128 * 128
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_gives_the_same_documents_in_the_loop_and_on_the_stacked_path(
+    dropout, tiny_gpt2, gpt2_tokenizer
+):
+    """spec.ttt.recompute: the sequential loop (transformers' checkpointing) and the stacked
+    path run each layer again in the backward, with the same per-document results."""
+    want = sequential(tiny_gpt2(dropout=dropout), gpt2_tokenizer, spec())
+    again = sequential(tiny_gpt2(dropout=dropout), gpt2_tokenizer, spec(recompute=True))
+    assert_equal_outcomes(again, want, rel=1e-6)
+    if dropout:  # the float32 ensemble replays each member's masks: the loop path, refused
+        from ttt.engine.rule import EngineError
+
+        with pytest.raises(EngineError, match="stacked path only"):
+            EnsembleTTT(tiny_gpt2(dropout=0.1), gpt2_tokenizer, spec(recompute=True), members=2)
+        return
+    ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(recompute=True), members=2)
+    assert ensemble.path == "stacked" and ensemble.recompute
+    assert_equal_outcomes(dict(ensemble.evaluate_stream(ITEMS)), want, rel=1e-4)

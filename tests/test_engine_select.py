@@ -96,3 +96,14 @@ def test_auto_never_means_bf16_weights():
     assert weight_dtype("auto", "ensemble") == weight_dtype("auto", "sequential") == "float32"
     assert weight_dtype("bfloat16", "ensemble") == "float32"  # masters, autocast computes
     assert weight_dtype("bfloat16", "sequential") == "bfloat16"  # as asked, the old loop
+
+
+def test_auto_with_recompute_takes_the_ensemble_only_on_the_stacked_path(tiny_gpt2):
+    # GPT-2 in float32 has dropout: the ensemble's loop path, which cannot recompute
+    paper = explain_engine(TTTSpec(model="gpt2", dtype="float32", recompute=True), "cuda")
+    assert paper.engine == "sequential" and "recompute" in paper.reason
+    fast = TTTSpec(model="gpt2", dtype="auto", recompute=True)  # bf16 autocast: stacked
+    assert choose_engine(fast, "cuda") == "ensemble"
+    assert choose_engine(TTTSpec(model="smollm2-135m", recompute=True), "cpu") == "ensemble"
+    loaded = tiny_gpt2(dropout=0.1)
+    assert choose_engine(TTTSpec(recompute=True), "cpu", loaded) == "sequential"

@@ -89,3 +89,39 @@ def test_other_architectures_say_why_they_keep_the_vmap_path(tiny_gpt2):
     assert "activation" in unsupported(model)
     model.config.model_type = "mistral"
     assert "mistral" in unsupported(model)
+
+
+@pytest.mark.parametrize("arch", ["gpt2-dropout", "llama"])
+def test_recompute_gives_the_same_losses_and_gradients_and_keeps_less(arch, tiny_gpt2):
+    """Each layer run again in the backward: bit-equal losses and gradients (dropout's masks
+    replayed from the saved RNG state), and fewer bytes saved for the backward."""
+    model = tiny_gpt2(dropout=0.1) if arch == "gpt2-dropout" else tiny_llama()
+    stacked = _members(model, 2)
+    ids, mask = _batch([24, 19])
+
+    def run(recompute: bool):
+        leaves = {n: t.clone().requires_grad_() for n, t in stacked.items()}
+        weights = {t.untyped_storage().data_ptr() for t in leaves.values()}
+        saved = {}
+
+        def pack(t):  # the layers' activations: weights and the loss's logits left out
+            key = t.untyped_storage().data_ptr()
+            if key not in weights and t.shape[-1:] != (model.config.vocab_size,):
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses = stacked_losses(
+                model, leaves, ids, mask, training=arch == "gpt2-dropout", recompute=recompute
+            )
+            before = sum(saved.values())  # by the forward; recomputed layers save later
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return losses, grads, before
+
+    plain, plain_grads, plain_bytes = run(False)
+    again, again_grads, again_bytes = run(True)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    for g, w in zip(again_grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert again_bytes < plain_bytes / 4, (again_bytes, plain_bytes)

@@ -31,6 +31,7 @@ def test_the_profile_figures_name_both_engines_against_the_target(tiny_lm):
         "fixed_overhead_gb",
         "sequential_peak_bytes_per_param",
         "engine_peak_bytes_per_param",
+        "engine_recompute_peak_bytes_per_param",
         "target_bytes_per_param",
     }
     assert figures["target_bytes_per_param"] == 24

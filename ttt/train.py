@@ -138,6 +138,9 @@ class TTTNN:
         self.eot = eot_token_id(tokenizer)
         self.device = next(model.parameters()).device
         self._params = [p for p in model.parameters() if p.requires_grad]
+        if getattr(ttt_spec, "recompute", False):
+            # transformers' checkpointing: each layer again in the backward (only in training)
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         self._saved = {
             name: t.detach().clone()
             for name, t in [*model.named_parameters(), *model.named_buffers()]

@@ -29,6 +29,7 @@ def worker_memory(
     *,
     neighbors: int = 2,
     doc_tokens: int | None = None,
+    recompute: bool = False,
     timeout: float = 3600,
 ) -> dict[str, Any]:
     """What one CPU eval worker of `model_name` holds, measured in a fresh subprocess.
@@ -38,6 +39,7 @@ def worker_memory(
     one member) as build_engine does, and evaluates one document of `doc_tokens` tokens
     (default 4 chunks, so scoring batches several windows) with `neighbors` neighbors of one
     chunk each: at least two training steps, so a step runs with Adam's moments alive.
+    `recompute`: spec.ttt.recompute (layers run again in the backward).
     A fresh process, because a resident peak never comes down: the caller's would count
     whatever it held before.
     """
@@ -47,6 +49,7 @@ def worker_memory(
         "engine": engine,
         "neighbors": neighbors,
         "doc_tokens": doc_tokens or 4 * max_length,
+        "recompute": recompute,
     }
     done = subprocess.run(
         [sys.executable, "-m", "ttt.bench.worker_memory", json.dumps(args)],
@@ -67,6 +70,7 @@ def worker_memory(
 
     return {
         "engine": engine,
+        "recompute": recompute,
         "parameters": params,
         "fixed_overhead_gb": round(fixed / 1e9, 3),
         "loaded_bytes_per_param": per_param(raw["loaded_bytes"]),
@@ -81,12 +85,16 @@ def worker_memory(
 
 
 def eval_worker_figures(model_name: str, max_length: int, **kwargs: Any) -> dict[str, Any]:
-    """worker_memory for the sequential loop and the engine with one member, side by side."""
+    """worker_memory for the sequential loop and the engine with one member, side by side,
+    and the engine with spec.ttt.recompute."""
     figures: dict[str, Any] = {}
-    for engine in ("sequential", "ensemble"):
-        got = worker_memory(model_name, max_length, engine, **kwargs)
+    for name, engine, recompute in (
+        ("sequential", "sequential", False),
+        ("engine", "ensemble", False),
+        ("engine_recompute", "ensemble", True),
+    ):
+        got = worker_memory(model_name, max_length, engine, recompute=recompute, **kwargs)
         figures["fixed_overhead_gb"] = got["fixed_overhead_gb"]
-        name = "sequential" if engine == "sequential" else "engine"
         figures[f"{name}_peak_bytes_per_param"] = got["peak_bytes_per_param"]
     figures["target_bytes_per_param"] = TARGET_BYTES_PER_PARAM
     return figures
@@ -109,6 +117,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
         max_length=length,
         engine=engine,
         eval_after=[0, k],
+        recompute=args.get("recompute", False),
         **({"ensemble_size": 1} if engine == "ensemble" else {}),
     )
     lm, tokenizer = load_for_engine(spec, engine)

@@ -33,6 +33,7 @@ from ttt.engine.members import (
     rng_state,
 )
 from ttt.engine.precision import Precision, resolve_precision
+from ttt.engine.rule import EngineError
 from ttt.engine.stacked import unsupported as stacked_unsupported
 from ttt.engine.step import MemberSteps
 from ttt.outcome import DocOutcome
@@ -101,6 +102,14 @@ class EnsembleTTT(MemberSteps):
             raise ValueError(f"path {self.path!r}: expected one of {', '.join(PATHS)}")
         if self.path == "stacked" and (why := stacked_unsupported(model)) is not None:
             raise ValueError(f"path stacked: no stacked forward for this model: {why}")
+        self.recompute = bool(getattr(ttt_spec, "recompute", False))
+        if self.recompute and self.path != "stacked":
+            # functorch's transforms and functional_call's swapped weights are gone by the
+            # time a checkpoint runs its layer again: only the stacked forward recomputes
+            raise EngineError(
+                f"spec.ttt.recompute: the ensemble recomputes on the stacked path only, this "
+                f"model takes the {self.path} path (engine: sequential recomputes any model)"
+            )
         self.weights = self.base.repeat(self.members, 1)
         self.wave = self.members  # members per batched call: halved on out-of-memory
         # the members' weights per parameter, (E, *shape) views of the rows: autograd hands

@@ -115,6 +115,12 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
         return EngineChoice("ensemble", kind, "spec.ttt.engine ensemble")
     if why_not is not None:
         return EngineChoice("sequential", kind, f"the ensemble is not equal here: {why_not}")
+    if getattr(ttt_spec, "recompute", False):
+        path = ensemble_path(ttt_spec, kind, model)
+        if path != "stacked":  # the ensemble recomputes on the stacked path only
+            return EngineChoice(
+                "sequential", kind, f"spec.ttt.recompute: the ensemble's path here is {path}"
+            )
     # measured in float32: a CPU asked for bf16 autocast keeps the device's rule
     if ttt_spec.dtype != "bfloat16" and any(k == kind for k, _ in FASTEST_ON_PATH):
         on_path = FASTEST_ON_PATH.get((kind, ensemble_path(ttt_spec, kind, model)))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, up to rounding
 
@@ -51,15 +52,19 @@ def stacked_losses(
     mask: torch.Tensor,
     *,
     training: bool,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Each member's mean next-token loss, shape (E,): `weights` maps the model's parameter
     names to (E, *shape) tensors, `ids` is (E, T), `mask` (E, T-1) marks real targets (right
     padding: causal attention keeps every real token exact). `training` turns the model's
-    dropout on, with masks drawn independently per member."""
+    dropout on, with masks drawn independently per member. `recompute`: each layer keeps
+    only its input for the backward and runs again there (torch.utils.checkpoint, the RNG
+    state replayed: the same dropout masks), one more forward per step for the memory of
+    every layer's activations but one."""
     forward: Callable[..., torch.Tensor] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    logits = forward(model, weights, ids, training)
+    logits = forward(model, weights, ids, training, recompute)
     members, width = ids.shape
     # one fused log-softmax + gather per target (no float32 copy of the logits of its own)
     lost = F.cross_entropy(
@@ -180,7 +185,21 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(members, width, heads * d)
 
 
-def _gpt2(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool) -> Any:
+def _layers(
+    layer: Callable[[torch.Tensor, int], torch.Tensor], h: Any, n: int, recompute: bool
+) -> Any:
+    """h through layers 0..n-1, each checkpointed when `recompute` (see stacked_losses)."""
+    for i in range(n):
+        if recompute:
+            h = checkpoint(layer, h, i, use_reentrant=False, preserve_rng_state=True)
+        else:
+            h = layer(h, i)
+    return h
+
+
+def _gpt2(
+    model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool, recompute: bool
+) -> Any:
     config = model.config
     p = "transformer."
     heads, eps = config.n_head, config.layer_norm_epsilon
@@ -190,7 +209,8 @@ def _gpt2(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: b
     h = _embed(w[p + "wte.weight"], ids, tied) + w[p + "wpe.weight"][:, :width]
     h = F.dropout(h, config.embd_pdrop, training=training)
     approximate = "none" if config.activation_function == "gelu" else "tanh"
-    for i in range(config.n_layer):
+
+    def layer(h: torch.Tensor, i: int) -> torch.Tensor:
         b = f"{p}h.{i}."
         x = _layer_norm(h, w[b + "ln_1.weight"], w[b + "ln_1.bias"], eps)
         q, k, v = _conv1d(x, w[b + "attn.c_attn.weight"], w[b + "attn.c_attn.bias"]).split(
@@ -209,13 +229,17 @@ def _gpt2(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: b
         x = _conv1d(x, w[b + "mlp.c_fc.weight"], w[b + "mlp.c_fc.bias"])
         x = F.gelu(x, approximate=approximate)
         x = _conv1d(x, w[b + "mlp.c_proj.weight"], w[b + "mlp.c_proj.bias"])
-        h = h + F.dropout(x, drop, training=training)
+        return h + F.dropout(x, drop, training=training)
+
+    h = _layers(layer, h, config.n_layer, recompute)
     h = _layer_norm(h, w[p + "ln_f.weight"], w[p + "ln_f.bias"], eps)
     head = w.get("lm_head.weight", w[p + "wte.weight"])  # tied unless given apart
     return _linear(h, head, None, tied)
 
 
-def _llama(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool) -> Any:
+def _llama(
+    model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool, recompute: bool
+) -> Any:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     config = model.config
@@ -229,7 +253,8 @@ def _llama(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: 
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     scale = 1.0 / math.sqrt(dim)
     dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0) if training else 0.0
-    for i in range(config.num_hidden_layers):
+
+    def layer(h: torch.Tensor, i: int) -> torch.Tensor:
         b = f"{p}layers.{i}."
         x = _rms_norm(h, w[b + "input_layernorm.weight"], eps)
         q, k, v = (
@@ -246,9 +271,11 @@ def _llama(model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: 
         x = _rms_norm(h, w[b + "post_attention_layernorm.weight"], eps)
         gate = _linear(x, w[b + "mlp.gate_proj.weight"], w.get(b + "mlp.gate_proj.bias"))
         up = _linear(x, w[b + "mlp.up_proj.weight"], w.get(b + "mlp.up_proj.bias"))
-        h = h + _linear(
+        return h + _linear(
             F.silu(gate) * up, w[b + "mlp.down_proj.weight"], w.get(b + "mlp.down_proj.bias")
         )
+
+    h = _layers(layer, h, config.num_hidden_layers, recompute)
     h = _rms_norm(h, w[p + "norm.weight"], eps)
     head = w.get("lm_head.weight", w[p + "embed_tokens.weight"])  # tied unless given apart
     return _linear(h, head, None, tied)

@@ -149,6 +149,7 @@ class MemberSteps:
                 ids,
                 mask,
                 training=self.dropout,
+                recompute=self.recompute,
             )
         # members are independent: the sum's gradient is each member's own
         return torch.autograd.grad(losses.sum(), leaves), losses.detach()

@@ -38,7 +38,8 @@ OPERATIONAL_FIELDS: dict[str, frozenset[str]] = {
         | {"wait_seconds", "registry_hosts"}
     ),
     # each document trains as its own model, so how many train at once never changes a result
-    "ttt": frozenset({"ensemble_size"}),
+    # and recomputing activations in the backward gives the same numbers
+    "ttt": frozenset({"ensemble_size", "recompute"}),
 }
 
 

@@ -187,11 +187,17 @@ class TTTSpec(Section):
     engine: Literal["auto", "sequential", "ensemble"] = Field(
         "auto",
         description="auto = the fastest engine proven equal on the device: the ensemble "
-        "(method ttt-nn, not float16) on a GPU, the sequential loop on a CPU; `ttt validate` "
-        "names it",
+        "(method ttt-nn, not float16) on a GPU; on a CPU the ensemble where one member takes "
+        "the stacked path, else the sequential loop; `ttt validate` names it",
     )
     ensemble_size: int | None = Field(
         None, ge=1, le=1024, description="documents trained at once; none = from free memory"
+    )
+    recompute: bool = Field(
+        False,
+        description="keep only each layer's input for the backward and run the layer again "
+        "there: less memory (activations), one more forward per step, the same numbers "
+        "(the sequential loop and the ensemble's stacked path)",
     )
 
     @field_validator("eval_after")

@@ -130,7 +130,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $run := deepCopy .Values.run -}}
 {{- $spec := default dict $run.spec -}}
 {{- if $spec.index }}{{ $_ := set $spec "index" (omit $spec.index "replicas") }}{{ end -}}
-{{- if $spec.ttt }}{{ $_ := set $spec "ttt" (omit $spec.ttt "ensembleSize") }}{{ end -}}
+{{- if $spec.ttt }}{{ $_ := set $spec "ttt" (omit $spec.ttt "ensembleSize" "recompute") }}{{ end -}}
 {{- if $spec.retrieval }}{{ $_ := set $spec "retrieval" (omit $spec.retrieval "timeoutSeconds" "retries" "servers" "service" "inProcess" "allowPartial" "minShards" "deadlineSeconds" "maxBackoffSeconds" "waitSeconds" "registryHosts") }}{{ end -}}
 {{- toYaml $run | sha256sum -}}
 {{- end -}}
