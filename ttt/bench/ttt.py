@@ -170,9 +170,11 @@ def bench_ttt(
     seed: int = 0,
     show: bool = True,
     profile: bool = False,
+    recompute: bool = False,
 ) -> dict[str, Any]:
     """ms per neighbor, tokens/s, TFLOP/s and bpb of the three loops on the same work; with
-    `profile`, ttt.bench.ttt_profile's counts per path instead (no timings)."""
+    `profile`, ttt.bench.ttt_profile's counts per path instead (no timings). `recompute`:
+    our engine runs spec.ttt.recompute (layers again in the backward), the loops do not."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -204,6 +206,7 @@ def bench_ttt(
         "layers": layers,
         "width": width,
         "profile": profile,
+        "recompute": recompute,
     }
     if profile:
         from ttt.bench.ttt_profile import profile_paths
@@ -223,7 +226,8 @@ def bench_ttt(
     params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     # path vmap on a model with dropout: independent masks per member, not the sequential
     # loop's (equal in distribution only); the default follows choose_path
-    engine = EnsembleTTT(lm, tokenizer, spec, members=members, seed=seed, path=path)
+    ours = spec.model_copy(update={"recompute": recompute})
+    engine = EnsembleTTT(lm, tokenizer, ours, members=members, seed=seed, path=path)
     warm = texts[:1]
     paper_loop(lm, tokenizer, spec, [(warm[0][0], warm[0][1][:1])])  # kernels, allocator
     engine_loop(engine, [(warm[0][0], warm[0][1][:1])], where)
@@ -245,6 +249,7 @@ def bench_ttt(
         "ours_precision": engine.precision.name,
         "ours_path": engine.path,
         "ours_members": engine.members,
+        "ours_recompute": recompute,
         "peak_tflops": round(peak, 2),
         "peak_source": peak_source,
     }

@@ -63,6 +63,8 @@ def worker_memory(
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"worker memory child failed ({done.returncode}): {' | '.join(tail)}")
     raw = json.loads(done.stdout.strip().splitlines()[-1])
+    if "refused" in raw:  # the engine would not run this (an EngineError): why, no figures
+        return {"engine": engine, "recompute": recompute, "refused": raw["refused"]}
     params, fixed = raw["parameters"], raw["fixed_bytes"]
 
     def per_param(n: int) -> float:
@@ -94,6 +96,9 @@ def eval_worker_figures(model_name: str, max_length: int, **kwargs: Any) -> dict
         ("engine_recompute", "ensemble", True),
     ):
         got = worker_memory(model_name, max_length, engine, recompute=recompute, **kwargs)
+        if "refused" in got:  # e.g. recompute where the ensemble takes its loop path
+            figures[f"{name}_peak_bytes_per_param"] = f"not run: {got['refused']}"
+            continue
         figures["fixed_overhead_gb"] = got["fixed_overhead_gb"]
         figures[f"{name}_peak_bytes_per_param"] = got["peak_bytes_per_param"]
     figures["target_bytes_per_param"] = TARGET_BYTES_PER_PARAM
@@ -106,7 +111,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     import ttt.eval.rank  # noqa: F401
     from ttt.bench.embed import synthetic_documents
     from ttt.engine.precision import load_for_engine
-    from ttt.engine.select import build_engine
+    from ttt.engine.select import EngineError, build_engine
     from ttt.spec import TTTSpec
 
     fixed = vm_bytes("VmRSS")
@@ -122,7 +127,10 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     )
     lm, tokenizer = load_for_engine(spec, engine)
     loaded = vm_bytes("VmRSS")
-    built = build_engine(lm, tokenizer, spec)
+    try:
+        built = build_engine(lm, tokenizer, spec)
+    except EngineError as refused:
+        return {"refused": str(refused)}
     built_bytes = vm_bytes("VmRSS")
     need, n, ids = args["doc_tokens"] + k * length, 64, []
     while len(ids) < need:  # synthetic words, as the bench's documents

@@ -72,6 +72,13 @@ TTT: Arguments = [
         },
     ),
     ("--device", {}),
+    (
+        "--recompute",
+        {
+            "action": "store_true",
+            "help": "our engine recomputes each layer in the backward (spec.ttt.recompute)",
+        },
+    ),
     ("--layers", {"type": int, "help": "GPT-2 presets: fewer layers (tests, CPUs)"}),
     ("--width", {"type": int, "help": "GPT-2 presets: a smaller width"}),
     (
