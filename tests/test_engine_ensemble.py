@@ -250,3 +250,11 @@ def test_recompute_gives_the_same_documents_in_the_loop_and_on_the_stacked_path(
     ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(recompute=True), members=2)
     assert ensemble.path == "stacked" and ensemble.recompute
     assert_equal_outcomes(dict(ensemble.evaluate_stream(ITEMS)), want, rel=1e-4)
+
+
+def test_the_ensembles_recompute_leaves_the_shared_model_alone(tiny_gpt2, gpt2_tokenizer):
+    model = tiny_gpt2()
+    EnsembleTTT(model, gpt2_tokenizer, spec(recompute=True), members=1)
+    assert not model.is_gradient_checkpointing  # the loops over the model run as they were
+    TTTNN(model, gpt2_tokenizer, spec(recompute=True))
+    assert model.is_gradient_checkpointing

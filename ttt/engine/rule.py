@@ -38,11 +38,13 @@ def ensemble_equal(ttt_spec: Any) -> str | None:
 # the default only where it is also the faster one. A device type not listed runs the loop.
 FASTEST: dict[str, tuple[str, str]] = {
     "cpu": (
-        "sequential",
+        "ensemble",
         (
-            "on a CPU the engine's loop path is slower than the sequential loop: `ttt bench "
-            "ttt --preset cpu` on an idle machine (issue 21) gave ttt/train.py 1,522 ms per "
-            "neighbor, the engine (one member, loop path) 1,789"
+            "on a CPU the engine with one member is the faster at equal bits per byte: `ttt "
+            "bench ttt` on an idle machine (2026-12-07) gave SmolLM2 (stacked path) 715-718 "
+            "ms per neighbor against ttt/train.py's 971-973, GPT-2 124M with dropout (loop "
+            "path, `--preset gpt2 --device cpu --max-length 128 --members 1`) 668-675 "
+            "against 936-959"
         ),
     ),
     "cuda": (
@@ -53,15 +55,14 @@ FASTEST: dict[str, tuple[str, str]] = {
         ),
     ),
 }
-# Where the path the ensemble takes changes the answer (ttt.engine.paths.predict_path): on a
-# CPU one member on the stacked path beats the sequential loop at equal bits per byte.
+# Where the path the ensemble takes changes the answer (ttt.engine.paths.predict_path): a
+# path nobody timed on a device type runs the loop there.
 FASTEST_ON_PATH: dict[tuple[str, str], tuple[str, str]] = {
-    ("cpu", "stacked"): (
-        "ensemble",
+    ("cpu", "vmap"): (
+        "sequential",
         (
-            "on a CPU the engine's stacked path (one member) is the faster: `ttt bench ttt "
-            "--preset cpu` on an idle machine (2026-12-07) gave it 3,269 and 3,243 ms per "
-            "neighbor, ttt/train.py 3,761 and 3,796, at equal bits per byte"
+            "on a CPU the vmap path (several members of an architecture without a stacked "
+            "forward) is not timed: it runs eager attention there"
         ),
     ),
 }
@@ -121,8 +122,7 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
             return EngineChoice(
                 "sequential", kind, f"spec.ttt.recompute: the ensemble's path here is {path}"
             )
-    # measured in float32: a CPU asked for bf16 autocast keeps the device's rule
-    if ttt_spec.dtype != "bfloat16" and any(k == kind for k, _ in FASTEST_ON_PATH):
+    if any(k == kind for k, _ in FASTEST_ON_PATH):
         on_path = FASTEST_ON_PATH.get((kind, ensemble_path(ttt_spec, kind, model)))
         if on_path is not None:
             return EngineChoice(on_path[0], kind, on_path[1])

@@ -187,8 +187,7 @@ class TTTSpec(Section):
     engine: Literal["auto", "sequential", "ensemble"] = Field(
         "auto",
         description="auto = the fastest engine proven equal on the device: the ensemble "
-        "(method ttt-nn, not float16) on a GPU; on a CPU the ensemble where one member takes "
-        "the stacked path, else the sequential loop; `ttt validate` names it",
+        "(method ttt-nn, not float16), on a CPU one member of it; `ttt validate` names it",
     )
     ensemble_size: int | None = Field(
         None, ge=1, le=1024, description="documents trained at once; none = from free memory"
