@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import (
@@ -131,9 +132,14 @@ class RunLabelled:
         return RunLabelled(self.run, self.registry.restricted_registry(names))  # type: ignore[arg-type]
 
 
+def labelled(run: str | None) -> Any:
+    """This process's registry, every series carrying `run=<run>` when `run` is given."""
+    return RunLabelled(run) if run else DEFAULT_REGISTRY
+
+
 def exposition(run: str | None = None) -> bytes:
     """This process's metrics in Prometheus's text format, `run`-labelled when given."""
-    return generate_latest(RunLabelled(run) if run else DEFAULT_REGISTRY)  # type: ignore[arg-type]
+    return generate_latest(labelled(run))
 
 
 _server_lock = threading.Lock()
@@ -151,8 +157,7 @@ def start_metrics_server(port: int, addr: str | None = None, run: str | None = N
     with _server_lock:
         if port in _servers:
             return _servers[port]
-        registry = RunLabelled(run) if run else DEFAULT_REGISTRY
-        server, _thread = start_http_server(port, addr=addr, registry=registry)  # type: ignore[arg-type]
+        server, _thread = start_http_server(port, addr=addr, registry=labelled(run))
         bound = server.server_address[1]
         _servers[port] = bound
         log.info("metrics on http://%s:%d/metrics", addr, bound)
