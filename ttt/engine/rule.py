@@ -50,8 +50,9 @@ FASTEST: dict[str, tuple[str, str]] = {
     "cuda": (
         "ensemble",
         (
-            "on a GPU the ensemble trains E documents per step under bf16 autocast, which "
-            "the loop cannot (not yet timed on a GPU: docs/performance.md)"
+            "on a GPU the ensemble trains E documents at once (batched where its path "
+            "allows, bf16 autocast unless float32 is asked), with fused AdamW and no host "
+            "syncs in a step (not yet timed on a GPU: docs/performance.md)"
         ),
     ),
 }
