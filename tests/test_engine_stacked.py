@@ -125,3 +125,26 @@ def test_recompute_gives_the_same_losses_and_gradients_and_keeps_less(arch, tiny
     for g, w in zip(again_grads, plain_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert again_bytes < plain_bytes / 4, (again_bytes, plain_bytes)
+
+
+def test_the_swiglu_keeps_two_tensors_and_gives_autograds_gradients():
+    from ttt.engine.stacked import _SwiGLU
+
+    torch.manual_seed(3)
+    gate, up = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 5, 7, requires_grad=True)
+    grad = torch.randn(2, 5, 7)
+
+    def kept(fn):
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t
+        ):
+            out = fn(gate, up)
+        return out, torch.autograd.grad(out, (gate, up), grad), len(saved)
+
+    want, want_grads, eager = kept(lambda g, u: torch.nn.functional.silu(g) * u)
+    got, got_grads, fused = kept(_SwiGLU.apply)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    assert (fused, eager) == (2, 3)  # gate and up; autograd's own keeps silu(gate) too
