@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ttt.engine.paths import config_dropout, config_facts, predict_path
+from ttt.engine.paths import config_dropout, config_facts, planned_members, predict_path
 from ttt.engine.rule import explain_engine
 
 __all__ = [
@@ -63,13 +63,13 @@ def explain_plan(ttt_spec: Any, device: str | None = None) -> EnginePlan:
     choice = explain_engine(ttt_spec, device)
     if choice.engine == "sequential":
         return EnginePlan("sequential", choice.device, "1", "sequential", choice.reason, "")
-    size = getattr(ttt_spec, "ensemble_size", None)
-    if size:
+    size = planned_members(ttt_spec, choice.device)
+    if getattr(ttt_spec, "ensemble_size", None):
         members = f"E = {size} (ensembleSize)"
-    elif choice.device == "cuda":
+    elif size is None:
         members = "E from free memory (at most 64)"
     else:
-        size, members = 1, "E = 1 (ensembleSize unset off a GPU)"
+        members = "E = 1 (ensembleSize unset off a GPU)"
     if not ttt_spec.reset_optimizer:
         members += ", each member a task with its carried optimizer"
     path, why = predict_path(ttt_spec, choice.device, size)

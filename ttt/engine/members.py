@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ttt.engine.paths import planned_members
 from ttt.engine.stacked import unsupported
 
 
@@ -49,11 +50,9 @@ def choose_members(model: torch.nn.Module, ttt_spec: Any, device: torch.device) 
     is 1 unless set (see docs/performance.md). An estimate that is still too high is met
     by the engine: out of memory, it halves the members per batched call and retries.
     """
-    requested = getattr(ttt_spec, "ensemble_size", None)
-    if requested:
-        return int(requested)
-    if device.type != "cuda":
-        return 1
+    planned = planned_members(ttt_spec, device.type)
+    if planned is not None:
+        return int(planned)
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, min(64, int(0.7 * free // member_bytes(model, int(ttt_spec.max_length)))))
 

@@ -44,6 +44,13 @@ def config_facts(model: str) -> tuple[bool | None, str | None]:
     return any(float(v) > 0 for v in rates), getattr(config, "model_type", None)
 
 
+def planned_members(ttt_spec: Any, device: str) -> int | None:
+    """How many members the engine runs on device type `device`, as
+    ttt.engine.members.choose_members decides it: ensembleSize, else None on a GPU (from
+    free memory, several), else 1."""
+    return getattr(ttt_spec, "ensemble_size", None) or (None if device == "cuda" else 1)
+
+
 def predict_path(ttt_spec: Any, device: str, size: int | None) -> tuple[str, str]:
     """(path, why) the ensemble takes for `spec.ttt` on device type `device` with `size`
     members (None: from free memory, several), as ttt.engine.members.choose_path decides it

@@ -117,16 +117,17 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
         return EngineChoice("ensemble", kind, "spec.ttt.engine ensemble")
     if why_not is not None:
         return EngineChoice("sequential", kind, f"the ensemble is not equal here: {why_not}")
-    if getattr(ttt_spec, "recompute", False):
+    recompute = getattr(ttt_spec, "recompute", False)
+    path = None  # read (a config from disk, maybe) only where the answer depends on it
+    if recompute or any(k == kind for k, _ in FASTEST_ON_PATH):
         path = ensemble_path(ttt_spec, kind, model)
-        if path != "stacked":  # the ensemble recomputes on the stacked path only
-            return EngineChoice(
-                "sequential", kind, f"spec.ttt.recompute: the ensemble's path here is {path}"
-            )
-    if any(k == kind for k, _ in FASTEST_ON_PATH):
-        on_path = FASTEST_ON_PATH.get((kind, ensemble_path(ttt_spec, kind, model)))
-        if on_path is not None:
-            return EngineChoice(on_path[0], kind, on_path[1])
+    if recompute and path != "stacked":  # the ensemble recomputes on the stacked path only
+        return EngineChoice(
+            "sequential", kind, f"spec.ttt.recompute: the ensemble's path here is {path}"
+        )
+    on_path = FASTEST_ON_PATH.get((kind, path)) if path is not None else None
+    if on_path is not None:
+        return EngineChoice(on_path[0], kind, on_path[1])
     engine, reason = FASTEST.get(
         kind, ("sequential", f"the ensemble is not measured on device type {kind!r}")
     )
@@ -136,10 +137,10 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
 def ensemble_path(ttt_spec: Any, kind: str, model: Any = None) -> str:
     """The path the ensemble would take on device type `kind`: from the loaded `model` as
     the engine decides it, else predicted from the model's config (ttt.engine.paths)."""
-    size = getattr(ttt_spec, "ensemble_size", None) or (None if kind == "cuda" else 1)
-    if model is None:
-        from ttt.engine.paths import predict_path
+    from ttt.engine.paths import planned_members, predict_path
 
+    size = planned_members(ttt_spec, kind)
+    if model is None:
         return predict_path(ttt_spec, kind, size)[0]
     from ttt.engine.members import choose_path
     from ttt.engine.precision import resolve_precision
