@@ -133,8 +133,8 @@ class EnsembleTTT(MemberSteps):
         # reads them where they are, and the restore at the end writes them)
         self.shared = self.members == 1
         if self.shared:
-            for p, piece in zip(self.params, self.adam.pieces(0)[0], strict=True):
-                p.data = piece
+            for p, rows in zip(self.params, self.stacked, strict=True):
+                p.data = rows[0]
         self.seed, self.rank = seed, str(rank)
         # Called as on_neighbor(n, of, steps) after each neighbor (progress), with one member
         # only: with several, documents interleave and "the current document" has no meaning.
@@ -295,8 +295,8 @@ class EnsembleTTT(MemberSteps):
             return
         if not self.shared:  # else the parameters are the member's weights already
             with torch.no_grad():
-                for p, row in zip(self.params, self.weights[e].split(self.sizes), strict=True):
-                    p.copy_(row.view(p.shape))
+                for p, rows in zip(self.params, self.stacked, strict=True):
+                    p.copy_(rows[e])
         with self.precision.scoring():  # the training's precision; log-softmax in float32
             self.ref._score_due(member.outcome, member.plan.scored, n, checkpoints, member.last)
 
