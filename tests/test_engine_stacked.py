@@ -148,3 +148,80 @@ def test_the_swiglu_keeps_two_tensors_and_gives_autograds_gradients():
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     assert (fused, eager) == (2, 3)  # gate and up; autograd's own keeps silu(gate) too
+
+
+def _head_reference(h, weight, targets, mask):
+    """The head as _Linear and cross-entropy over the whole logits (what _HeadLoss replaces)."""
+    from ttt.engine.stacked import _linear
+
+    logits = _linear(h, weight, None)[:, : targets.shape[1]]
+    lost = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), targets, reduction="none"
+    )
+    return (lost * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_heads_loss_equals_linear_and_cross_entropy_and_keeps_one_logits_tensor(
+    precision, monkeypatch
+):
+    """Chunked head + loss (three chunks of tokens here, padding and all): the same losses and
+    gradients as the head's matmul followed by cross-entropy, under autocast too; of
+    logits-sized tensors it keeps one, in the head's dtype, and a tied table's lookup finds
+    the head's gradient where _Linear leaves it."""
+    from ttt.engine import stacked
+
+    members, width, hidden, vocab = 3, 12, 16, 50
+    monkeypatch.setattr(stacked, "_CHUNK_ELEMENTS", members * vocab * 4)  # 4 tokens a chunk
+    assert len(stacked._chunks(width - 1, members * vocab)) == 3
+    torch.manual_seed(4)
+    h0, w0 = torch.randn(members, width, hidden), torch.randn(members, vocab, hidden) / 4
+    targets = torch.randint(0, vocab, (members, width - 1))
+    mask = torch.ones(members, width - 1)
+    mask[1, 7:], mask[2, 2:] = 0, 0  # right padding
+
+    def run(fused: bool):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        tied, saved = stacked._Tied(), []
+
+        def pack(t):
+            if t.numel() == members * (width - 1) * vocab:
+                saved.append(t.dtype)  # a logits-sized tensor kept for the backward
+            return t
+
+        bf16 = precision == "bfloat16"
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            if fused:
+                losses = stacked._HeadLoss.apply(h, w, tied, targets, mask)
+            else:
+                losses = _head_reference(h, w, targets, mask)
+        outer = torch.tensor([1.0, 2.0, 0.5])  # each member's loss weighted apart
+        gh, gw = torch.autograd.grad((losses * outer).sum(), (h, w))
+        return losses, gh, gw, saved, tied.grad
+
+    want, want_h, want_w, eager, _ = run(False)
+    got, got_h, got_w, kept, handed = run(True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "float32" else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_h, want_h, **tol)
+    torch.testing.assert_close(got_w, want_w, **tol)
+    assert handed is got_w  # the tied lookup adds its rows into this very tensor
+    head_dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    assert kept == [head_dtype]
+    assert len(eager) >= 2 and torch.float32 in eager
+
+
+def test_the_heads_loss_refuses_a_second_backward():
+    """Its saved gradient is scaled in place: a retained graph's second backward would be
+    wrong, so it raises instead."""
+    from ttt.engine.stacked import _HeadLoss
+
+    h = torch.randn(1, 5, 8, requires_grad=True)
+    w = torch.randn(1, 11, 8, requires_grad=True)
+    losses = _HeadLoss.apply(h, w, None, torch.randint(0, 11, (1, 4)), torch.ones(1, 4))
+    torch.autograd.grad(losses.sum(), (h, w), retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        torch.autograd.grad(losses.sum(), (h, w))

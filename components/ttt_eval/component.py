@@ -21,7 +21,7 @@ def ttt_eval(
     import json
     import os
 
-    from ttt.eval import evaluate_rank
+    from ttt.eval import evaluate_rank, prepare_worker_process
     from ttt.spec import resolve_spec
     from ttt.store import open_store
 
@@ -30,6 +30,7 @@ def ttt_eval(
         environ["TTT_RETRIEVAL__SERVICE"] = index_service
     run = resolve_spec(spec, environ)
     store, kfp = open_store(run.spec.storage), kfp_run_id or None
+    prepare_worker_process(run)  # the pod is the worker (ttt.engine.hostmem)
     result = evaluate_rank(run, store, rank, world_size, kfp_run_id=kfp)
     with open(results.path, "w") as f:
         json.dump(result, f)

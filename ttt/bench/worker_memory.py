@@ -83,6 +83,7 @@ def worker_memory(
         "within_target": per_param(raw["peak_bytes"]) <= TARGET_BYTES_PER_PARAM,
         "train_steps": raw["train_steps"],
         "bpb_after": raw["bpb_after"],
+        "mmap_threshold": raw["mmap_threshold"],  # the worker's allocator (ttt.engine.hostmem)
     }
 
 
@@ -110,6 +111,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     # what an eval worker imports before it loads a model (ttt.eval.rank and its engine)
     import ttt.eval.rank  # noqa: F401
     from ttt.bench.embed import synthetic_documents
+    from ttt.engine.hostmem import worker_allocator
     from ttt.engine.precision import load_for_engine
     from ttt.engine.select import EngineError, build_engine
     from ttt.spec import TTTSpec
@@ -125,6 +127,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
         recompute=args.get("recompute", False),
         **({"ensemble_size": 1} if engine == "ensemble" else {}),
     )
+    threshold = worker_allocator(engine, "cpu")  # as ttt.eval.rank's worker sets it
     lm, tokenizer = load_for_engine(spec, engine)
     loaded = vm_bytes("VmRSS")
     try:
@@ -148,6 +151,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": vm_bytes("VmHWM"),
         "train_steps": outcome.train_steps,
         "bpb_after": outcome.checkpoints[-1].bits_per_byte,
+        "mmap_threshold": threshold or "glibc default",
     }
 
 

@@ -17,12 +17,13 @@ def _drain(signum: int, frame: object) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ttt.eval import evaluate_rank, resolve_rank
+    from ttt.eval import evaluate_rank, prepare_worker_process, resolve_rank
     from ttt.store import open_store
 
     run = load_spec(args.spec)
     if args.list:
         return _list(run)
+    prepare_worker_process(run)  # this process is the worker (ttt.engine.hostmem)
     rank, world_size = resolve_rank(args.rank, args.world_size, os.environ, run.spec.eval.workers)
     # A pod's eviction sends SIGTERM: unwind like Ctrl-C so the finished documents are
     # uploaded before the process ends (a restarted worker skips them).

@@ -64,15 +64,75 @@ def stacked_losses(
     forward: Callable[..., torch.Tensor] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    logits = forward(model, weights, ids, training, recompute)
-    members, width = ids.shape
-    # one fused log-softmax + gather per target (no float32 copy of the logits of its own)
-    lost = F.cross_entropy(
-        logits[:, :-1].reshape(members * (width - 1), -1).float(),
-        ids[:, 1:].reshape(-1),
-        reduction="none",
-    ).view(members, width - 1)
-    return (lost * mask).sum(1) / mask.sum(1).clamp(min=1)
+    h, head, tied = forward(model, weights, ids, training, recompute)
+    return _HeadLoss.apply(h, head, tied, ids[:, 1:], mask)
+
+
+# elements of one chunk of logits (E x tokens x vocabulary) the head's loss holds at a time
+_CHUNK_ELEMENTS = 1 << 22
+_MAX_CHUNKS = 8  # each chunk costs launches: larger chunks rather than more of them
+
+
+def _chunks(width: int, row: int) -> list[tuple[int, int]]:
+    """Token ranges covering 0..width, each at most _CHUNK_ELEMENTS / row tokens (row: the
+    elements of one token's logits over all members), at most _MAX_CHUNKS of them."""
+    size = max(1, _CHUNK_ELEMENTS // row, math.ceil(width / _MAX_CHUNKS))
+    return [(a, min(a + size, width)) for a in range(0, width, size)]
+
+
+class _HeadLoss(torch.autograd.Function):
+    """The head (x @ weight.T per member) and each member's mean next-token loss, without
+    keeping the logits: chunk by chunk of tokens, the forward computes the logits in the
+    head's dtype, each target's loss from them in float32, and the loss's gradient with
+    respect to them (softmax - one-hot, times each target's weight in the mean) in the
+    head's dtype, then frees them. What the backward needs is that gradient alone; the
+    head's own `_Linear` plus cross-entropy kept the logits, their log-softmax and, in the
+    backward, two gradients of that size (at 512 tokens and SmolLM2's 49,152-token
+    vocabulary, 100 MB each in float32). The backward is _Linear's: two matmuls, the
+    weight's gradient laid out as the weight, handed to a tied table's lookup."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Any, weight: Any, tied: Any, targets: Any, mask: Any) -> Any:
+        dtype = _compute_dtype(h)  # autocast's choice for the head, as _Linear makes it
+        members, width = targets.shape
+        vocab = weight.shape[1]
+        xc, wc = h[:, :width].to(dtype), weight.to(dtype)
+        # each target's weight in its member's mean: the gradient of the loss per logit row
+        share = mask / mask.sum(1, keepdim=True).clamp(min=1)
+        grad = torch.empty((members, width, vocab), dtype=dtype, device=h.device)
+        lost = torch.empty((members, width), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for a, b in _chunks(width, members * vocab):
+                logits = torch.bmm(xc[:, a:b], wc.transpose(1, 2)).float()
+                picked = targets[:, a:b].unsqueeze(-1)
+                logp = logits.log_softmax(-1)
+                lost[:, a:b] = -logp.gather(-1, picked).squeeze(-1)
+                # d(-log p_target)/d logits = softmax - one-hot, weighted per target
+                probs = logp.exp_().mul_(share[:, a:b, None])
+                probs.scatter_add_(-1, picked, -share[:, a:b, None])
+                grad[:, a:b] = probs
+        ctx.save_for_backward(xc, wc, grad)
+        ctx.tied, ctx.full, ctx.spent = tied, h.shape, False
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return (lost * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    @staticmethod
+    def backward(ctx: Any, outer: torch.Tensor) -> tuple[Any, Any, None, None, None]:
+        if ctx.spent:  # its saved gradient is scaled in place below: once only
+            raise RuntimeError("the stacked head's loss backpropagates once (no retain_graph)")
+        ctx.spent = True
+        xc, wc, grad = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # scaled in place (a second logits-sized tensor is what this function saves)
+        grad = grad.mul_(outer.to(grad.dtype)[:, None, None])
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros(ctx.full, dtype=h_dtype, device=grad.device)
+            gx[:, : grad.shape[1]] = torch.bmm(grad, wc)  # the last position predicts nothing
+        gw = torch.bmm(grad.transpose(1, 2), xc).to(w_dtype)  # (E, vocab, H), contiguous
+        if ctx.tied is not None:  # the lookup adds its rows into it (see _Lookup)
+            ctx.tied.grad = gw
+        return gx, gw, None, None, None
 
 
 class _Tied:
@@ -253,7 +313,7 @@ def _gpt2(
     h = _layers(layer, h, config.n_layer, recompute)
     h = _layer_norm(h, w[p + "ln_f.weight"], w[p + "ln_f.bias"], eps)
     head = w.get("lm_head.weight", w[p + "wte.weight"])  # tied unless given apart
-    return _linear(h, head, None, tied)
+    return h, head, tied
 
 
 def _llama(
@@ -297,4 +357,4 @@ def _llama(
     h = _layers(layer, h, config.num_hidden_layers, recompute)
     h = _rms_norm(h, w[p + "norm.weight"], eps)
     head = w.get("lm_head.weight", w[p + "embed_tokens.weight"])  # tied unless given apart
-    return _linear(h, head, None, tied)
+    return h, head, tied

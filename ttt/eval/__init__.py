@@ -15,6 +15,7 @@ _EXPORTS = {
     "resolve_rank": "sample",
     "rank_prefix": "rank",
     "evaluate_rank": "rank",
+    "prepare_worker_process": "rank",
     "evaluate_documents": "document",
     "guard_neighbors": "retrieve",
     "needs_neighbors": "retrieve",

@@ -48,6 +48,18 @@ def _default_lm(run: Any) -> tuple[Any, Any]:
     return load_for_engine(run.spec.ttt, choose_engine(run.spec.ttt, device), run.spec.storage)
 
 
+def prepare_worker_process(run: Any) -> int | None:
+    """What a process that is an eval worker (`ttt eval`, the ttt-eval component) sets before
+    its work, which evaluate_rank as a library call leaves alone: the host allocator of
+    ttt.engine.hostmem, for the engine and device this run takes. The threshold set, or None."""
+    from ttt.device import pick_device
+    from ttt.engine.hostmem import worker_allocator
+    from ttt.engine.select import choose_engine
+
+    device = pick_device(run.spec.ttt.device)
+    return worker_allocator(choose_engine(run.spec.ttt, device), device)
+
+
 def evaluate_rank(
     run: Any,
     store: Any,
