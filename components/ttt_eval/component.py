@@ -25,10 +25,8 @@ def ttt_eval(
     from ttt.spec import resolve_spec
     from ttt.store import open_store
 
-    environ = dict(os.environ)
-    if index_service:
-        environ["TTT_RETRIEVAL__SERVICE"] = index_service
-    run = resolve_spec(spec, environ)
+    service = {"TTT_RETRIEVAL__SERVICE": index_service} if index_service else {}
+    run = resolve_spec(spec, {**os.environ, **service})
     store, kfp = open_store(run.spec.storage), kfp_run_id or None
     prepare_worker_process(run)  # the pod is the worker (ttt.engine.hostmem)
     result = evaluate_rank(run, store, rank, world_size, kfp_run_id=kfp)
