@@ -104,6 +104,11 @@ class DocScore:
     bytes: int
     words: int
 
+    @classmethod
+    def of(cls, text: str, ids: list[int], loglik: float) -> DocScore:
+        """The score of `text`, tokenized as `ids`, whose tokens sum to `loglik`."""
+        return cls(loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text))
+
     @property
     def bits_per_byte(self) -> float:
         return -self.loglik / self.bytes / math.log(2) if self.bytes else float("nan")
@@ -186,9 +191,7 @@ def score_document(
         loglik = _window_logliks(model, windows, batch_tokens) if windows else 0.0
     finally:
         model.train(was_training)
-    return DocScore(
-        loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text)
-    )
+    return DocScore.of(text, ids, loglik)
 
 
 def _window_token_logprobs(
@@ -286,6 +289,11 @@ class TaskTotals:
         self.words += score.words
         self.tokens += score.tokens
         self.documents += 1
+
+    @classmethod
+    def of(cls, text: str, ids: list[int], loglik: float) -> DocScore:
+        """The score of `text`, tokenized as `ids`, whose tokens sum to `loglik`."""
+        return cls(loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text))
 
     @property
     def bits_per_byte(self) -> float:

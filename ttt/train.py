@@ -271,7 +271,12 @@ class TTTNN:
             eot_id=self.eot,
             batch_tokens=self.batch_tokens,
         )
-        seconds = time.perf_counter() - start
+        self._record(outcome, due, n, score, time.perf_counter() - start)
+
+    def _record(
+        self, outcome: DocOutcome, due: list[int], n: int, score: Any, seconds: float
+    ) -> None:
+        """One scoring pass after n neighbors, for checkpoints `due`, into the outcome."""
         outcome.seconds_scoring += seconds
         outcome.score_passes += 1
         for c in due:

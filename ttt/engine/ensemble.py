@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ttt import telemetry
-from ttt.bpb import DEFAULT_BATCH_TOKENS
+from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, rolling_windows
 from ttt.engine.adam import StackedAdam, load_row_state_dict, row_state_dict
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import (
@@ -34,6 +34,7 @@ from ttt.engine.members import (
 )
 from ttt.engine.precision import Precision, resolve_precision
 from ttt.engine.rule import EngineError
+from ttt.engine.score import stacked_logliks
 from ttt.engine.stacked import unsupported as stacked_unsupported
 from ttt.engine.step import MemberSteps
 from ttt.outcome import DocOutcome
@@ -136,6 +137,10 @@ class EnsembleTTT(MemberSteps):
             for p, rows in zip(self.params, self.stacked, strict=True):
                 p.data = rows[0]
         self.seed, self.rank = seed, str(rank)
+        # several members on the stacked path: those due for scoring before a step are scored
+        # together through the stacked forward (ttt.engine.score), each with its own weights
+        self.batch_scoring = self.path == "stacked" and self.members > 1
+        self._due: list[tuple[int, _Member, int, list[int]]] = []
         # Called as on_neighbor(n, of, steps) after each neighbor (progress), with one member
         # only: with several, documents interleave and "the current document" has no meaning.
         self.on_neighbor: Any = None
@@ -247,6 +252,7 @@ class EnsembleTTT(MemberSteps):
                 slots[e] = member
             else:
                 done.append((e, *finished))
+        self._flush_scores()  # before any outcome is handed out or any weight changes
         return done
 
     def _start(self, e: int, plan: Plan, optimizer: str = RESET) -> _Member:
@@ -293,6 +299,9 @@ class EnsembleTTT(MemberSteps):
         due = [c for c in checkpoints if c == n or (n == member.last and c > member.last)]
         if not due:
             return
+        if self.batch_scoring:  # with every other member due before the next step
+            self._due.append((e, member, n, due))
+            return
         if not self.shared:  # else the parameters are the member's weights already
             with torch.no_grad():
                 for p, rows in zip(self.params, self.stacked, strict=True):
@@ -325,4 +334,39 @@ class EnsembleTTT(MemberSteps):
             if finished is not None:
                 slots[e] = None
                 done.append((e, *finished))
+        self._flush_scores()
         return done
+
+    def _flush_scores(self) -> None:
+        """Score every member due since the last step in one stacked forward per run of
+        neighbouring members (their weights are then views: no copy), one read-back in all."""
+        if not self._due:
+            return
+        due, self._due = self._due, []
+        start = time.perf_counter()
+        texts = {e: member.plan.scored for e, member, _, _ in due}  # a member's own document
+        ids = {e: self.tokenizer.encode(t, add_special_tokens=False) for e, t in texts.items()}
+        windows = {e: rolling_windows(ids[e], self.ref.max_length, self.ref.eot) for e in ids}
+        logliks: dict[int, float] = {}
+        with self.precision.scoring():
+            for a, b in _runs(sorted(ids)):
+                weights = {n: w[a:b] for n, w in zip(self.names, self.stacked, strict=True)}
+                found = stacked_logliks(
+                    self.model, weights, [windows[e] for e in range(a, b)], self.ref.batch_tokens
+                )
+                logliks.update(zip(range(a, b), found, strict=True))
+        seconds = (time.perf_counter() - start) / len(due)  # the pass's time, shared
+        for e, member, n, checkpoints in due:
+            score = DocScore.of(texts[e], ids[e], logliks[e])
+            self.ref._record(member.outcome, checkpoints, n, score, seconds)
+
+
+def _runs(members: list[int]) -> list[tuple[int, int]]:
+    """Sorted member indices as ranges [a, b) of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for e in members:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs

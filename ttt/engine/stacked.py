@@ -64,7 +64,7 @@ def stacked_losses(
     forward: Callable[..., torch.Tensor] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    h, head, tied = forward(model, weights, ids, training, recompute)
+    h, head, tied = forward(model, weights, ids[:, None], training, recompute)
     return _HeadLoss.apply(h, head, tied, ids[:, 1:], mask)
 
 
@@ -73,10 +73,10 @@ _CHUNK_ELEMENTS = 1 << 22
 _MAX_CHUNKS = 8  # each chunk costs launches: larger chunks rather than more of them
 
 
-def _chunks(width: int, row: int) -> list[tuple[int, int]]:
+def _chunks(width: int, row: int, most: int = _MAX_CHUNKS) -> list[tuple[int, int]]:
     """Token ranges covering 0..width, each at most _CHUNK_ELEMENTS / row tokens (row: the
-    elements of one token's logits over all members), at most _MAX_CHUNKS of them."""
-    size = max(1, _CHUNK_ELEMENTS // row, math.ceil(width / _MAX_CHUNKS))
+    elements of one token's logits over all members), at most `most` of them."""
+    size = max(1, _CHUNK_ELEMENTS // row, math.ceil(width / most))
     return [(a, min(a + size, width)) for a in range(0, width, size)]
 
 
@@ -252,16 +252,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight[:, None, :] * x.to(dtype)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(E, T, heads * d) -> (E, heads, T, d)."""
-    members, width, _ = x.shape
-    return x.view(members, width, heads, -1).transpose(1, 2)
+def _heads(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """(E, B * T, heads * d) -> (E * B, heads, T, d): each of a member's B windows of T
+    tokens attends within itself (B is 1 in training)."""
+    return x.view(-1, width, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """(E, heads, T, d) -> (E, T, heads * d)."""
-    members, heads, width, d = x.shape
-    return x.transpose(1, 2).reshape(members, width, heads * d)
+def _merge(x: torch.Tensor, members: int) -> torch.Tensor:
+    """(E * B, heads, T, d) -> (E, B * T, heads * d)."""
+    rows, heads, width, d = x.shape
+    return x.transpose(1, 2).reshape(members, rows // members * width, heads * d)
 
 
 def _layers(
@@ -282,10 +282,11 @@ def _gpt2(
     config = model.config
     p = "transformer."
     heads, eps = config.n_head, config.layer_norm_epsilon
-    width = ids.shape[1]
+    members, windows, width = ids.shape
     drop = config.resid_pdrop if training else 0.0
     tied = None if "lm_head.weight" in w else _Tied()
-    h = _embed(w[p + "wte.weight"], ids, tied) + w[p + "wpe.weight"][:, :width]
+    h = _embed(w[p + "wte.weight"], ids.view(members, -1), tied)
+    h = (h.view(members, windows, width, -1) + w[p + "wpe.weight"][:, None, :width]).flatten(1, 2)
     h = F.dropout(h, config.embd_pdrop, training=training)
     approximate = "none" if config.activation_function == "gelu" else "tanh"
 
@@ -296,13 +297,13 @@ def _gpt2(
             config.n_embd, dim=2
         )
         a = F.scaled_dot_product_attention(
-            _heads(q, heads),
-            _heads(k, heads),
-            _heads(v, heads),
+            _heads(q, heads, width),
+            _heads(k, heads, width),
+            _heads(v, heads, width),
             dropout_p=config.attn_pdrop if training else 0.0,
             is_causal=True,
         )
-        a = _conv1d(_merge(a), w[b + "attn.c_proj.weight"], w[b + "attn.c_proj.bias"])
+        a = _conv1d(_merge(a, members), w[b + "attn.c_proj.weight"], w[b + "attn.c_proj.bias"])
         h = h + F.dropout(a, drop, training=training)
         x = _layer_norm(h, w[b + "ln_2.weight"], w[b + "ln_2.bias"], eps)
         x = _conv1d(x, w[b + "mlp.c_fc.weight"], w[b + "mlp.c_fc.bias"])
@@ -325,9 +326,10 @@ def _llama(
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     eps = config.rms_norm_eps
     p = "model."
+    members, _, width = ids.shape
     tied = None if "lm_head.weight" in w else _Tied()
-    h = _embed(w[p + "embed_tokens.weight"], ids, tied)
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    h = _embed(w[p + "embed_tokens.weight"], ids.view(members, -1), tied)
+    positions = torch.arange(width, device=ids.device)[None]
     cos, sin = model.model.rotary_emb(h, positions)  # the model's own (scaling included)
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     scale = 1.0 / math.sqrt(dim)
@@ -337,7 +339,7 @@ def _llama(
         b = f"{p}layers.{i}."
         x = _rms_norm(h, w[b + "input_layernorm.weight"], eps)
         q, k, v = (
-            _heads(_linear(x, w[f"{b}self_attn.{n}_proj.weight"], w.get(f"{b}self_attn.{n}_proj.bias")), n_heads)
+            _heads(_linear(x, w[f"{b}self_attn.{n}_proj.weight"], w.get(f"{b}self_attn.{n}_proj.bias")), n_heads, width)
             for n, n_heads in (("q", heads), ("k", kv), ("v", kv))
         )  # fmt: skip
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -345,7 +347,7 @@ def _llama(
             q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=kv != heads
         )
         h = h + _linear(
-            _merge(a), w[b + "self_attn.o_proj.weight"], w.get(b + "self_attn.o_proj.bias")
+            _merge(a, members), w[b + "self_attn.o_proj.weight"], w.get(b + "self_attn.o_proj.bias")
         )
         x = _rms_norm(h, w[b + "post_attention_layernorm.weight"], eps)
         gate = _linear(x, w[b + "mlp.gate_proj.weight"], w.get(b + "mlp.gate_proj.bias"))
