@@ -66,9 +66,10 @@ TTT: Arguments = [
         "--path",
         {
             "choices": ["stacked", "vmap", "loop"],
-            "help": "the engine's path (default: as the engine chooses: loop for one member "
-            "or for dropout in float32, else stacked for GPT-2 and Llama, vmap otherwise; "
-            "stacked or vmap with dropout draw each member's masks independently)",
+            "help": "the engine's path (default: as the engine chooses: loop for dropout in "
+            "float32, else stacked for GPT-2 and Llama, vmap for other architectures with "
+            "several members and loop with one; stacked or vmap with dropout draw each "
+            "member's masks independently)",
         },
     ),
     ("--device", {}),
