@@ -74,3 +74,16 @@ def test_one_member_and_other_paths_score_as_the_loop_does(tiny_gpt2, gpt2_token
 def test_runs_of_neighbouring_members():
     assert _runs([0, 1, 3, 5, 6, 7]) == [(0, 2), (3, 4), (5, 8)]
     assert _runs([]) == []
+
+
+def test_out_of_memory_scores_the_members_one_by_one_with_the_same_figures(
+    tiny_gpt2, gpt2_tokenizer, monkeypatch
+):
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for every member's windows")
+
+    monkeypatch.setattr(ensemble_module, "stacked_logliks", no_room)
+    want = sequential(tiny_gpt2(), gpt2_tokenizer, spec())
+    ensemble = EnsembleTTT(tiny_gpt2(), gpt2_tokenizer, spec(), members=3, path="stacked")
+    got = dict(ensemble.evaluate_stream(ITEMS))
+    assert_equal_outcomes(got, want, rel=1e-4)

@@ -5,8 +5,9 @@ model: one row of an (E, P) float32 matrix and of StackedAdam. A step (ttt.engin
 trains every active member on its next chunk: all at once through the stacked forward
 ("stacked") or vmap(grad(functional_call)) ("vmap"), or member after member ("loop":
 dropout masks equal to the sequential loop's). Scoring copies a row into the model (with
-one member the model's parameters are the row) and calls the sequential loop's scoring;
-the model is restored at the end.
+one member the model's parameters are the row) and calls the sequential loop's scoring,
+or, on the stacked path with several members, scores every member due before a step in
+one stacked forward (ttt.engine.score); the model is restored at the end.
 """
 
 from __future__ import annotations
@@ -302,6 +303,10 @@ class EnsembleTTT(MemberSteps):
         if self.batch_scoring:  # with every other member due before the next step
             self._due.append((e, member, n, due))
             return
+        self._score_alone(e, member, n, checkpoints)
+
+    def _score_alone(self, e: int, member: _Member, n: int, checkpoints: list[int]) -> None:
+        """Member e's document through the model, as the sequential loop scores it."""
         if not self.shared:  # else the parameters are the member's weights already
             with torch.no_grad():
                 for p, rows in zip(self.params, self.stacked, strict=True):
@@ -343,6 +348,16 @@ class EnsembleTTT(MemberSteps):
         if not self._due:
             return
         due, self._due = self._due, []
+        try:
+            self._score_together(due)
+        except torch.OutOfMemoryError:  # nothing recorded yet: each alone, as the loop does
+            log.warning("out of memory scoring %d members at once: scoring one by one", len(due))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for e, member, n, checkpoints in due:
+                self._score_alone(e, member, n, checkpoints)
+
+    def _score_together(self, due: list[tuple[int, _Member, int, list[int]]]) -> None:
         start = time.perf_counter()
         texts = {e: member.plan.scored for e, member, _, _ in due}  # a member's own document
         ids = {e: self.tokenizer.encode(t, add_special_tokens=False) for e, t in texts.items()}
