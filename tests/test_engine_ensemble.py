@@ -252,9 +252,20 @@ def test_recompute_gives_the_same_documents_in_the_loop_and_on_the_stacked_path(
     assert_equal_outcomes(dict(ensemble.evaluate_stream(ITEMS)), want, rel=1e-4)
 
 
-def test_the_ensembles_recompute_leaves_the_shared_model_alone(tiny_gpt2, gpt2_tokenizer):
+def test_recompute_leaves_the_shared_model_as_it_was(tiny_gpt2, gpt2_tokenizer):
+    """The sequential loop turns transformers' checkpointing on around its own steps only:
+    the model it was given (which the ensemble shares) is left as it was, before and after."""
     model = tiny_gpt2()
     EnsembleTTT(model, gpt2_tokenizer, spec(recompute=True), members=1)
-    assert not model.is_gradient_checkpointing  # the loops over the model run as they were
-    TTTNN(model, gpt2_tokenizer, spec(recompute=True))
-    assert model.is_gradient_checkpointing
+    assert not model.is_gradient_checkpointing
+    loop = TTTNN(model, gpt2_tokenizer, spec(recompute=True))
+    assert not model.is_gradient_checkpointing
+    during = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args: during.append((module.training, module.is_gradient_checkpointing))
+    )
+    loop.evaluate(*ITEMS[0][1:3])
+    hook.remove()
+    assert (True, True) in during  # its training forwards recompute
+    assert all(checkpointing == training for training, checkpointing in during)  # scoring not
+    assert not model.is_gradient_checkpointing

@@ -138,9 +138,9 @@ class TTTNN:
         self.eot = eot_token_id(tokenizer)
         self.device = next(model.parameters()).device
         self._params = [p for p in model.parameters() if p.requires_grad]
-        if getattr(ttt_spec, "recompute", False):
-            # transformers' checkpointing: each layer again in the backward (only in training)
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        # transformers' checkpointing, each layer again in the backward: on around this loop's
+        # own steps only (the model may be shared: the ensemble scores with this loop)
+        self.recompute = bool(getattr(ttt_spec, "recompute", False))
         self._saved = {
             name: t.detach().clone()
             for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -246,8 +246,14 @@ class TTTNN:
         """One optimizer step on one chunk: next-token loss, clipped gradient, Adam(W); the loss."""
         self.model.train()  # as the reference code: dropout on while training, if configured
         inputs = torch.tensor([chunk], device=self.device)
-        loss = self.model(input_ids=inputs, labels=inputs).loss
-        loss.backward()
+        if self.recompute:
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        try:
+            loss = self.model(input_ids=inputs, labels=inputs).loss
+            loss.backward()
+        finally:
+            if self.recompute:
+                self.model.gradient_checkpointing_disable()
         if self.spec.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.spec.grad_clip)
         self.optimizer.step()

@@ -83,12 +83,9 @@ class EnsembleTTT(MemberSteps):
         self._yielded = 0  # the member whose document was handed out last
         self.spec = ttt_spec
         # the sequential loop: its texts, scoring, saved weights and exact restore, shared
-        # (it never trains here: transformers' checkpointing, which its recompute turns on
-        # in the shared model, would reach any other loop over the model)
-        plain = ttt_spec
-        if getattr(ttt_spec, "recompute", False):
-            plain = ttt_spec.model_copy(update={"recompute": False})
-        self.ref = TTTNN(model, tokenizer, plain, rank=rank, seed=seed, batch_tokens=batch_tokens)
+        self.ref = TTTNN(
+            model, tokenizer, ttt_spec, rank=rank, seed=seed, batch_tokens=batch_tokens
+        )
         self.model, self.tokenizer = model, tokenizer
         self.device = self.ref.device
         self.precision: Precision = resolve_precision(ttt_spec.dtype, self.device)
