@@ -95,6 +95,14 @@ def rolling_windows(
     return windows
 
 
+def document_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, prefix_token: int
+) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """`text`'s token ids and its rolling windows (rolling_windows) of max_length tokens."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids, rolling_windows(ids, max_length, prefix_token)
+
+
 @dataclass(frozen=True)
 class DocScore:
     """One document's score: natural-log likelihood of its tokens, and its size."""
@@ -181,8 +189,7 @@ def score_document(
     if len(prefix) >= max_length:
         raise ValueError(f"context prefix of {len(prefix)} tokens leaves no room in {max_length}")
     eot = eot_token_id(tokenizer) if eot_id is None else eot_id
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    windows = rolling_windows(ids, max_length - len(prefix), eot)
+    ids, windows = document_windows(tokenizer, text, max_length - len(prefix), eot)
     if prefix:
         windows = [(prefix + context, target) for context, target in windows]
     was_training = model.training
@@ -230,8 +237,7 @@ def token_logprobs(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> tuple[list[int], list[float]]:
     """(token ids, natural-log probability of each) under the harness's rolling windows."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    windows = rolling_windows(ids, max_length, eot_id)
+    ids, windows = document_windows(tokenizer, text, max_length, eot_id)
     was_training = model.training
     model.eval()
     try:
@@ -289,11 +295,6 @@ class TaskTotals:
         self.words += score.words
         self.tokens += score.tokens
         self.documents += 1
-
-    @classmethod
-    def of(cls, text: str, ids: list[int], loglik: float) -> DocScore:
-        """The score of `text`, tokenized as `ids`, whose tokens sum to `loglik`."""
-        return cls(loglik=loglik, tokens=len(ids), bytes=count_bytes(text), words=count_words(text))
 
     @property
     def bits_per_byte(self) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ttt import telemetry
-from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, rolling_windows
+from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, document_windows
 from ttt.engine.adam import StackedAdam, load_row_state_dict, row_state_dict
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import (
@@ -357,19 +357,21 @@ class EnsembleTTT(MemberSteps):
     def _score_together(self, due: list[tuple[int, _Member, int, list[int]]]) -> None:
         start = time.perf_counter()
         texts = {e: member.plan.scored for e, member, _, _ in due}  # a member's own document
-        ids = {e: self.tokenizer.encode(t, add_special_tokens=False) for e, t in texts.items()}
-        windows = {e: rolling_windows(ids[e], self.ref.max_length, self.ref.eot) for e in ids}
+        docs = {  # (token ids, windows)
+            e: document_windows(self.tokenizer, t, self.ref.max_length, self.ref.eot)
+            for e, t in texts.items()
+        }
         logliks: dict[int, float] = {}
         with self.precision.scoring():
-            for a, b in _runs(sorted(ids)):
+            for a, b in _runs(sorted(docs)):
                 weights = {n: w[a:b] for n, w in zip(self.names, self.stacked, strict=True)}
                 found = stacked_logliks(
-                    self.model, weights, [windows[e] for e in range(a, b)], self.ref.batch_tokens
+                    self.model, weights, [docs[e][1] for e in range(a, b)], self.ref.batch_tokens
                 )
                 logliks.update(zip(range(a, b), found, strict=True))
         seconds = (time.perf_counter() - start) / len(due)  # the pass's time, shared
         for e, member, n, checkpoints in due:
-            score = DocScore.of(texts[e], ids[e], logliks[e])
+            score = DocScore.of(texts[e], docs[e][0], logliks[e])
             self.ref._record(member.outcome, checkpoints, n, score, seconds)
 
 

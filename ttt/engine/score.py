@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from ttt.engine.stacked import _chunks, _gpt2, _linear, _llama
+from ttt.engine.stacked import _chunks, _linear, stacked_hidden
 
 Windows = list[tuple[list[int], list[int]]]
+_MOST_CHUNKS = 64  # of the head's logits per call: larger chunks rather than more launches
 
 
 def stacked_logliks(
@@ -38,12 +39,11 @@ def stacked_logliks(
     width = max((len(i) for given in inputs for i in given), default=0)
     most = max(len(given) for given in inputs)
     per_call = max(1, batch_tokens // max(1, members * width))
-    forward = _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     with torch.no_grad():
         for a in range(0, most, per_call):
             b = min(a + per_call, most)
             ids, at, targets, real = _batch(inputs, windows, a, b, width)
-            h, head, _ = forward(model, weights, ids.to(device), False, False)
+            h, head, _ = stacked_hidden(model, weights, ids.to(device), False, False)
             picked = h.gather(1, at.to(device)[..., None].expand(-1, -1, h.shape[-1]))
             total += _logprob_sums(picked, head, targets.to(device), real.to(device))
     return total.tolist()  # the one read-back
@@ -78,7 +78,7 @@ def _logprob_sums(h: Any, head: Any, targets: Any, real: Any) -> torch.Tensor:
     logits are the largest tensor), log-softmax in float32, sums in float64."""
     members, count, _ = h.shape
     sums = torch.zeros(members, dtype=torch.float64, device=h.device)
-    for a, b in _chunks(count, members * head.shape[1], most=count):  # no gradient: small
+    for a, b in _chunks(count, members * head.shape[1], most=_MOST_CHUNKS):
         logp = _linear(h[:, a:b], head, None).float().log_softmax(-1)
         picked = logp.gather(-1, targets[:, a:b, None]).squeeze(-1)
         sums += (picked.double() * real[:, a:b]).sum(1)

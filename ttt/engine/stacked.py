@@ -61,11 +61,24 @@ def stacked_losses(
     only its input for the backward and runs again there (torch.utils.checkpoint, the RNG
     state replayed: the same dropout masks), one more forward per step for the memory of
     every layer's activations but one."""
-    forward: Callable[..., torch.Tensor] = (
+    h, head, tied = stacked_hidden(model, weights, ids[:, None], training, recompute)
+    return _HeadLoss.apply(h, head, tied, ids[:, 1:], mask)
+
+
+def stacked_hidden(
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    training: bool,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor, _Tied | None]:
+    """The last hidden states (E, B * T, H) of `ids` (E, B, T: B windows of T tokens per
+    member, each attending within itself), the head's (E, vocabulary, H) weight, and the
+    tied table's handoff (None for a head apart)."""
+    forward: Callable[..., Any] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    h, head, tied = forward(model, weights, ids[:, None], training, recompute)
-    return _HeadLoss.apply(h, head, tied, ids[:, 1:], mask)
+    return forward(model, weights, ids, training, recompute)
 
 
 # elements of one chunk of logits (E x tokens x vocabulary) the head's loss holds at a time
@@ -172,11 +185,9 @@ class _Lookup(torch.autograd.Function):
         return table.index_put_((members, ids), grad.to(ctx.dtype), accumulate=True), None, None
 
 
-def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tied: _Tied | None = None
-) -> torch.Tensor:
-    """torch.nn.Linear per member: weight (E, out, in); `tied`: the head of a tied table."""
-    return _Linear.apply(x, weight, bias, tied)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch.nn.Linear per member: weight (E, out, in)."""
+    return _Linear.apply(x, weight, bias)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,11 +202,10 @@ class _Linear(torch.autograd.Function):
     kernel (it walks memory linearly) would have to copy first: 8 bytes per parameter."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, weight: Any, bias: Any, tied: Any) -> torch.Tensor:
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> torch.Tensor:
         dtype = _compute_dtype(x)  # autocast's choice, made here as it would for a Linear
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
-        ctx.tied = tied
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.autocast(x.device.type, enabled=False):
             if bias is None:
@@ -203,16 +213,14 @@ class _Linear(torch.autograd.Function):
             return torch.baddbmm(bias.to(dtype)[:, None, :], xc, wc.transpose(1, 2))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, Any, Any, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, Any, Any]:
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad = grad.to(xc.dtype)
         gx = torch.bmm(grad, wc).to(x_dtype) if ctx.needs_input_grad[0] else None
         gw = torch.bmm(grad.transpose(1, 2), xc).to(w_dtype)  # (E, out, in), contiguous
         gb = grad.sum(1).to(b_dtype) if b_dtype is not None else None
-        if ctx.tied is not None:  # the lookup adds its rows into it (see _Lookup)
-            ctx.tied.grad = gw
-        return gx, gw, gb, None
+        return gx, gw, gb
 
 
 class _SwiGLU(torch.autograd.Function):
