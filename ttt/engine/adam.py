@@ -14,6 +14,10 @@ class StackedAdam:
     long as each row keeps its own step count (bias correction) and an idle row is left
     alone: `step(grads, active)` updates only the rows where `active` is true. Nothing
     travels back from the device.
+
+    `copies` (one flag per parameter, with `shapes`) keeps a bf16 copy of those parameters
+    that the forward reads instead of casting the weights; `fused` (ttt.engine.compiled's
+    compiled adam_member) then runs the step and writes the copy in the same pass.
     """
 
     def __init__(
@@ -26,6 +30,8 @@ class StackedAdam:
         weight_decay: float = 0.0,
         decoupled: bool = False,
         shapes: list[torch.Size] | None = None,
+        copies: list[bool] | None = None,
+        fused: Any = None,
     ) -> None:
         if weights.dim() != 2 or weights.dtype != torch.float32:
             raise ValueError("StackedAdam needs (members, parameters) float32 master weights")
@@ -40,6 +46,22 @@ class StackedAdam:
         # the kernel's own step counters (float32 scalars on the device, as torch keeps them)
         self._steps = [torch.zeros((), device=weights.device) for _ in range(weights.shape[0])]
         self._pieces: dict[int, tuple[list, list, list]] = {}
+        self.fused = fused
+        self.copied = list(copies) if copies is not None and any(copies) else None
+        self.copy: torch.Tensor | None = None
+        self._copies: dict[int, list[torch.Tensor | None]] = {}
+        if self.copied is not None:
+            assert self.shapes is not None and fused is not None
+            self._copy_sizes = [
+                s.numel() for s, c in zip(self.shapes, self.copied, strict=True) if c
+            ]
+            self.copy = torch.empty(
+                (weights.shape[0], sum(self._copy_sizes)),
+                dtype=torch.bfloat16,
+                device=weights.device,
+            )
+            for member in range(weights.shape[0]):
+                self.refresh(member)
 
     def pieces(self, member: int) -> tuple[list, list, list]:
         """Member `member`'s weights and moments as per-parameter views (made once)."""
@@ -51,6 +73,35 @@ class StackedAdam:
                 for t in (self.weights, self.exp_avg, self.exp_avg_sq)
             )
         return self._pieces[member]
+
+    def copies(self, member: int) -> list[torch.Tensor | None]:
+        """Member `member`'s bf16 copy per parameter (None where a parameter has none)."""
+        if member not in self._copies:
+            assert self.copy is not None
+            views = iter(self.copy[member].split(self._copy_sizes))
+            self._copies[member] = [
+                next(views).view(s) if c else None
+                for s, c in zip(self.shapes or [], self.copied or [], strict=True)
+            ]
+        return self._copies[member]
+
+    def stacked_copies(self) -> list[torch.Tensor | None]:
+        """The copies per parameter as (E, *shape) views (None where a parameter has none)."""
+        assert self.copy is not None
+        views = iter(self.copy.split(self._copy_sizes, dim=1))
+        return [
+            next(views).view(self.copy.shape[0], *s) if c else None
+            for s, c in zip(self.shapes or [], self.copied or [], strict=True)
+        ]
+
+    @torch.no_grad()
+    def refresh(self, member: int) -> None:
+        """Member `member`'s bf16 copy from its weights (after they were set from outside)."""
+        if self.copy is None:
+            return
+        for w, copy in zip(self.pieces(member)[0], self.copies(member), strict=True):
+            if copy is not None:
+                copy.copy_(w)
 
     def reset(self, member: int) -> None:
         """A fresh optimizer for one member (its next document)."""
@@ -79,6 +130,17 @@ class StackedAdam:
         torch._foreach_add_(steps, 1)
         for e in rows:
             self.steps[e] += 1
+        if self.fused is not None:  # the compiled step: one pass, the bf16 copy written in it
+            scales = grad_scales if grad_scales is not None else [None] * len(rows)
+            for e, count, scale in zip(rows, steps, scales, strict=True):
+                w, m, v = self.pieces(e)
+                self.fused(
+                    w, list(grads[e]), m, v, self.copies(e) if self.copy is not None
+                    else [None] * len(w), count, scale,
+                    lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                    weight_decay=self.weight_decay, decoupled=self.decoupled,
+                )  # fmt: skip
+            return
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         options = {
             "lr": self.lr,

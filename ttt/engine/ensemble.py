@@ -34,7 +34,7 @@ from ttt.engine.members import (
     rng_state,
 )
 from ttt.engine.precision import Precision, resolve_precision
-from ttt.engine.rule import EngineError
+from ttt.engine.rule import EngineError, compile_refused
 from ttt.engine.score import stacked_logliks
 from ttt.engine.stacked import unsupported as stacked_unsupported
 from ttt.engine.step import MemberSteps
@@ -112,6 +112,9 @@ class EnsembleTTT(MemberSteps):
                 f"spec.ttt.recompute: the ensemble recomputes on the stacked path only, this "
                 f"model takes the {self.path} path (engine: sequential recomputes any model)"
             )
+        self.compile = bool(getattr(ttt_spec, "compile", False))
+        if self.compile and (why := compile_refused(self.path, self.recompute)) is not None:
+            raise EngineError(f"spec.ttt.compile: {why}")
         self.weights = self.base.repeat(self.members, 1)
         self.wave = self.members  # members per batched call: halved on out-of-memory
         # the members' weights per parameter, (E, *shape) views of the rows: autograd hands
@@ -127,7 +130,20 @@ class EnsembleTTT(MemberSteps):
             weight_decay=ttt_spec.weight_decay,
             decoupled=ttt_spec.optimizer == "adamw",
             shapes=self.shapes,
+            # compiled under autocast: Adam writes the bf16 weights the forward reads
+            **self._compiled_adam(),
         )
+        # what the training forward reads per parameter: the bf16 copy where Adam writes
+        # one, else the float32 rows
+        copies = self.adam.stacked_copies() if self.adam.copy is not None else []
+        self.train_views = [
+            c if c is not None else s
+            for c, s in zip(copies or [None] * len(self.stacked), self.stacked, strict=True)
+        ]
+        if self.compile:
+            from ttt.engine.compiled import compiled_losses
+
+            self.losses = compiled_losses()
         # one member: the model's parameters are its weights (no copy of their own; scoring
         # reads them where they are, and the restore at the end writes them)
         self.shared = self.members == 1
@@ -253,8 +269,17 @@ class EnsembleTTT(MemberSteps):
         self._flush_scores()  # before any outcome is handed out or any weight changes
         return done
 
+    def _compiled_adam(self) -> dict[str, Any]:
+        """StackedAdam's copies and fused step when compiling under autocast, else none."""
+        if not self.compile or self.precision.autocast is None:
+            return {}
+        from ttt.engine.compiled import compiled_adam, shadowed
+
+        return {"copies": shadowed(self.model), "fused": compiled_adam()}
+
     def _start(self, e: int, plan: Plan, optimizer: str = RESET) -> _Member:
         self.weights[e].copy_(self.base)  # bit-identical start: the saved weights
+        self.adam.refresh(e)  # and its bf16 copy, where Adam keeps one
         if optimizer == RESET:
             self.adam.reset(e)
         elif optimizer == RESUME:

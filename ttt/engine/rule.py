@@ -106,6 +106,31 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
     if requested not in ENGINES:
         raise EngineError(f"spec.ttt.engine {requested!r}: expected one of {', '.join(ENGINES)}")
     kind = device_type(device if device is not None else getattr(ttt_spec, "device", "auto"))
+    choice = _explain(ttt_spec, requested, kind, model)
+    if getattr(ttt_spec, "compile", False):  # compiling is asked for: refused, never dropped
+        if choice.engine == "sequential":
+            raise EngineError(
+                f"spec.ttt.compile: the ensemble's stacked path compiles, this spec runs the "
+                f"sequential loop ({choice.reason})"
+            )
+        path = ensemble_path(ttt_spec, kind, model)
+        why = compile_refused(path, bool(getattr(ttt_spec, "recompute", False)))
+        if why is not None:
+            raise EngineError(f"spec.ttt.compile: {why}")
+        return EngineChoice(choice.engine, kind, f"{choice.reason}; compiled (spec.ttt.compile)")
+    return choice
+
+
+def compile_refused(path: str, recompute: bool) -> str | None:
+    """Why spec.ttt.compile cannot run here, or None."""
+    if path != "stacked":
+        return f"the ensemble compiles its stacked path only, this model takes the {path} path"
+    if recompute:
+        return "compile and recompute together are not supported (choose one)"
+    return None
+
+
+def _explain(ttt_spec: Any, requested: str, kind: str, model: Any) -> EngineChoice:
     if requested == "sequential":
         return EngineChoice("sequential", kind, "spec.ttt.engine sequential")
     why_not = ensemble_equal(ttt_spec)

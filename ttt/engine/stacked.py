@@ -53,6 +53,7 @@ def stacked_losses(
     *,
     training: bool,
     recompute: bool = False,
+    handoff: bool = True,
 ) -> torch.Tensor:
     """Each member's mean next-token loss, shape (E,): `weights` maps the model's parameter
     names to (E, *shape) tensors, `ids` is (E, T), `mask` (E, T-1) marks real targets (right
@@ -60,8 +61,10 @@ def stacked_losses(
     dropout on, with masks drawn independently per member. `recompute`: each layer keeps
     only its input for the backward and runs again there (torch.utils.checkpoint, the RNG
     state replayed: the same dropout masks), one more forward per step for the memory of
-    every layer's activations but one."""
-    h, head, tied = stacked_hidden(model, weights, ids[:, None], training, recompute)
+    every layer's activations but one. `handoff` False: a tied table's lookup returns a
+    gradient of its own that autograd adds to the head's (torch.compile traces that; the
+    handoff through a Python object breaks its graph)."""
+    h, head, tied = stacked_hidden(model, weights, ids[:, None], training, recompute, handoff)
     return _HeadLoss.apply(h, head, tied, ids[:, 1:], mask)
 
 
@@ -71,14 +74,15 @@ def stacked_hidden(
     ids: torch.Tensor,
     training: bool,
     recompute: bool,
+    handoff: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, _Tied | None]:
     """The last hidden states (E, B * T, H) of `ids` (E, B, T: B windows of T tokens per
     member, each attending within itself), the head's (E, vocabulary, H) weight, and the
-    tied table's handoff (None for a head apart)."""
+    tied table's handoff (None for a head apart, or without `handoff`)."""
     forward: Callable[..., Any] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    return forward(model, weights, ids, training, recompute)
+    return forward(model, weights, ids, training, recompute, handoff)
 
 
 # elements of one chunk of logits (E x tokens x vocabulary) the head's loss holds at a time
@@ -285,14 +289,19 @@ def _layers(
 
 
 def _gpt2(
-    model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool, recompute: bool
+    model: Any,
+    w: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    training: bool,
+    recompute: bool,
+    handoff: bool,
 ) -> Any:
     config = model.config
     p = "transformer."
     heads, eps = config.n_head, config.layer_norm_epsilon
     members, windows, width = ids.shape
     drop = config.resid_pdrop if training else 0.0
-    tied = None if "lm_head.weight" in w else _Tied()
+    tied = _Tied() if handoff and "lm_head.weight" not in w else None
     h = _embed(w[p + "wte.weight"], ids.view(members, -1), tied)
     h = (h.view(members, windows, width, -1) + w[p + "wpe.weight"][:, None, :width]).flatten(1, 2)
     h = F.dropout(h, config.embd_pdrop, training=training)
@@ -326,7 +335,12 @@ def _gpt2(
 
 
 def _llama(
-    model: Any, w: dict[str, torch.Tensor], ids: torch.Tensor, training: bool, recompute: bool
+    model: Any,
+    w: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    training: bool,
+    recompute: bool,
+    handoff: bool,
 ) -> Any:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -335,7 +349,7 @@ def _llama(
     eps = config.rms_norm_eps
     p = "model."
     members, _, width = ids.shape
-    tied = None if "lm_head.weight" in w else _Tied()
+    tied = _Tied() if handoff and "lm_head.weight" not in w else None
     h = _embed(w[p + "embed_tokens.weight"], ids.view(members, -1), tied)
     positions = torch.arange(width, device=ids.device)[None]
     cos, sin = model.model.rotary_emb(h, positions)  # the model's own (scaling included)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class MemberSteps:
     """EnsembleTTT's step: needs its model, names, shapes, sizes, members, path, precision,
-    device, dropout, eager_attention, wave, stacked views, adam and spec."""
+    device, dropout, eager_attention, wave, stacked and train_views, adam, spec, compile
+    and losses (stacked_losses, or its compiled form)."""
 
     model: Any
     names: list[str]
@@ -33,6 +34,9 @@ class MemberSteps:
     eager_attention: bool | None
     wave: int
     stacked: list[torch.Tensor]
+    train_views: list[torch.Tensor]
+    compile: bool = False
+    losses: Any = staticmethod(stacked_losses)
     adam: Any
     spec: Any
 
@@ -59,6 +63,8 @@ class MemberSteps:
         token lists before the step, as pinned copies that queue without a sync."""
         if self.path in ("vmap", "stacked"):
             width = max(len(c) for c in chunks if c is not None)
+            if self.compile:  # one shape: the compiled step is specialized to it
+                width = max(width, int(self.spec.max_length))
             ids = torch.zeros((self.members, width), dtype=torch.long)
             mask = torch.zeros((self.members, width - 1))
             for e, chunk in enumerate(chunks):
@@ -128,7 +134,7 @@ class MemberSteps:
             b = min(a + self.wave, self.members)
             if not any(active[a:b]):
                 continue
-            weights = [w[a:b] for w in self.stacked]
+            weights = [w[a:b] for w in self.train_views]
             if self.path == "stacked":
                 got, lost = self._grads_stacked(weights, ids[a:b], mask[a:b])
             else:
@@ -143,13 +149,14 @@ class MemberSteps:
         once for all, attention one fused call, dropout masks drawn per member."""
         leaves = [w.detach().requires_grad_() for w in weights]
         with self.precision.context():
-            losses = stacked_losses(
+            losses = self.losses(
                 self.model,
                 dict(zip(self.names, leaves, strict=True)),
                 ids,
                 mask,
                 training=self.dropout,
                 recompute=self.recompute,
+                handoff=not self.compile,  # compiled: one graph, autograd sums a tied table's
             )
         # members are independent: the sum's gradient is each member's own
         return torch.autograd.grad(losses.sum(), leaves), losses.detach()

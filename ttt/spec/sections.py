@@ -198,6 +198,13 @@ class TTTSpec(Section):
         "there: less memory (activations), one more forward per step, the same numbers "
         "(the sequential loop and the ensemble's stacked path)",
     )
+    compile: bool = Field(
+        False,
+        description="the ensemble's stacked step compiled by torch.compile at one chunk shape "
+        "(chunks padded to maxLength), and under bf16 autocast Adam writing the bf16 weights "
+        "the forward reads; equal within float rounding, dropout masks the compiled "
+        "kernels' own; compiles once per worker (seconds to minutes)",
+    )
 
     @field_validator("eval_after")
     @classmethod
