@@ -70,3 +70,13 @@ def test_attention_kind_tells_one_call_for_all_members_from_one_per_member():
     counts.by_operator["_scaled_dot_product_flash_attention"] = 48
     assert attention_kind(counts, 12, 4) == "fused, one call per member (4 per layer)"
     assert attention_kind(StepCounts(), 12, 4) == "unfused"
+
+
+def test_bench_ttt_profile_refuses_compile():
+    import pytest
+
+    from ttt.bench.ttt import bench_ttt
+
+    # the dispatch mode's counts would be of eager operators, not of the compiled step
+    with pytest.raises(ValueError, match="does not take --compile"):
+        bench_ttt(preset="gpt2", device="cpu", layers=1, width=32, profile=True, compile=True)

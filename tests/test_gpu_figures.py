@@ -102,8 +102,10 @@ def test_the_script_runs_every_bench_and_writes_the_table_from_their_json(tmp_pa
         f = runs[name]["figures"]
         # each run's own measured JSON, as the CLI printed it (its log holds the same)
         assert f == json.loads((tmp_path / "work" / f"{name}.json").read_text())
-        assert f["ours_path"] == path and f["model"] == preset and f["device"] == "cpu"
-        (row,) = [line for line in block.splitlines() if line.startswith(f"| {preset}, {path} |")]
+        assert f["ours_path"] == path.split("+")[0] and f["model"] == preset
+        assert f["device"] == "cpu" and f["ours_compile"] == ("+compile" in path)
+        label = gpu_table.run_label(path)
+        (row,) = [line for line in block.splitlines() if line.startswith(f"| {preset}, {label} |")]
         measured = " / ".join(
             num(f[f"{loop}_ms_per_neighbor"]) for loop in ("paper", "sequential", "ours")
         )

@@ -293,3 +293,9 @@ def test_a_pushed_model_in_an_unreachable_store_is_unchecked(tmp_path, capsys):
     spec = tmp_path / "run.yaml"
     spec.write_text(run.to_yaml())
     assert main(["validate", "--paper", str(spec)]) == 3
+
+
+def test_compiling_is_a_departure():
+    # the compiled kernels round otherwise and draw their own dropout masks
+    run = _paper_large_with("ttt: {compile: true}")
+    assert [d.field for d in departures(run)] == ["spec.ttt.compile"]

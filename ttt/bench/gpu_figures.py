@@ -74,8 +74,9 @@ def plan_runs(smoke: bool) -> list[Run]:
     ]
     for name, preset, path in gpu_table.SPEED_RUNS:
         documents, neighbors, members = sizes[preset]
+        path, flags = gpu_table.run_path(path)
         argv = ["bench", "ttt", "--preset", preset, "--path", path, "--neighbors", str(neighbors)]
-        argv += ["--members", str(members), *shape, "--json"]
+        argv += ["--members", str(members), *flags, *shape, "--json"]
         runs.append(Run(name, argv, caps[preset], documents=documents))
     return runs
 

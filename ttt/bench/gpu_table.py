@@ -24,7 +24,20 @@ SPEED_RUNS = [
     ("gpt2-stacked", "gpt2", "stacked"),
     ("gpt2-large-loop", "gpt2-large", "loop"),
     ("gpt2-large-stacked", "gpt2-large", "stacked"),
+    ("gpt2-stacked-compiled", "gpt2", "stacked+compile"),  # last: while the budget lasts
 ]
+
+
+def run_path(path: str) -> tuple[str, list[str]]:
+    """A SPEED_RUNS path as `ttt bench ttt` takes it: the path and any flags after a +."""
+    name, *flags = path.split("+")
+    return name, [f"--{flag}" for flag in flags]
+
+
+def run_label(path: str) -> str:
+    """A SPEED_RUNS path as the table names it: "stacked, compiled"."""
+    name, flags = run_path(path)
+    return ", ".join([name, *("compiled" for f in flags if f == "--compile")])
 PROFILE_RUN, SYNC_RUN = "profile", "sync"
 SYNC_PATHS = ("loop", "vmap", "stacked")  # the engine's paths, each checked for syncs
 PROFILE_ROWS = [
@@ -88,11 +101,11 @@ def speed_table(runs: dict[str, Any]) -> list[str]:
         run = runs.get(name)
         f = (run or {}).get("figures")
         if not f:
-            out.append(f"| {preset}, {path} | {_not_taken(run)} |" + " |" * 8)
+            out.append(f"| {preset}, {run_label(path)} | {_not_taken(run)} |" + " |" * 8)
             continue
         retried = " (documents halved after a timeout)" if run.get("retried") else ""
         out.append(
-            f"| {preset}, {f['ours_path']}{retried} | {f['model']} ({num(f['parameters_M'])}M), "
+            f"| {preset}, {run_label(path)}{retried} | {f['model']} ({num(f['parameters_M'])}M), "
             f"{f['ours_precision']} | {num(f['documents'])} x {num(f['neighbors_per_document'])}, "
             f"{num(f['chunk_tokens'])} tokens | {num(f['ours_members'])} | "
             f"{num(f['paper_ms_per_neighbor'])} / {num(f['sequential_ms_per_neighbor'])} / "

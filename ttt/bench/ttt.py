@@ -171,12 +171,16 @@ def bench_ttt(
     show: bool = True,
     profile: bool = False,
     recompute: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """ms per neighbor, tokens/s, TFLOP/s and bpb of the three loops on the same work; with
     `profile`, ttt.bench.ttt_profile's counts per path instead (no timings). `recompute`:
-    our engine runs spec.ttt.recompute (layers again in the backward), the loops do not."""
+    our engine runs spec.ttt.recompute (layers again in the backward), the loops do not;
+    `compile`: our engine runs spec.ttt.compile (compiled in its warm-up, reported apart)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    if profile and compile:  # torch.compile runs nothing compiled under a dispatch mode
+        raise ValueError("--profile counts eager operators: it does not take --compile")
     p = PRESETS[preset]
     where = pick_device(device or "auto")
     name = model or p["model"]
@@ -207,6 +211,7 @@ def bench_ttt(
         "width": width,
         "profile": profile,
         "recompute": recompute,
+        "compile": compile,
     }
     if profile:
         from ttt.bench.ttt_profile import profile_paths
@@ -226,11 +231,13 @@ def bench_ttt(
     params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     # path vmap on a model with dropout: independent masks per member, not the sequential
     # loop's (equal in distribution only); the default follows choose_path
-    ours = spec.model_copy(update={"recompute": recompute})
+    ours = spec.model_copy(update={"recompute": recompute, "compile": compile})
     engine = EnsembleTTT(lm, tokenizer, ours, members=members, seed=seed, path=path)
     warm = texts[:1]
     paper_loop(lm, tokenizer, spec, [(warm[0][0], warm[0][1][:1])])  # kernels, allocator
-    engine_loop(engine, [(warm[0][0], warm[0][1][:1])], where)
+    started = time.perf_counter()
+    engine_loop(engine, [(warm[0][0], warm[0][1][:1])], where)  # compiles, with compile
+    warmup = time.perf_counter() - started
     runs = {
         "paper": paper_loop(lm, tokenizer, spec, texts),
         "sequential": engine_loop(
@@ -250,6 +257,8 @@ def bench_ttt(
         "ours_path": engine.path,
         "ours_members": engine.members,
         "ours_recompute": recompute,
+        "ours_compile": compile,
+        "ours_warmup_seconds": round(warmup, 1),
         "peak_tflops": round(peak, 2),
         "peak_source": peak_source,
     }

@@ -80,6 +80,14 @@ TTT: Arguments = [
             "help": "our engine recomputes each layer in the backward (spec.ttt.recompute)",
         },
     ),
+    (
+        "--compile",
+        {
+            "action": "store_true",
+            "help": "our engine compiles its stacked step (spec.ttt.compile; the compile "
+            "time is the warm-up's, ours_warmup_seconds)",
+        },
+    ),
     ("--layers", {"type": int, "help": "GPT-2 presets: fewer layers (tests, CPUs)"}),
     ("--width", {"type": int, "help": "GPT-2 presets: a smaller width"}),
     (

@@ -175,6 +175,7 @@ def paper_settings(run: Any, facts: Evidence | None = None) -> dict[str, tuple[A
             "every query answered by every shard",
         ),
         "spec.ttt.dtype": (t.dtype, "float32", "float32 training"),
+        "spec.ttt.compile": (t.compile, False, "eager PyTorch (its rounding, its dropout masks)"),
         "spec.ttt.optimizer": (t.optimizer, "adamw", "torch.optim.AdamW"),
         "spec.ttt.weightDecay": (t.weight_decay, 0.01, "AdamW's default weight decay"),
         "spec.ttt.eps": (t.eps, 1e-8, "Adam's epsilon"),
