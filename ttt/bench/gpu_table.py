@@ -38,6 +38,8 @@ def run_label(path: str) -> str:
     """A SPEED_RUNS path as the table names it: "stacked, compiled"."""
     name, flags = run_path(path)
     return ", ".join([name, *("compiled" for f in flags if f == "--compile")])
+
+
 PROFILE_RUN, SYNC_RUN = "profile", "sync"
 SYNC_PATHS = ("loop", "vmap", "stacked")  # the engine's paths, each checked for syncs
 PROFILE_ROWS = [
