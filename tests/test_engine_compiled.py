@@ -134,3 +134,62 @@ def test_compile_is_refused_where_it_cannot_run(tiny_gpt2, gpt2_tokenizer):
         explain_engine(spec(compile=True, engine="sequential"), "cpu", tiny_gpt2())
     choice = explain_engine(spec(compile=True), "cpu", tiny_gpt2())
     assert choice.engine == "ensemble" and "compiled" in choice.reason
+
+
+def _ttt_run(spec_text: str, root, name: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = root / f"{name}.yaml"
+    path.write_text(spec_text)
+    env = {**__import__("os").environ, "TMPDIR": str(root), "PYTHONPATH": str(Path.cwd())}
+    return subprocess.run(
+        [sys.executable, "-m", "ttt", "run", str(path), "--workdir", str(root / f"work-{name}")],
+        check=False, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ttt_run_compiles_in_its_eval_worker_and_refuses_before_any_work(tmp_path):
+    import json
+
+    from tests.tiny_run import save_tiny_lm, tiny_spec
+    from ttt.spec import loads_spec
+    from ttt.store import open_store
+
+    # without dropout: both runs train the same (masks drawn by compiled kernels would differ)
+    save_tiny_lm(tmp_path / "lm", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    text = tiny_spec(tmp_path, "compiled", shards=1, in_process=True)
+    text = text.replace("maxDocumentsPerTask: 2", "maxDocumentsPerTask: 1")
+    own = "evalAfter: [0, 2, 4]}"
+    assert text.count(own) == 1
+    asked = own[:-1] + ", compile: true, recompute: true}"
+    refused = _ttt_run(text.replace(own, asked), tmp_path, "refused")
+    assert refused.returncode == 1 and "compile and recompute" in refused.stderr
+    assert not (tmp_path / "store").exists()  # refused before the corpus was published
+    summaries = {}
+    runs = (
+        ("eager", ""),
+        ("compiled", ", compile: true"),
+        ("bf16", ", compile: true, dtype: bfloat16"),
+    )
+    for name, extra in runs:
+        spec = text.replace(own, own[:-1] + f"{extra}}}")
+        spec = spec.replace("name: compiled}", f"name: {name}}}")
+        done = _ttt_run(spec, tmp_path, name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = loads_spec(spec)
+        store = open_store(run.spec.storage)
+        summaries[name] = json.loads(store.get_bytes(f"{run.prefix}/report/summary.json"))
+    eager = summaries["eager"]
+    assert eager["tasks"]
+    for name, bound in (("compiled", 1e-4), ("bf16", 0.01)):
+        got = summaries[name]
+        assert got["tasks"].keys() == eager["tasks"].keys()
+        for task, figures in eager["tasks"].items():
+            # float32: the compiled kernels' rounding; bf16 (Adam's copy read by the
+            # forward): within the engine's bound for bf16 autocast against float32
+            assert abs(got["tasks"][task]["before"] - figures["before"]) < bound, task
+            assert abs(got["tasks"][task]["after"] - figures["after"]) < bound, (name, task)
+            assert got["tasks"][task]["after"] != figures["before"]  # it did train

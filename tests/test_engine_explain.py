@@ -65,3 +65,19 @@ def test_validate_prints_the_engine_and_stays_a_spec(capsys, tmp_path):
     ]
     main(["validate", "--paper", str(EXAMPLES / "pile-gpt2.yaml")])
     assert "# engine: ensemble on cuda" in capsys.readouterr().out
+
+
+def test_a_saved_gpt2_without_dropout_is_predicted_stacked_as_the_engine_takes_it(
+    tmp_path, tiny_gpt2
+):
+    from ttt.engine.members import choose_path
+
+    model = tiny_gpt2()  # dropout 0: its config still says summary_first_dropout 0.1
+    assert model.config.summary_first_dropout > 0
+    model.save_pretrained(tmp_path / "lm")
+    assert config_dropout(str(tmp_path / "lm")) is False
+    plan = explain_plan(TTTSpec(model=str(tmp_path / "lm"), ensemble_size=2), "cpu")
+    assert plan.path == choose_path(model, 2) == "stacked"
+    # and with compile: the plan says so; where compile cannot run, the spec is refused
+    compiled = explain_plan(TTTSpec(model=str(tmp_path / "lm"), compile=True), "cpu")
+    assert "compiled (spec.ttt.compile)" in compiled.line()

@@ -36,10 +36,14 @@ def config_facts(model: str) -> tuple[bool | None, str | None]:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError, KeyError):  # not here, or a model type transformers lacks
         return None, None
+    # GPT-2's summary_first_dropout belongs to a classification head (SequenceSummary),
+    # never built for the language model: has_dropout, on the loaded model, does not see it
     rates = [
         v
         for k, v in config.to_dict().items()
-        if ("dropout" in k or "pdrop" in k) and isinstance(v, int | float)
+        if ("dropout" in k or "pdrop" in k)
+        and not k.startswith("summary_")
+        and isinstance(v, int | float)
     ]
     return any(float(v) > 0 for v in rates), getattr(config, "model_type", None)
 

@@ -111,12 +111,12 @@ def explain_engine(ttt_spec: Any, device: Any = None, model: Any = None) -> Engi
         if choice.engine == "sequential":
             raise EngineError(
                 f"spec.ttt.compile: the ensemble's stacked path compiles, this spec runs the "
-                f"sequential loop ({choice.reason})"
+                f"sequential loop on {kind} ({choice.reason})"
             )
         path = ensemble_path(ttt_spec, kind, model)
         why = compile_refused(path, bool(getattr(ttt_spec, "recompute", False)))
         if why is not None:
-            raise EngineError(f"spec.ttt.compile: {why}")
+            raise EngineError(f"spec.ttt.compile on {kind}: {why}")
         return EngineChoice(choice.engine, kind, f"{choice.reason}; compiled (spec.ttt.compile)")
     return choice
 
