@@ -193,3 +193,14 @@ def test_ttt_run_compiles_in_its_eval_worker_and_refuses_before_any_work(tmp_pat
             assert abs(got["tasks"][task]["before"] - figures["before"]) < bound, task
             assert abs(got["tasks"][task]["after"] - figures["after"]) < bound, (name, task)
             assert got["tasks"][task]["after"] != figures["before"]  # it did train
+
+
+def test_clip_scales_of_bf16_gradients_are_those_of_their_float32_values():
+    from ttt.engine.adam import clip_scales
+
+    torch.manual_seed(3)
+    rows = [[torch.randn(s).to(torch.bfloat16) for s in SHAPES], [torch.randn(5)]]
+    wide = [[g.float() for g in rows[0]], rows[1]]
+    got, want = clip_scales(rows, 0.5), clip_scales(wide, 0.5)
+    assert all(g.dtype == torch.float32 for g in got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
