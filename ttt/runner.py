@@ -332,7 +332,9 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     Returns the report's summary. A re-run after a crash or Ctrl-C resumes: finished shards
     and ranks are skipped, and unfinished workers skip the documents they have done.
     """
-    _check_engine(run)
+    from ttt.engine.select import refuse_early
+
+    refuse_early(run.spec.ttt)  # what its eval workers would refuse, before any stage
     store = open_store(run.spec.storage)
     if run.spec.metrics.enabled:
         start_metrics_server(run.spec.metrics.port, run=run.name)
@@ -344,17 +346,6 @@ def run_local(run: TTTRun, *, workdir: str | Path | None = None, progress: bool 
     # MLflow: the parent run exists before the workers nest theirs under it (ttt.tracking)
     with tracked_run(run):
         return _run_stages(run, store, work, spec_path, progress, time.monotonic())
-
-
-def _check_engine(run: TTTRun) -> None:
-    """What the eval workers would refuse (spec.ttt.engine ensemble where it is not equal,
-    recompute or compile where the ensemble cannot) is refused here, before any stage runs."""
-    t = run.spec.ttt
-    if t.engine == "ensemble" or t.recompute or t.compile:
-        from ttt.device import pick_device
-        from ttt.engine.rule import explain_engine
-
-        explain_engine(t, pick_device(t.device).type)  # an EngineError says why
 
 
 def _run_stages(

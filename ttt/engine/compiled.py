@@ -12,6 +12,7 @@ trained through that copy, and their gradients come back in bf16, as autocast co
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -86,3 +87,18 @@ def compiled_losses() -> Callable[..., torch.Tensor]:
     summed by autograd, not handed over; call it with handoff=False). Dropout masks come
     from the generated kernels' own generator: independent per member, not eager's."""
     return torch.compile(stacked_losses, dynamic=False)
+
+
+def compiled_adam_options(model: torch.nn.Module, compile: bool, autocast: Any) -> dict:
+    """StackedAdam's copies and fused step when compiling under autocast, else none."""
+    if not compile or autocast is None:
+        return {}
+    return {"copies": shadowed(model), "fused": compiled_adam()}
+
+
+def train_views(adam: Any, stacked: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the training forward reads per parameter: Adam's bf16 copy where it keeps one,
+    else the members' float32 rows."""
+    if adam.copy is None:
+        return list(stacked)
+    return [c if c is not None else s for c, s in zip(adam.stacked_copies(), stacked, strict=True)]

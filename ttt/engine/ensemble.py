@@ -25,6 +25,7 @@ import torch
 from ttt import telemetry
 from ttt.bpb import DEFAULT_BATCH_TOKENS, DocScore, document_windows
 from ttt.engine.adam import StackedAdam, load_row_state_dict, row_state_dict
+from ttt.engine.compiled import compiled_adam_options, compiled_losses, train_views
 from ttt.engine.feed import RESET, RESUME, Item, Plan, SharedFeed, TaskFeed, plan_document
 from ttt.engine.members import (
     PATHS,
@@ -130,19 +131,11 @@ class EnsembleTTT(MemberSteps):
             weight_decay=ttt_spec.weight_decay,
             decoupled=ttt_spec.optimizer == "adamw",
             shapes=self.shapes,
-            # compiled under autocast: Adam writes the bf16 weights the forward reads
-            **self._compiled_adam(),
+            **compiled_adam_options(model, self.compile, self.precision.autocast),
         )
-        # what the training forward reads per parameter: the bf16 copy where Adam writes
-        # one, else the float32 rows
-        copies = self.adam.stacked_copies() if self.adam.copy is not None else []
-        self.train_views = [
-            c if c is not None else s
-            for c, s in zip(copies or [None] * len(self.stacked), self.stacked, strict=True)
-        ]
+        # what the training forward reads: the bf16 copy where Adam writes one, else the rows
+        self.train_views = train_views(self.adam, self.stacked)
         if self.compile:
-            from ttt.engine.compiled import compiled_losses
-
             self.losses = compiled_losses()
         # one member: the model's parameters are its weights (no copy of their own; scoring
         # reads them where they are, and the restore at the end writes them)
@@ -268,14 +261,6 @@ class EnsembleTTT(MemberSteps):
                 done.append((e, *finished))
         self._flush_scores()  # before any outcome is handed out or any weight changes
         return done
-
-    def _compiled_adam(self) -> dict[str, Any]:
-        """StackedAdam's copies and fused step when compiling under autocast, else none."""
-        if not self.compile or self.precision.autocast is None:
-            return {}
-        from ttt.engine.compiled import compiled_adam, shadowed
-
-        return {"copies": shadowed(self.model), "fused": compiled_adam()}
 
     def _start(self, e: int, plan: Plan, optimizer: str = RESET) -> _Member:
         self.weights[e].copy_(self.base)  # bit-identical start: the saved weights

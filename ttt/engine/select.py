@@ -33,9 +33,20 @@ __all__ = [
     "choose_engine",
     "ensemble_equal",
     "explain_engine",
+    "refuse_early",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def refuse_early(ttt_spec: Any) -> None:
+    """Raise the EngineError an eval worker would raise (spec.ttt.engine ensemble where it
+    is not equal, recompute or compile where the ensemble cannot), on this machine's device,
+    so that a run stops before any stage instead of after its corpus and index are built."""
+    if ttt_spec.engine == "ensemble" or ttt_spec.recompute or ttt_spec.compile:
+        from ttt.device import pick_device
+
+        explain_engine(ttt_spec, pick_device(ttt_spec.device).type)
 
 
 class SequentialEngine:
