@@ -82,7 +82,10 @@ def stacked_hidden(
     forward: Callable[..., Any] = (
         _gpt2 if model.config.model_type == "gpt2" else _llama  # type: ignore[union-attr]
     )
-    return forward(model, weights, ids, training, recompute, handoff)
+    # a table is tied when no head apart is given: its gradient waits for the lookup's rows
+    tied = _Tied() if handoff and "lm_head.weight" not in weights else None
+    h, head = forward(model, weights, ids, training, recompute, tied)
+    return h, head, tied
 
 
 # elements of one chunk of logits (E x tokens x vocabulary) the head's loss holds at a time
@@ -294,14 +297,13 @@ def _gpt2(
     ids: torch.Tensor,
     training: bool,
     recompute: bool,
-    handoff: bool,
-) -> Any:
+    tied: _Tied | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     config = model.config
     p = "transformer."
     heads, eps = config.n_head, config.layer_norm_epsilon
     members, windows, width = ids.shape
     drop = config.resid_pdrop if training else 0.0
-    tied = _Tied() if handoff and "lm_head.weight" not in w else None
     h = _embed(w[p + "wte.weight"], ids.view(members, -1), tied)
     h = (h.view(members, windows, width, -1) + w[p + "wpe.weight"][:, None, :width]).flatten(1, 2)
     h = F.dropout(h, config.embd_pdrop, training=training)
@@ -331,7 +333,7 @@ def _gpt2(
     h = _layers(layer, h, config.n_layer, recompute)
     h = _layer_norm(h, w[p + "ln_f.weight"], w[p + "ln_f.bias"], eps)
     head = w.get("lm_head.weight", w[p + "wte.weight"])  # tied unless given apart
-    return h, head, tied
+    return h, head
 
 
 def _llama(
@@ -340,8 +342,8 @@ def _llama(
     ids: torch.Tensor,
     training: bool,
     recompute: bool,
-    handoff: bool,
-) -> Any:
+    tied: _Tied | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     config = model.config
@@ -349,7 +351,6 @@ def _llama(
     eps = config.rms_norm_eps
     p = "model."
     members, _, width = ids.shape
-    tied = _Tied() if handoff and "lm_head.weight" not in w else None
     h = _embed(w[p + "embed_tokens.weight"], ids.view(members, -1), tied)
     positions = torch.arange(width, device=ids.device)[None]
     cos, sin = model.model.rotary_emb(h, positions)  # the model's own (scaling included)
@@ -381,4 +382,4 @@ def _llama(
     h = _layers(layer, h, config.num_hidden_layers, recompute)
     h = _rms_norm(h, w[p + "norm.weight"], eps)
     head = w.get("lm_head.weight", w[p + "embed_tokens.weight"])  # tied unless given apart
-    return h, head, tied
+    return h, head
